@@ -1,0 +1,7 @@
+mod catalog;
+mod error;
+mod planner;
+mod settings;
+mod sizing;
+mod version;
+fn main() {}
