@@ -1,7 +1,9 @@
 mod catalog;
 mod error;
 mod planner;
+mod render;
 mod settings;
 mod sizing;
+mod state;
 mod version;
 fn main() {}

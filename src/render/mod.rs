@@ -1,0 +1,265 @@
+//! Rendering: from resolved settings, a catalog release and the deployment's secrets to every file
+//! the box needs — the cloud-init user-data and, inside it, the compose project, Caddy, systemd,
+//! Docker and kernel settings. Pure and deterministic: the same inputs give byte-identical files.
+
+mod compose;
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::catalog::Release;
+use crate::settings::{Cloud, Settings, Tls};
+use crate::state::Secrets;
+
+pub use compose::image_ref;
+
+/// Where the compose project lives on the box.
+pub const BOX_DIR: &str = "/opt/sgbox";
+/// Pinned compose project name: volumes are `sourcegraph_<name>` wherever the files live.
+pub const PROJECT: &str = "sourcegraph";
+pub const DATA_MOUNT: &str = "/mnt/sgbox-data";
+pub const DATA_LABEL: &str = "sgbox-data";
+/// The device name every provider gives the data disk where the cloud lets us name it.
+pub const DATA_DISK_SERIAL: &str = "sgbox-data";
+/// AWS rejects user-data above 16 KiB.
+pub const AWS_USER_DATA_LIMIT: usize = 16 * 1024;
+
+const T_COMPOSE: &str = include_str!("../../templates/docker-compose.yaml.tera");
+const T_OVERRIDE: &str = include_str!("../../templates/docker-compose.override.yaml");
+const T_CADDY: &str = include_str!("../../templates/Caddyfile.tera");
+const T_UNIT: &str = include_str!("../../templates/sourcegraph.service.tera");
+const T_USER_DATA: &str = include_str!("../../cloud-init/user-data.yaml.tera");
+const T_DATA_DISK: &str = include_str!("../../cloud-init/data-disk.sh.tera");
+
+/// Key material for `tls = custom`, read from the user's files.
+pub struct TlsMaterial {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub struct Inputs<'a> {
+    pub settings: &'a Settings,
+    pub release: &'a Release,
+    pub secrets: &'a Secrets,
+    pub ssh_public_key: &'a str,
+    pub tls: Option<TlsMaterial>,
+}
+
+/// One file for the box.
+#[derive(Debug, Clone)]
+pub struct BoxFile {
+    /// Absolute path on the box.
+    pub path: String,
+    pub mode: u32,
+    pub content: String,
+    /// Holds a password or key: mode 0600, never printed.
+    pub secret: bool,
+    /// Created once and then owned by the user (the compose override).
+    pub create_only: bool,
+}
+
+pub struct Bundle {
+    pub user_data: String,
+    pub files: Vec<BoxFile>,
+    /// SHA-256 over the sgbox-managed files (all but the user's override and the metadata).
+    pub rendered_sha256: String,
+}
+
+impl Bundle {
+    pub fn file(&self, path: &str) -> Option<&BoxFile> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    pub fn compose(&self) -> &str {
+        &self.file(&format!("{BOX_DIR}/docker-compose.yaml")).expect("compose is always rendered").content
+    }
+}
+
+fn tera() -> Result<tera::Tera> {
+    let mut t = tera::Tera::default();
+    t.autoescape_on(vec![]);
+    t.add_raw_templates([
+        ("compose", T_COMPOSE),
+        ("caddy", T_CADDY),
+        ("unit", T_UNIT),
+        ("user-data", T_USER_DATA),
+        ("data-disk", T_DATA_DISK),
+    ])
+    .context("loading the embedded templates")?;
+    // JSON string quoting is valid YAML double-quoted scalar syntax and keeps newlines intact.
+    t.register_filter("q", |v: &tera::Value, _: &std::collections::HashMap<String, tera::Value>| {
+        let s = match v {
+            tera::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Ok(tera::Value::String(serde_json::to_string(&s).expect("strings serialize")))
+    });
+    Ok(t)
+}
+
+fn render_one(t: &tera::Tera, name: &str, ctx: &tera::Context) -> Result<String> {
+    t.render(name, ctx).map_err(|e| {
+        let mut msg = format!("rendering template {name}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        anyhow::anyhow!(msg)
+    })
+}
+
+fn gz_b64(data: &str) -> String {
+    // mtime 0 and a fixed level: identical input, identical bytes.
+    let mut enc = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
+    enc.write_all(data.as_bytes()).expect("in-memory write");
+    base64::engine::general_purpose::STANDARD.encode(enc.finish().expect("in-memory gzip"))
+}
+
+/// The stable device path of the data disk, where the cloud gives one.
+fn data_disk_by_id(cloud: Cloud) -> String {
+    match cloud {
+        Cloud::Local => format!("/dev/disk/by-id/virtio-{DATA_DISK_SERIAL}"),
+        Cloud::Gcp => format!("/dev/disk/by-id/google-{DATA_DISK_SERIAL}"),
+        // EBS on NVMe names disks by volume id, unknown when the user-data is written: the boot
+        // script picks the non-root disk of the configured size instead.
+        Cloud::Aws => String::new(),
+    }
+}
+
+pub fn render(inp: &Inputs) -> Result<Bundle> {
+    let s = inp.settings;
+    let t = tera()?;
+    let version = env!("CARGO_PKG_VERSION");
+    let machine = s.machine();
+
+    let compose = compose::render(&t, s, inp.release, machine.vcpus)?;
+
+    let mut caddy_ctx = tera::Context::new();
+    let (mode, email) = match &s.tls {
+        Tls::None => ("none", ""),
+        Tls::Letsencrypt { email } => ("letsencrypt", email.as_str()),
+        Tls::Custom { .. } => ("custom", ""),
+    };
+    caddy_ctx.insert("tls", mode);
+    caddy_ctx.insert("email", email);
+    caddy_ctx.insert("hostname", &s.hostname.clone().unwrap_or_default());
+    let caddyfile = render_one(&t, "caddy", &caddy_ctx)?;
+
+    let mut unit_ctx = tera::Context::new();
+    unit_ctx.insert("project", PROJECT);
+    unit_ctx.insert("release", &inp.release.version.to_string());
+    unit_ctx.insert("dir", BOX_DIR);
+    unit_ctx.insert("data_mount", DATA_MOUNT);
+    let unit = render_one(&t, "unit", &unit_ctx)?;
+
+    let env = format!(
+        "# Database passwords generated by sgbox for \"{}\". Keep private.\nPGSQL_PASSWORD={}\nCODEINTEL_DB_PASSWORD={}\nCODEINSIGHTS_DB_PASSWORD={}\n",
+        s.name, inp.secrets.pgsql_password, inp.secrets.codeintel_db_password, inp.secrets.codeinsights_db_password
+    );
+
+    let mut daemon = serde_json::json!({
+        "data-root": format!("{DATA_MOUNT}/docker"),
+        "log-driver": "local",
+        "log-opts": { "max-size": "50m", "max-file": "5" },
+        "default-ulimits": { "nofile": { "Name": "nofile", "Hard": 262144, "Soft": 262144 } },
+    });
+    if let Some(m) = s.registry_mirror.as_ref().filter(|m| m.insecure) {
+        daemon["insecure-registries"] = serde_json::json!([m.host()]);
+    }
+
+    let f = |path: &str, mode: u32, content: String| BoxFile { path: path.to_string(), mode, content, secret: false, create_only: false };
+    let mut files = vec![
+        f(&format!("{BOX_DIR}/docker-compose.yaml"), 0o644, compose),
+        BoxFile { create_only: true, ..f(&format!("{BOX_DIR}/docker-compose.override.yaml"), 0o644, T_OVERRIDE.to_string()) },
+        BoxFile { secret: true, ..f(&format!("{BOX_DIR}/.env"), 0o600, env) },
+        f(&format!("{BOX_DIR}/Caddyfile"), 0o644, caddyfile),
+    ];
+    if let (Tls::Custom { .. }, Some(m)) = (&s.tls, &inp.tls) {
+        files.push(f(&format!("{BOX_DIR}/tls/sourcegraph.pem"), 0o644, m.cert_pem.clone()));
+        files.push(BoxFile { secret: true, ..f(&format!("{BOX_DIR}/tls/sourcegraph.key"), 0o600, m.key_pem.clone()) });
+    } else if matches!(s.tls, Tls::Custom { .. }) {
+        anyhow::bail!("custom TLS needs the certificate and key material");
+    }
+    files.extend([
+        f("/etc/systemd/system/sourcegraph.service", 0o644, unit),
+        f("/etc/docker/daemon.json", 0o644, serde_json::to_string_pretty(&daemon)? + "\n"),
+        f(
+            "/etc/systemd/system/docker.service.d/60-sgbox.conf",
+            0o644,
+            format!("# sgbox: Docker's data lives on the data disk; never start without it.\n[Unit]\nRequiresMountsFor={DATA_MOUNT}\n\n[Service]\nLimitNOFILE=262144\n"),
+        ),
+        f(
+            "/etc/sysctl.d/60-sourcegraph.conf",
+            0o644,
+            "# sgbox: zoekt maps many index shards; gitserver and searcher watch many files.\nvm.max_map_count = 300000\nfs.inotify.max_user_watches = 128000\n".into(),
+        ),
+        f("/etc/security/limits.d/60-sourcegraph.conf", 0o644, "# sgbox\n* soft nofile 262144\n* hard nofile 262144\n".into()),
+        f(
+            "/etc/ssh/sshd_config.d/60-sgbox.conf",
+            0o644,
+            "# sgbox: keys only, no root, only the sgbox user.\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\nAllowUsers sgbox\n".into(),
+        ),
+    ]);
+
+    let mut h = Sha256::new();
+    for file in files.iter().filter(|f| !f.create_only) {
+        h.update(file.path.as_bytes());
+        h.update([0]);
+        h.update(file.content.as_bytes());
+        h.update([0]);
+    }
+    let rendered_sha256 = format!("{:x}", h.finalize());
+
+    #[derive(Serialize)]
+    struct Meta<'a> {
+        deployment: &'a str,
+        cloud: String,
+        release: String,
+        compose_project: &'a str,
+        sgbox_version: &'a str,
+        rendered_sha256: &'a str,
+    }
+    let meta = Meta {
+        deployment: &s.name,
+        cloud: s.cloud.to_string(),
+        release: inp.release.version.to_string(),
+        compose_project: PROJECT,
+        sgbox_version: version,
+        rendered_sha256: &rendered_sha256,
+    };
+    files.push(f("/etc/sgbox/deployment.json", 0o644, serde_json::to_string_pretty(&meta)? + "\n"));
+
+    let mut disk_ctx = tera::Context::new();
+    disk_ctx.insert("label", DATA_LABEL);
+    disk_ctx.insert("mount", DATA_MOUNT);
+    disk_ctx.insert("size_gib", &s.data_disk_gb);
+    disk_ctx.insert("by_id", &data_disk_by_id(s.cloud));
+    let disk_script = render_one(&t, "data-disk", &disk_ctx)?;
+
+    #[derive(Serialize)]
+    struct Wf {
+        path: String,
+        mode: String,
+        b64: String,
+    }
+    let wf: Vec<Wf> = files.iter().map(|f| Wf { path: f.path.clone(), mode: format!("{:04o}", f.mode), b64: gz_b64(&f.content) }).collect();
+    let mut ud = tera::Context::new();
+    ud.insert("sgbox_version", version);
+    ud.insert("release", &inp.release.version.to_string());
+    ud.insert("deployment", &s.name);
+    ud.insert("cloud", &s.cloud.to_string());
+    ud.insert("ssh_public_key", inp.ssh_public_key.trim());
+    ud.insert("data_disk_script", &disk_script);
+    ud.insert("files", &wf);
+    let user_data = render_one(&t, "user-data", &ud)?;
+
+    Ok(Bundle { user_data, files, rendered_sha256 })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,161 @@
+use super::*;
+use crate::catalog::catalog;
+use crate::settings::{Layer, Prompter};
+use crate::sizing::ALL_SIZES;
+
+fn settings(pairs: &[(&'static str, &str)]) -> Settings {
+    Settings::resolve(&Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string())))), &Prompter { interactive: false }).unwrap()
+}
+
+fn secrets() -> Secrets {
+    serde_json::from_str(r#"{"pgsql_password":"Pw1aaaaaaaaaaaaaaaaaaaaaaaaaaaaa","codeintel_db_password":"Pw2bbbbbbbbbbbbbbbbbbbbbbbbbbbbb","codeinsights_db_password":"Pw3ccccccccccccccccccccccccccccc"}"#).unwrap()
+}
+
+fn bundle(s: &Settings, r: &Release) -> Bundle {
+    render(&Inputs { settings: s, release: r, secrets: &secrets(), ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 test", tls: None }).unwrap()
+}
+
+/// Service names in file order and their `image:` values, read back from the rendered text.
+fn services_and_images(compose: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current = None;
+    for line in compose.lines() {
+        if let Some(name) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
+            if !name.starts_with(' ') {
+                current = Some(name.to_string());
+            }
+        }
+        if let Some(img) = line.strip_prefix("    image: ") {
+            out.push((current.clone().unwrap(), serde_json::from_str::<String>(img).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_catalog_service_is_described() {
+    let known = compose::known_services();
+    for r in catalog().all() {
+        for name in r.services.keys() {
+            assert!(known.contains(name), "{} has {name}", r.version);
+        }
+    }
+}
+
+#[test]
+fn every_release_and_size_renders_with_official_services_and_images() {
+    for r in catalog().all() {
+        for size in ALL_SIZES {
+            let s = settings(&[("cloud", "aws"), ("size", &size.to_string()), ("version", &r.version.to_string())]);
+            let b = bundle(&s, r);
+            let got = services_and_images(b.compose());
+            let want: Vec<(String, String)> = r.services.iter().map(|(n, i)| (n.clone(), i.official())).collect();
+            assert_eq!(got, want, "{}", r.version);
+            assert!(b.user_data.len() < AWS_USER_DATA_LIMIT, "{} user-data is {} bytes", r.version, b.user_data.len());
+            assert!(b.user_data.starts_with("#cloud-config\n"));
+        }
+    }
+}
+
+#[test]
+fn no_default_passwords_and_private_ports() {
+    for r in catalog().all() {
+        let s = settings(&[("cloud", "gcp"), ("version", &r.version.to_string())]);
+        let b = bundle(&s, r);
+        let c = b.compose();
+        for bad in ["PGPASSWORD=sg\"", "PGPASSWORD=sg'", "sg:sg@", "postgres:password@", "POSTGRES_PASSWORD=password", "sg:@"] {
+            assert!(!c.contains(bad), "{}: {bad}", r.version);
+        }
+        assert!(c.contains("PGPASSWORD=${PGSQL_PASSWORD:?"));
+        // Nothing but Caddy's 80/443 is published beyond the box.
+        for line in c.lines().filter(|l| l.trim_start().starts_with("- \"") && l.contains(":") ) {
+            let v: String = serde_json::from_str(line.trim_start().trim_start_matches("- ")).unwrap();
+            if v.starts_with("0.0.0.0:") {
+                assert!(v == "0.0.0.0:80:80" || v == "0.0.0.0:443:443", "{}: {v}", r.version);
+            }
+        }
+        assert!(c.contains("\"127.0.0.1:9090:9090\""), "{}", r.version);
+        let env = &b.file("/opt/sgbox/.env").unwrap();
+        assert!(env.secret && env.mode == 0o600);
+        assert!(env.content.contains("PGSQL_PASSWORD=Pw1aaaa"));
+    }
+}
+
+#[test]
+fn output_is_deterministic() {
+    let r = catalog().latest();
+    let s = settings(&[("cloud", "aws"), ("size", "S")]);
+    let a = bundle(&s, r);
+    let b = bundle(&s, r);
+    assert_eq!(a.user_data, b.user_data);
+    assert_eq!(a.rendered_sha256, b.rendered_sha256);
+    for (x, y) in a.files.iter().zip(&b.files) {
+        assert_eq!(x.content, y.content, "{}", x.path);
+    }
+}
+
+#[test]
+fn mirror_rewrites_images() {
+    let r = catalog().get("5.0.0".parse().unwrap()).unwrap();
+    let s = settings(&[("cloud", "local"), ("version", "5.0.0"), ("registry-mirror", "http://10.0.2.2:5000/sg")]);
+    let imgs = services_and_images(bundle(&s, r).compose());
+    let caddy = &imgs.iter().find(|(n, _)| n == "caddy").unwrap().1;
+    assert!(caddy.starts_with("10.0.2.2:5000/sg/caddy:2.5.2-alpine@sha256:"), "{caddy}");
+    let fe = &imgs.iter().find(|(n, _)| n == "sourcegraph-frontend-0").unwrap().1;
+    assert_eq!(fe, &format!("10.0.2.2:5000/sg/frontend:5.0.0@{}", r.services["sourcegraph-frontend-0"].digest));
+    let s = settings(&[("cloud", "local"), ("version", "5.0.0"), ("registry-mirror", "http://10.0.2.2:5000/sg"), ("mirror-mode", "tags-only")]);
+    let b = bundle(&s, r);
+    let imgs = services_and_images(b.compose());
+    assert!(imgs.iter().all(|(_, i)| i.starts_with("10.0.2.2:5000/sg/") && !i.contains('@')), "{imgs:?}");
+    let daemon = b.file("/etc/docker/daemon.json").unwrap();
+    assert!(daemon.content.contains("\"insecure-registries\": [\n    \"10.0.2.2:5000\"\n  ]"), "{}", daemon.content);
+}
+
+#[test]
+fn cpu_limits_fit_the_machine() {
+    let r = catalog().latest();
+    let s = settings(&[("cloud", "local")]);
+    let c = bundle(&s, r).compose().to_string();
+    let max = c.lines().filter_map(|l| l.strip_prefix("    cpus: ")).map(|v| v.parse::<f64>().unwrap()).fold(0.0, f64::max);
+    assert_eq!(max, 2.0);
+    let s = settings(&[("cloud", "aws"), ("size", "XL")]);
+    let c = bundle(&s, r).compose().to_string();
+    assert!(c.contains("    cpus: 8\n"));
+}
+
+#[test]
+fn version_scoped_settings_follow_the_release() {
+    let old = catalog().get("5.2.7".parse().unwrap()).unwrap();
+    let new = catalog().latest();
+    let s_old = settings(&[("cloud", "aws"), ("version", "5.2.7")]);
+    let s_new = settings(&[("cloud", "aws")]);
+    let c_old = bundle(&s_old, old).compose().to_string();
+    let c_new = bundle(&s_new, new).compose().to_string();
+    assert!(c_old.contains("\"--port=8080\"") && !c_new.contains("--port=8080"));
+    assert!(c_new.contains("\"48080\""));
+    assert!(c_old.contains("SYMBOLS_URL") && !c_new.contains("SYMBOLS_URL"));
+    assert!(c_new.contains("INDEXED_SEARCH_INDEXER") && !c_old.contains("INDEXED_SEARCH_INDEXER"));
+}
+
+#[test]
+fn caddy_follows_tls_mode() {
+    let r = catalog().latest();
+    let s = settings(&[("cloud", "aws"), ("hostname", "sg.example.com"), ("tls", "letsencrypt"), ("tls-email", "ops@example.com")]);
+    let b = bundle(&s, r);
+    let caddy = &b.file("/opt/sgbox/Caddyfile").unwrap().content;
+    assert!(caddy.contains("email ops@example.com") && caddy.contains("sg.example.com {"), "{caddy}");
+    let s = settings(&[("cloud", "aws")]);
+    let caddy = bundle(&s, r).file("/opt/sgbox/Caddyfile").unwrap().content.clone();
+    assert!(caddy.contains("auto_https off") && caddy.contains(":80 {"), "{caddy}");
+}
+
+#[test]
+fn metadata_records_release_and_hash() {
+    let r = catalog().latest();
+    let s = settings(&[("cloud", "aws")]);
+    let b = bundle(&s, r);
+    let meta: serde_json::Value = serde_json::from_str(&b.file("/etc/sgbox/deployment.json").unwrap().content).unwrap();
+    assert_eq!(meta["release"], "7.5.4453");
+    assert_eq!(meta["rendered_sha256"], b.rendered_sha256.as_str());
+    assert_eq!(meta["compose_project"], "sourcegraph");
+}

@@ -1,0 +1,150 @@
+//! The local state of deployments: one folder per deployment under the state root, holding the
+//! generated secrets and SSH key (mode 0600), written atomically.
+//!
+//! Secrets are generated once and reused, so renders stay byte-identical and a re-run never
+//! changes a database password under a running box.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rand::distr::{Alphanumeric, SampleString};
+use serde::{Deserialize, Serialize};
+
+/// Root of all deployments: `--state-dir`, else `SGBOX_STATE_DIR` (clap reads it), else the
+/// per-user data dir.
+pub fn state_root(flag: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    let dirs = directories::ProjectDirs::from("dev", "sgbox", "sgbox")
+        .context("finding the per-user data directory (set --state-dir or SGBOX_STATE_DIR)")?;
+    Ok(dirs.data_dir().join("deployments"))
+}
+
+pub struct DeploymentDir {
+    pub path: PathBuf,
+}
+
+impl DeploymentDir {
+    pub fn new(root: &Path, name: &str) -> DeploymentDir {
+        DeploymentDir { path: root.join(name) }
+    }
+
+    pub fn ensure(&self) -> Result<()> {
+        fs::create_dir_all(&self.path).with_context(|| format!("creating the state folder {}", self.path.display()))?;
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", self.path.display()))
+    }
+
+    /// Load the secrets, generating and saving them on first use.
+    pub fn secrets(&self) -> Result<Secrets> {
+        let file = self.path.join("secrets.json");
+        if file.exists() {
+            let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            // Never echo the file's content: it holds the passwords.
+            return serde_json::from_str(&text).with_context(|| format!("{} is damaged (not the JSON sgbox wrote)", file.display()));
+        }
+        self.ensure()?;
+        let s = Secrets::generate();
+        write_atomic(&file, serde_json::to_string_pretty(&s)?.as_bytes(), 0o600)?;
+        Ok(s)
+    }
+
+    /// The deployment's SSH key pair (OpenSSH format), generated on first use. Returns the
+    /// public key line.
+    pub fn ssh_public_key(&self) -> Result<String> {
+        let private = self.ssh_private_key_path();
+        let public = self.path.join("id_ed25519.pub");
+        if private.exists() && public.exists() {
+            return Ok(fs::read_to_string(&public).with_context(|| format!("reading {}", public.display()))?.trim().to_string());
+        }
+        self.ensure()?;
+        let key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+            .context("generating the deployment's SSH key")?;
+        let mut key = key;
+        key.set_comment(format!("sgbox-{}", self.path.file_name().and_then(|n| n.to_str()).unwrap_or("deployment")));
+        let pem = key.to_openssh(ssh_key::LineEnding::LF).context("encoding the SSH key")?;
+        let pubkey = key.public_key().to_openssh().context("encoding the SSH public key")?;
+        write_atomic(&private, pem.as_bytes(), 0o600)?;
+        write_atomic(&public, format!("{pubkey}\n").as_bytes(), 0o644)?;
+        Ok(pubkey)
+    }
+
+    pub fn ssh_private_key_path(&self) -> PathBuf {
+        self.path.join("id_ed25519")
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secrets {
+    pub pgsql_password: String,
+    pub codeintel_db_password: String,
+    pub codeinsights_db_password: String,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(<redacted>)")
+    }
+}
+
+impl Secrets {
+    fn generate() -> Secrets {
+        // Alphanumeric only: the passwords also go into postgres:// URLs unescaped.
+        let mut rng = rand::rng();
+        let mut pw = || Alphanumeric.sample_string(&mut rng, 32);
+        Secrets { pgsql_password: pw(), codeintel_db_password: pw(), codeinsights_db_password: pw() }
+    }
+}
+
+/// Write a file so readers see the old or the new content, never a torn one, with `mode` from
+/// the start (secrets are never briefly world-readable).
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_and_key_are_generated_once_with_private_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = DeploymentDir::new(tmp.path(), "demo");
+        let a = d.secrets().unwrap();
+        let b = d.secrets().unwrap();
+        assert_eq!(a.pgsql_password, b.pgsql_password);
+        assert_ne!(a.pgsql_password, a.codeintel_db_password);
+        assert_eq!(a.pgsql_password.len(), 32);
+        assert_eq!(format!("{a:?}"), "Secrets(<redacted>)");
+        let mode = fs::metadata(d.path.join("secrets.json")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let k1 = d.ssh_public_key().unwrap();
+        assert!(k1.starts_with("ssh-ed25519 "), "{k1}");
+        assert_eq!(d.ssh_public_key().unwrap(), k1);
+        let mode = fs::metadata(d.ssh_private_key_path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = fs::metadata(&d.path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dmode, 0o700);
+    }
+}
