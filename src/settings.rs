@@ -64,7 +64,6 @@ pub enum Source {
     Env,
     File { path: PathBuf, line: usize },
     Prompt,
-    Default,
 }
 
 #[derive(Clone, Debug)]
@@ -350,7 +349,6 @@ fn src_note(v: &Value) -> String {
         Source::Env => String::new(),
         Source::File { path, line } => format!(" (in {}:{line})", path.display()),
         Source::Prompt => " (answered at the prompt)".into(),
-        Source::Default => " (default)".into(),
     }
 }
 
@@ -501,6 +499,20 @@ impl Settings {
             ssh_cidr,
             allow_ssh_from_anywhere: allow_any,
         })
+    }
+
+    /// Legal but unwise choices, said once on stderr.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.cloud == Cloud::Local {
+            w.push("the local cloud is for evaluation: one QEMU VM on this machine, not a production deployment".into());
+        } else if self.data_disk_gb < DEFAULT_CLOUD_DISK_GB {
+            w.push(format!("a {} GB data disk is below the 250 GB Sourcegraph recommends; repositories and indexes may not fit", self.data_disk_gb));
+        }
+        if self.allow_ssh_from_anywhere && self.ssh_cidr.is_some_and(|c| c.prefix_len() == 0) {
+            w.push("SSH is open to the whole internet (--allow-ssh-from-anywhere)".into());
+        }
+        w
     }
 
     /// The machine this deployment runs on.

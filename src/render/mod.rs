@@ -15,8 +15,6 @@ use crate::catalog::Release;
 use crate::settings::{Cloud, Settings, Tls};
 use crate::state::Secrets;
 
-pub use compose::image_ref;
-
 /// Where the compose project lives on the box.
 pub const BOX_DIR: &str = "/opt/sgbox";
 /// Pinned compose project name: volumes are `sourcegraph_<name>` wherever the files live.
@@ -69,6 +67,7 @@ pub struct Bundle {
     pub rendered_sha256: String,
 }
 
+#[cfg(test)]
 impl Bundle {
     pub fn file(&self, path: &str) -> Option<&BoxFile> {
         self.files.iter().find(|f| f.path == path)

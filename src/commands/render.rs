@@ -1,0 +1,94 @@
+//! `sgbox render --out DIR`: every file the box needs, written to a folder.
+//!
+//! Layout: `DIR/user-data` (the cloud-init), `DIR/sgbox.toml` (the resolved settings) and
+//! `DIR/box/<path on the box>` for each file the cloud-init installs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde_json::json;
+
+use super::Context;
+use crate::catalog::catalog;
+use crate::cli::RenderArgs;
+use crate::render::{self, Bundle, Inputs, TlsMaterial};
+use crate::settings::{Settings, Tls};
+use crate::state::{state_root, write_atomic, DeploymentDir};
+
+/// Render a deployment's files (creating its secrets and SSH key on first use).
+pub fn bundle_for(ctx: &Context, s: &Settings) -> Result<Bundle> {
+    let release = catalog().get(s.version).context("resolved version is in the catalog")?;
+    let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &s.name);
+    let secrets = dir.secrets()?;
+    let ssh_public_key = dir.ssh_public_key()?;
+    let tls = match &s.tls {
+        Tls::Custom { cert, key } => Some(TlsMaterial {
+            cert_pem: fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?,
+            key_pem: fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    render::render(&Inputs { settings: s, release, secrets: &secrets, ssh_public_key: &ssh_public_key, tls })
+}
+
+pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
+    let s = ctx.settings(&args.deployment)?;
+    let b = bundle_for(ctx, &s)?;
+    let out = &args.out;
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+
+    let mut written = Vec::new();
+    let mut secret = Vec::new();
+    let mut kept = Vec::new();
+    write_atomic(&out.join("user-data"), b.user_data.as_bytes(), 0o600)?;
+    written.push(out.join("user-data"));
+    write_atomic(&out.join("sgbox.toml"), s.to_toml().as_bytes(), 0o644)?;
+    written.push(out.join("sgbox.toml"));
+    for f in &b.files {
+        let dest = box_path(out, &f.path);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        if f.create_only && dest.exists() {
+            kept.push(dest);
+            continue;
+        }
+        write_atomic(&dest, f.content.as_bytes(), f.mode)?;
+        if f.secret {
+            secret.push(dest.clone());
+        }
+        written.push(dest);
+    }
+
+    if ctx.json() {
+        return ctx.print_json(json!({
+            "deployment": s.name,
+            "release": s.version.to_string(),
+            "out": out,
+            "written": written,
+            "kept": kept,
+            "user_data_bytes": b.user_data.len(),
+            "rendered_sha256": b.rendered_sha256,
+        }));
+    }
+    println!("Rendered Sourcegraph {} for \"{}\" ({}) into {}:", s.version, s.name, s.cloud, out.display());
+    for p in &written {
+        let private = secret.contains(p) || p.ends_with("user-data");
+        println!("  wrote {}{}", p.display(), if private { "  (holds secrets: mode 0600)" } else { "" });
+    }
+    for p in &kept {
+        println!("  kept  {} (yours; never overwritten)", p.display());
+    }
+    if ctx.verbose > 0 {
+        ctx.note(format!("user-data: {} bytes; rendered files sha256 {}", b.user_data.len(), b.rendered_sha256));
+    }
+    if b.user_data.len() > render::AWS_USER_DATA_LIMIT {
+        ctx.warn(format!("user-data is {} bytes, above the 16 KiB EC2 accepts", b.user_data.len()));
+    }
+    Ok(())
+}
+
+fn box_path(out: &Path, abs: &str) -> PathBuf {
+    out.join("box").join(abs.trim_start_matches('/'))
+}

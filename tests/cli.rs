@@ -1,0 +1,215 @@
+//! The command line as a user meets it: exit codes, messages, files written (or not), precedence
+//! and the config round trip.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::*;
+
+fn render_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec!["render".into(), "--out".into(), out.into()];
+    v.extend(extra.iter().map(|s| s.into()));
+    v
+}
+
+#[test]
+fn render_writes_the_box_files_and_keeps_secrets_off_the_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let out = tmp.path().join("out");
+    let o = run(sgbox(&state).args(render_args(&out, &["--cloud", "aws", "--size", "S", "--version", "7.5"])));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for f in ["user-data", "sgbox.toml", "box/opt/sgbox/docker-compose.yaml", "box/opt/sgbox/.env", "box/etc/sgbox/deployment.json", "box/etc/systemd/system/sourcegraph.service"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let secrets: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(state.join("sourcegraph/secrets.json")).unwrap()).unwrap();
+    let pw = secrets["pgsql_password"].as_str().unwrap();
+    assert_eq!(pw.len(), 32);
+    let env = std::fs::read_to_string(out.join("box/opt/sgbox/.env")).unwrap();
+    assert!(env.contains(pw));
+    for (f, mode) in [("user-data", 0o600), ("box/opt/sgbox/.env", 0o600), ("box/opt/sgbox/docker-compose.yaml", 0o644)] {
+        assert_eq!(std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777, mode, "{f}");
+    }
+    assert_eq!(std::fs::metadata(state.join("sourcegraph/secrets.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(!all.contains(pw), "a password reached the terminal");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("box/etc/sgbox/deployment.json")).unwrap()).unwrap();
+    assert_eq!(meta["release"], "7.5.4453");
+    // JSON output also keeps secrets out.
+    let o = run(sgbox(&state).args(render_args(&tmp.path().join("out2"), &["--cloud", "aws", "--output", "json"])));
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["release"], "7.5.4453");
+    assert!(!text(&o.stdout).contains(pw));
+}
+
+#[test]
+fn render_is_byte_identical_and_keeps_the_users_override() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let args = ["--cloud", "local", "--registry-mirror", "http://10.0.2.2:5000", "--mirror-mode", "tags-only", "--version", "6.1"];
+    assert!(run(sgbox(&state).args(render_args(&a, &args))).status.success());
+    assert!(run(sgbox(&state).args(render_args(&b, &args))).status.success());
+    for f in ["user-data", "sgbox.toml", "box/opt/sgbox/docker-compose.yaml", "box/opt/sgbox/.env", "box/etc/sgbox/deployment.json"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
+    }
+    let over = a.join("box/opt/sgbox/docker-compose.override.yaml");
+    std::fs::write(&over, "services:\n  gitserver-0:\n    mem_limit: '16g'\n").unwrap();
+    let o = run(sgbox(&state).args(render_args(&a, &args)));
+    assert!(o.status.success());
+    assert!(text(&o.stdout).contains("kept"));
+    assert_eq!(std::fs::read_to_string(&over).unwrap(), "services:\n  gitserver-0:\n    mem_limit: '16g'\n");
+}
+
+#[test]
+fn printed_config_round_trips_through_dash_f() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let o = run(sgbox(&state).args([
+        "plan", "--print-config", "--cloud", "aws", "--region", "eu-west-1", "--size", "M", "--version", "7.4",
+        "--hostname", "sg.example.com", "--tls", "letsencrypt", "--tls-email", "ops@example.com", "--ssh-cidr", "198.51.100.0/24",
+        "--registry-mirror", "mirror.example.com/sg", "--data-disk-gb", "600", "--name", "eval",
+    ]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let first = text(&o.stdout);
+    let file = tmp.path().join("sgbox.toml");
+    std::fs::write(&file, &first).unwrap();
+    let o = run(sgbox(&state).arg("-f").arg(&file).args(["plan", "--print-config"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), first);
+    assert!(first.contains("version = \"7.4.0\"") && first.contains("size = \"M\""), "{first}");
+    assert!(!state.exists(), "plan must not create state");
+    // The rendered sgbox.toml is the same document.
+    let out = tmp.path().join("out");
+    assert!(run(sgbox(&state).arg("-f").arg(&file).args(render_args(&out, &[]))).status.success());
+    assert_eq!(std::fs::read_to_string(out.join("sgbox.toml")).unwrap(), first);
+    assert!(state.join("eval").join("secrets.json").exists());
+}
+
+#[test]
+fn precedence_is_flags_then_env_then_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let file = tmp.path().join("sgbox.toml");
+    std::fs::write(&file, "cloud = \"aws\"\nsize = \"XL\"\nname = \"fromfile\"\n").unwrap();
+    let get = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = sgbox(&state);
+        c.arg("-f").arg(&file).args(["plan", "--print-config"]).args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = run(&mut c);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    assert!(get(&[], &[]).contains("size = \"XL\""));
+    assert!(get(&[], &[("SGBOX_SIZE", "S")]).contains("size = \"S\""));
+    assert!(get(&["--size", "M"], &[("SGBOX_SIZE", "S")]).contains("size = \"M\""));
+    assert!(get(&[], &[]).contains("name = \"fromfile\""));
+}
+
+#[test]
+fn plan_reads_nothing_from_clouds_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let o = run(sgbox(&state).args(["plan", "--cloud", "aws", "--size", "L", "--ssh-cidr", "203.0.113.7/32"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("m6a.12xlarge (48 vCPU, 192 GiB)"), "{out}");
+    assert!(out.contains("22 from 203.0.113.7/32"), "{out}");
+    assert!(!state.exists(), "plan must not create state");
+    let o = run(sgbox(&state).args(["plan", "--cloud", "local", "--output", "json"]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["machine"]["instance_type"], "local-2x4");
+    assert_eq!(v["format_version"], 1);
+    assert!(text(&o.stderr).contains("evaluation"));
+}
+
+/// Each bad input: exit 2, one message naming the field with a fix, and nothing written.
+#[test]
+fn bad_input_exits_2_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cert = tmp.path().join("notpem.txt");
+    std::fs::write(&cert, "hello").unwrap();
+    let cert = cert.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, Option<&str>, &[&str])> = vec![
+        (vec!["--cloud", "azure"], None, &["invalid --cloud", "aws, gcp or local"]),
+        (vec!["--cloud", "aws", "--size", "XXL"], None, &["invalid --size", "XS, S, M, L, XL"]),
+        (vec!["--cloud", "aws", "--version", "7.5.1"], None, &["invalid --version", "7.5.4453"]),
+        (vec!["--cloud", "aws", "--version", "4.2"], None, &["invalid --version", "5.0"]),
+        (vec!["--cloud", "aws", "--ssh-cidr", "10.0.0.300/24"], None, &["invalid --ssh-cidr", "203.0.113.7/32"]),
+        (vec!["--cloud", "aws", "--ssh-cidr", "0.0.0.0/0"], None, &["invalid --ssh-cidr", "--allow-ssh-from-anywhere"]),
+        (vec!["--cloud", "aws", "--hostname", "bad_host.example"], None, &["invalid --hostname"]),
+        (vec!["--cloud", "aws", "--region", "us-east-9"], None, &["invalid --region"]),
+        (vec!["--cloud", "aws", "--instance-type", "t3.large"], None, &["invalid --instance-type", "at least 8 vCPU"]),
+        (vec!["--cloud", "aws", "--tls", "custom", "--hostname", "a.example.com", "--tls-cert", &cert, "--tls-key", &cert], None, &["invalid --tls-cert", "PEM"]),
+        (vec![], None, &["invalid cloud", "--cloud aws|gcp|local"]),
+        (vec![], Some("cloud = \"aws\"\nsise = \"S\"\n"), &["unknown key `sise`", ":2", "did you mean `size`?"]),
+        (vec![], Some("cloud = \"aws\"\nsize = S\n"), &["sgbox.toml:2:8"]),
+        (vec![], Some("cloud = \"aws\"\ndata-disk-gb = \"lots\"\n"), &["invalid data-disk-gb", "whole number"]),
+        (vec![], Some("cloud = \"gcp\"\nsize = \"XXS\"\n"), &["invalid size", "sgbox.toml:2"]),
+    ];
+    for (i, (args, file, needles)) in cases.iter().enumerate() {
+        let state = tmp.path().join(format!("state{i}"));
+        let out = tmp.path().join(format!("out{i}"));
+        let mut c = sgbox(&state);
+        if let Some(content) = file {
+            let f = tmp.path().join(format!("case{i}")).join("sgbox.toml");
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, content).unwrap();
+            c.arg("-f").arg(f);
+        }
+        c.args(render_args(&out, args));
+        let o = run(&mut c);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "case {i} {args:?}: {err}");
+        for n in *needles {
+            assert!(err.contains(n), "case {i} {args:?}: missing {n:?} in {err}");
+        }
+        assert!(err.contains("fix:"), "case {i}: no fix in {err}");
+        assert!(!out.exists(), "case {i}: output written");
+        assert!(!state.exists(), "case {i}: state written");
+    }
+    // clap's own usage errors are exit 2 as well.
+    let o = run(sgbox(&tmp.path().join("s")).args(["render", "--bogus"]));
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn versions_lists_the_catalog_and_plans_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let o = run(sgbox(&state).arg("versions"));
+    assert!(o.status.success());
+    let out = text(&o.stdout);
+    assert!(out.contains("7.5.4453") && out.contains("5.0.0") && out.contains("latest"));
+    let o = run(sgbox(&state).args(["versions", "path", "--from", "5.9.17785", "--to", "7.5", "--output", "json"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "multi-version");
+    assert_eq!(v["hops"][0]["to"], "5.11.6271");
+    assert_eq!(v["hops"][0]["migrator_args"], serde_json::json!(["upgrade", "--from=v5.9.17785", "--to=v5.11.6271"]));
+    assert_eq!(v["hops"][1]["to"], "7.5.4453");
+    assert_eq!(v["postgres_upgrade"], true);
+    let o = run(sgbox(&state).args(["versions", "path", "--from", "7.4.0", "--to", "7.5"]));
+    assert!(text(&o.stdout).contains("standard upgrade"));
+    let o = run(sgbox(&state).args(["versions", "path", "--from", "7.5.4453", "--to", "7.4"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--allow-downgrade"));
+    let o = run(sgbox(&state).args(["versions", "path", "--from", "7.5", "--to", "7.5"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--from"));
+}
+
+#[test]
+fn completions_and_help() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(sgbox(tmp.path()).args(["completions", "bash"]));
+    assert!(o.status.success());
+    assert!(text(&o.stdout).contains("sgbox"));
+    let o = run(sgbox(tmp.path()).args(["render", "--help"]));
+    assert!(text(&o.stdout).contains("--registry-mirror"));
+}

@@ -1,0 +1,193 @@
+//! Every catalog release × every size renders through the real binary, and every distinct
+//! result passes the real validators: `cloud-init schema` and Docker Compose v2 `config -q`.
+//! Compose's normalised model (`config --format json`) is then compared with the official
+//! release: same services, same images, nothing but 80/443 published beyond the box.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use common::*;
+
+#[derive(serde::Deserialize)]
+struct Catalog {
+    releases: BTreeMap<String, Release>,
+}
+#[derive(serde::Deserialize)]
+struct Release {
+    services: BTreeMap<String, Img>,
+}
+#[derive(serde::Deserialize)]
+struct Img {
+    registry: String,
+    image: String,
+    tag: String,
+    digest: String,
+}
+
+fn catalog() -> Catalog {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sourcegraph-compose-releases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+struct Job {
+    version: String,
+    cloud: &'static str,
+    size: &'static str,
+    mirror: bool,
+    dir: PathBuf,
+}
+
+fn parallel<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let queue = Mutex::new(items.into_iter().enumerate().collect::<Vec<_>>());
+    let out = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| loop {
+                let Some((i, item)) = queue.lock().unwrap().pop() else { break };
+                let r = f(item);
+                out.lock().unwrap().push((i, r));
+            });
+        }
+    });
+    let mut v = out.into_inner().unwrap();
+    v.sort_by_key(|(i, _)| *i);
+    v.into_iter().map(|(_, r)| r).collect()
+}
+
+#[test]
+fn every_release_and_size_passes_the_real_validators() {
+    let compose = compose_bin();
+    let cloud_init = cloud_init_bin();
+    let cat = catalog();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+
+    let mut jobs = Vec::new();
+    for v in cat.releases.keys() {
+        for size in ["XS", "S", "M", "L", "XL"] {
+            jobs.push(Job { version: v.clone(), cloud: "aws", size, mirror: false, dir: tmp.path().join(format!("{v}-aws-{size}")) });
+        }
+        jobs.push(Job { version: v.clone(), cloud: "gcp", size: "M", mirror: false, dir: tmp.path().join(format!("{v}-gcp")) });
+        jobs.push(Job { version: v.clone(), cloud: "local", size: "XS", mirror: true, dir: tmp.path().join(format!("{v}-local")) });
+    }
+    let n_jobs = jobs.len();
+
+    // Render all of them through the binary.
+    let rendered = parallel(jobs, |j| {
+        let mut c = sgbox(&state);
+        c.args(["render", "--out"]).arg(&j.dir).args(["--cloud", j.cloud, "--size", j.size, "--version", &j.version]);
+        if j.mirror {
+            c.args(["--registry-mirror", "http://10.0.2.2:5000", "--mirror-mode", "tags-only"]);
+        }
+        let o = run(&mut c);
+        assert!(o.status.success(), "render {} {} {}: {}", j.version, j.cloud, j.size, text(&o.stderr));
+        j
+    });
+
+    // Validate each distinct file once: sizes that map to the same content share a result.
+    let mut user_data: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut composes: BTreeMap<String, (PathBuf, String, bool)> = BTreeMap::new();
+    for j in &rendered {
+        let ud = std::fs::read_to_string(j.dir.join("user-data")).unwrap();
+        user_data.entry(ud).or_insert_with(|| j.dir.join("user-data"));
+        let dir = j.dir.join("box/opt/sgbox");
+        let c = std::fs::read_to_string(dir.join("docker-compose.yaml")).unwrap();
+        composes.entry(c).or_insert((dir, j.version.clone(), j.mirror));
+    }
+    eprintln!("{n_jobs} renders: {} distinct user-data, {} distinct compose files", user_data.len(), composes.len());
+    assert!(composes.len() >= cat.releases.len() * 2, "each release renders its own compose");
+
+    let failures = parallel(user_data.into_values().collect(), |p| {
+        let o = Command::new(&cloud_init).args(["schema", "--config-file"]).arg(&p).output().unwrap();
+        (!o.status.success()).then(|| format!("{}: {}{}", p.display(), text(&o.stdout), text(&o.stderr)))
+    });
+    let failures: Vec<_> = failures.into_iter().flatten().collect();
+    assert!(failures.is_empty(), "cloud-init schema rejected:\n{}", failures.join("\n"));
+
+    let results = parallel(composes.into_values().collect(), |(dir, version, mirror)| {
+        let q = Command::new(&compose).current_dir(&dir).args(["-f", "docker-compose.yaml", "-f", "docker-compose.override.yaml", "config", "-q"]).output().unwrap();
+        if !q.status.success() {
+            return Err(format!("{}: config -q: {}", dir.display(), text(&q.stderr)));
+        }
+        let j = Command::new(&compose).current_dir(&dir).args(["-f", "docker-compose.yaml", "config", "--format", "json"]).output().unwrap();
+        if !j.status.success() {
+            return Err(format!("{}: config --format json: {}", dir.display(), text(&j.stderr)));
+        }
+        let model: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+        Ok((version, mirror, model))
+    });
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Err(e) => errors.push(e),
+            Ok((version, mirror, model)) => {
+                let official = &cat.releases[&version];
+                let services = model["services"].as_object().unwrap();
+                let got: Vec<&String> = services.keys().collect();
+                let want: Vec<&String> = official.services.keys().collect();
+                if got != want {
+                    errors.push(format!("{version}: services {got:?} != {want:?}"));
+                }
+                for (name, img) in &official.services {
+                    let short = img.image.rsplit('/').next().unwrap();
+                    let want = if mirror {
+                        format!("10.0.2.2:5000/{short}:{}", img.tag)
+                    } else {
+                        format!("{}/{}:{}@{}", img.registry, img.image, img.tag, img.digest)
+                    };
+                    let got = services[name]["image"].as_str().unwrap_or_default();
+                    if got != want {
+                        errors.push(format!("{version} {name}: image {got} != {want}"));
+                    }
+                    for p in services[name]["ports"].as_array().into_iter().flatten() {
+                        let ip = p["host_ip"].as_str().unwrap_or("0.0.0.0");
+                        let target = p["target"].as_u64().unwrap_or(0);
+                        if ip != "127.0.0.1" && !(name == "caddy" && (target == 80 || target == 443)) {
+                            errors.push(format!("{version} {name}: publishes {target} on {ip}"));
+                        }
+                    }
+                    if name == "prometheus" {
+                        let ports = services[name]["ports"].as_array().cloned().unwrap_or_default();
+                        if !ports.iter().all(|p| p["host_ip"] == "127.0.0.1") {
+                            errors.push(format!("{version}: prometheus not bound to 127.0.0.1"));
+                        }
+                    }
+                    for (k, v) in services[name]["environment"].as_object().into_iter().flatten() {
+                        let v = v.as_str().unwrap_or_default();
+                        if (k.ends_with("PASSWORD") && (v == "sg" || v == "password" || v.is_empty())) || v.contains("sg:sg@") || v.contains("postgres:password@") || v.contains("//sg:@") {
+                            errors.push(format!("{version} {name}: default credential in {k}"));
+                        }
+                    }
+                }
+                // Start order: DBs healthy -> migrator done -> frontend-internal healthy -> frontend.
+                let dep = |svc: &str, on: &str| services[svc]["depends_on"][on]["condition"].as_str().unwrap_or("").to_string();
+                if dep("migrator", "pgsql") != "service_healthy"
+                    || dep("sourcegraph-frontend-internal", "migrator") != "service_completed_successfully"
+                    || dep("sourcegraph-frontend-0", "sourcegraph-frontend-internal") != "service_healthy"
+                {
+                    errors.push(format!("{version}: start order broken"));
+                }
+                if model["name"] != "sourcegraph" {
+                    errors.push(format!("{version}: project name {}", model["name"]));
+                }
+            }
+        }
+    }
+    assert!(errors.is_empty(), "{} problems:\n{}", errors.len(), errors[..errors.len().min(40)].join("\n"));
+}
+
+#[test]
+fn validators_reject_broken_files() {
+    // The validators really validate: a broken compose and cloud-config fail.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("docker-compose.yaml"), "services:\n  a:\n    image: x\n    portz: [1]\n").unwrap();
+    let o = Command::new(compose_bin()).current_dir(tmp.path()).args(["-f", "docker-compose.yaml", "config", "-q"]).output().unwrap();
+    assert!(!o.status.success());
+    std::fs::write(tmp.path().join("ud"), "#cloud-config\nruncmd: 'echo hi'\n").unwrap();
+    let o = Command::new(cloud_init_bin()).args(["schema", "--config-file"]).arg(tmp.path().join("ud")).output().unwrap();
+    assert!(!o.status.success());
+}
