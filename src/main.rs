@@ -5,6 +5,7 @@ mod catalog;
 mod cli;
 mod commands;
 mod error;
+mod hostkeys;
 mod planner;
 mod render;
 mod settings;
