@@ -14,7 +14,7 @@
 
 use serde::Serialize;
 
-use crate::catalog::{postgres_major_for, Catalog, Release};
+use crate::catalog::{postgres_major_for, Catalog, PG16_FIRST};
 use crate::error::UserError;
 use crate::version::Version;
 
@@ -144,13 +144,13 @@ pub fn plan(catalog: &Catalog, req: PlanRequest) -> Result<UpgradePlan, UserErro
     if pg == 12 && to >= MIGRATOR_NEEDS_PG16 {
         // The Postgres 16 conversion must run under DB images that still carry it (5.10 … 6.x),
         // with a migrator that still talks to the data before the conversion.
-        let waypoint = if at < crate::catalog::PG16_FIRST {
-            newest_of(catalog, 5, 11).or_else(|| newest_of(catalog, 5, 10))
+        let waypoint = if at < PG16_FIRST {
+            catalog.latest_of_minor(5, 11).or_else(|| catalog.latest_of_minor(5, 10))
         } else {
-            catalog.last_minor_of_major(6).and_then(|(a, b)| newest_of(catalog, a, b))
+            catalog.last_minor_of_major(6).and_then(|(a, b)| catalog.latest_of_minor(a, b))
         }
         .ok_or_else(|| UserError::new("the catalog lacks the Postgres 16 waypoint release (5.10/5.11 or 6.x)"))?;
-        let why = if at < crate::catalog::PG16_FIRST {
+        let why = if at < PG16_FIRST {
             format!("migrators from 6.0 on do not connect to Postgres 12: {} converts the databases to Postgres 16 first", waypoint.version)
         } else {
             format!("7.0 removed the Postgres 12 → 16 conversion: the box converts at {} first", waypoint.version)
@@ -202,10 +202,6 @@ fn plan_downgrade(req: PlanRequest, pg_from: u32, notes: Vec<String>) -> Result<
         vec![Hop { from, to, migrator: from, db_images: to, postgres_upgrade: false, why: "explicitly allowed downgrade: the newer migrator knows how to undo its migrations".into() }]
     };
     Ok(UpgradePlan { from, to, kind: UpgradeKind::Downgrade, hops, postgres_upgrade: false, downtime: "full: application stopped while the migrator runs", notes })
-}
-
-fn newest_of(catalog: &Catalog, major: u32, minor: u32) -> Option<&Release> {
-    catalog.latest_of_minor(major, minor)
 }
 
 fn join(v: &[Version]) -> String {

@@ -365,6 +365,11 @@ fn bad(key: &str, v: &Value, msg: impl fmt::Display) -> UserError {
     UserError::field(field_name(key, v), format!("{msg}{}", src_note(v)))
 }
 
+/// An error from a shared parser, re-labelled with the field and where its value came from.
+fn relabel(e: UserError, key: &str, v: &Value) -> UserError {
+    UserError { hint: e.hint, ..bad(key, v, e.message) }
+}
+
 impl Settings {
     /// Validate a merged layer. Every value is checked; the first problem is reported.
     pub fn resolve(layer: &Layer, prompter: &Prompter) -> Result<Settings, UserError> {
@@ -404,7 +409,7 @@ impl Settings {
         };
 
         let size = match s("size") {
-            Some(v) => v.text.parse::<Size>().map_err(|e| UserError { field: Some(field_name("size", v)), message: format!("{}{}", e.message, src_note(v)), hint: e.hint })?,
+            Some(v) => v.text.parse::<Size>().map_err(|e| relabel(e, "size", v))?,
             None => Size::XS,
         };
 
@@ -430,7 +435,7 @@ impl Settings {
         let version = match s("version") {
             Some(v) => {
                 let spec: VersionSpec = v.text.parse().map_err(|e: crate::version::ParseSpecError| bad("version", v, e))?;
-                catalog().resolve(spec).map_err(|e| UserError { field: Some(field_name("version", v)), message: format!("{}{}", e.message, src_note(v)), hint: e.hint })?.version
+                catalog().resolve(spec).map_err(|e| relabel(e, "version", v))?.version
             }
             None => catalog().latest().version,
         };

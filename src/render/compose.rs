@@ -123,10 +123,6 @@ pub fn image_ref(img: &ImageRef, s: &Settings) -> String {
     }
 }
 
-fn fmt_cpus(c: f64) -> String {
-    format!("{c}")
-}
-
 pub(super) fn render(t: &tera::Tera, s: &Settings, release: &Release, vcpus: Option<u32>) -> Result<String> {
     let specs = specs();
     let mut services = Vec::new();
@@ -200,7 +196,7 @@ fn view(name: &str, spec: &ServiceSpec, img: &ImageRef, s: &Settings, release: &
     Ok(ServiceView {
         name: name.to_string(),
         image: image_ref(img, s),
-        cpus: fmt_cpus(cpus),
+        cpus: format!("{cpus}"),
         mem: spec.mem.clone(),
         command,
         hostname: spec.hostname.clone(),
