@@ -520,6 +520,11 @@ impl Settings {
         w
     }
 
+    /// The catalog release `version` resolved to (resolution already checked it exists).
+    pub fn release(&self) -> &'static crate::catalog::Release {
+        catalog().get(self.version).expect("settings hold only catalog versions")
+    }
+
     /// The machine this deployment runs on.
     pub fn machine(&self) -> Machine {
         let chosen = match (&self.instance_type, self.cloud) {

@@ -6,7 +6,6 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::Context;
-use crate::catalog::catalog;
 use crate::cli::PlanArgs;
 use crate::settings::{Cloud, Settings, Tls};
 
@@ -59,7 +58,7 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
         print!("{}", s.to_toml());
         return Ok(());
     }
-    let release = catalog().get(s.version).expect("resolved version is in the catalog");
+    let release = s.release();
     let m = s.machine();
     let tier = s.size.tier();
     let res = resources(&s);

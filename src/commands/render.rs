@@ -10,7 +10,6 @@ use anyhow::{Context as _, Result};
 use serde_json::json;
 
 use super::Context;
-use crate::catalog::catalog;
 use crate::cli::RenderArgs;
 use crate::render::{self, Bundle, Inputs, TlsMaterial};
 use crate::settings::{Settings, Tls};
@@ -18,7 +17,7 @@ use crate::state::{state_root, write_atomic, DeploymentDir};
 
 /// Render a deployment's files (creating its secrets and SSH key on first use).
 pub fn bundle_for(ctx: &Context, s: &Settings) -> Result<Bundle> {
-    let release = catalog().get(s.version).context("resolved version is in the catalog")?;
+    let release = s.release();
     let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &s.name);
     let secrets = dir.secrets()?;
     let ssh_public_key = dir.ssh_public_key()?;
@@ -38,13 +37,13 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
     let out = &args.out;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
-    let mut written = Vec::new();
-    let mut secret = Vec::new();
+    // (path, holds secrets)
+    let mut written: Vec<(PathBuf, bool)> = Vec::new();
     let mut kept = Vec::new();
     write_atomic(&out.join("user-data"), b.user_data.as_bytes(), 0o600)?;
-    written.push(out.join("user-data"));
+    written.push((out.join("user-data"), true));
     write_atomic(&out.join("sgbox.toml"), s.to_toml().as_bytes(), 0o644)?;
-    written.push(out.join("sgbox.toml"));
+    written.push((out.join("sgbox.toml"), false));
     for f in &b.files {
         let dest = box_path(out, &f.path);
         if let Some(parent) = dest.parent() {
@@ -55,10 +54,7 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
             continue;
         }
         write_atomic(&dest, f.content.as_bytes(), f.mode)?;
-        if f.secret {
-            secret.push(dest.clone());
-        }
-        written.push(dest);
+        written.push((dest, f.secret));
     }
 
     if ctx.json() {
@@ -66,16 +62,15 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
             "deployment": s.name,
             "release": s.version.to_string(),
             "out": out,
-            "written": written,
+            "written": written.iter().map(|(p, _)| p).collect::<Vec<_>>(),
             "kept": kept,
             "user_data_bytes": b.user_data.len(),
             "rendered_sha256": b.rendered_sha256,
         }));
     }
     println!("Rendered Sourcegraph {} for \"{}\" ({}) into {}:", s.version, s.name, s.cloud, out.display());
-    for p in &written {
-        let private = secret.contains(p) || p.ends_with("user-data");
-        println!("  wrote {}{}", p.display(), if private { "  (holds secrets: mode 0600)" } else { "" });
+    for (p, private) in &written {
+        println!("  wrote {}{}", p.display(), if *private { "  (holds secrets: mode 0600)" } else { "" });
     }
     for p in &kept {
         println!("  kept  {} (yours; never overwritten)", p.display());
