@@ -52,6 +52,18 @@ pub enum Command {
     Plan(PlanArgs),
     /// List the known Sourcegraph releases, or plan an upgrade path between two of them.
     Versions(VersionsArgs),
+    /// Create the box and wait until Sourcegraph answers at the chosen release.
+    Up(UpArgs),
+    /// Show the box: machine state, address, release and the health of every service.
+    Status(TargetArgs),
+    /// Delete the box. The data disk is kept unless --delete-data.
+    Down(DownArgs),
+    /// Open a shell on the box, or run a command there (`sgbox ssh -- docker ps`).
+    Ssh(SshArgs),
+    /// Show the logs of one service (or all; `cloud-init` for the first boot's log).
+    Logs(LogsArgs),
+    /// Build machine images.
+    Image(ImageArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell to complete for.
@@ -116,6 +128,23 @@ pub struct DeploymentArgs {
     /// Allow --ssh-cidr 0.0.0.0/0. SSH open to the whole internet is almost never what you want.
     #[arg(long)]
     pub allow_ssh_from_anywhere: bool,
+    /// Local cloud: the base disk image (a Debian 13 cloud qcow2) or a folder written by
+    /// `sgbox image build --cloud local` [default: the built image if present, else Debian's
+    /// genericcloud image, downloaded once].
+    #[arg(long, value_name = "PATH")]
+    pub base_image: Option<String>,
+    /// Local cloud: auto (KVM if a probe boot works, else TCG), kvm or tcg [default: auto].
+    #[arg(long, value_name = "ACCEL")]
+    pub accel: Option<String>,
+    /// Local cloud: port on 127.0.0.1 forwarded to the VM's SSH [default: a free port].
+    #[arg(long, value_name = "PORT")]
+    pub ssh_port: Option<String>,
+    /// Local cloud: port on 127.0.0.1 forwarded to the VM's HTTP (80) [default: a free port].
+    #[arg(long, value_name = "PORT")]
+    pub http_port: Option<String>,
+    /// Local cloud: port on 127.0.0.1 forwarded to the VM's HTTPS (443) [default: a free port].
+    #[arg(long, value_name = "PORT")]
+    pub https_port: Option<String>,
 }
 
 impl DeploymentArgs {
@@ -139,8 +168,121 @@ impl DeploymentArgs {
             ("tls-key", self.tls_key.clone()),
             ("ssh-cidr", self.ssh_cidr.clone()),
             ("allow-ssh-from-anywhere", self.allow_ssh_from_anywhere.then(|| "true".to_string())),
+            ("base-image", self.base_image.clone()),
+            ("accel", self.accel.clone()),
+            ("ssh-port", self.ssh_port.clone()),
+            ("http-port", self.http_port.clone()),
+            ("https-port", self.https_port.clone()),
         ]
     }
+}
+
+/// Waiting and host-key options shared by the commands that reach the box.
+#[derive(Debug, Args, Default)]
+pub struct ReachArgs {
+    /// Trust whatever SSH host key the box offers instead of checking it against the
+    /// fingerprints its console printed. Only for boxes whose console cannot be read.
+    #[arg(long)]
+    pub insecure_accept_host_key: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub deployment: DeploymentArgs,
+    #[command(flatten)]
+    pub reach: ReachArgs,
+    /// Give up waiting for the box after this long (e.g. 20m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "30m")]
+    pub timeout: String,
+    /// Stop once the resources exist and the machine runs; do not wait for Sourcegraph.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// Which deployment a command acts on. Its recorded settings fill in the rest.
+#[derive(Debug, Args, Default)]
+pub struct TargetArgs {
+    /// Deployment name [default: the config file's, else sourcegraph].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// The cloud, when the deployment's local record is gone.
+    #[arg(long, value_name = "CLOUD")]
+    pub cloud: Option<String>,
+    /// The region, when the deployment's local record is gone.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    #[command(flatten)]
+    pub reach: ReachArgs,
+}
+
+impl TargetArgs {
+    pub fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
+        vec![("name", self.name.clone()), ("cloud", self.cloud.clone()), ("region", self.region.clone())]
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Also delete the data disk (repositories, databases). Without it the disk is kept, and a
+    /// later `up` of the same name reuses it.
+    #[arg(long)]
+    pub delete_data: bool,
+    /// How long to wait for the machine to shut down and resources to disappear.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Command to run on the box (after `--`); without one, an interactive shell.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// A compose service (e.g. sourcegraph-frontend-0), or `cloud-init`. Default: all services.
+    #[arg(value_name = "SERVICE")]
+    pub service: Option<String>,
+    /// Lines from the end of each log.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub tail: u32,
+    /// Keep following the log.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build a base image. Local: Debian 13 from Debian packages with debootstrap (offline but
+    /// for the package mirror; needs root), with Docker and Compose inside.
+    Build {
+        /// Which cloud the image is for.
+        #[arg(long, value_name = "CLOUD")]
+        cloud: String,
+        /// Output folder [default: the per-user cache, where `up --cloud local` looks first].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Debian package mirror [default: the one apt on this machine uses].
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+        /// Rebuild even if the folder holds an image of the same recipe.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]

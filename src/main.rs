@@ -7,9 +7,13 @@ mod commands;
 mod error;
 mod hostkeys;
 mod planner;
+mod progress;
+mod provider;
+mod readiness;
 mod render;
 mod settings;
 mod sizing;
+mod ssh;
 mod state;
 mod version;
 

@@ -51,6 +51,11 @@ const KEYS: &[Key] = &[
     Key { name: "tls-key", kind: Kind::Str },
     Key { name: "ssh-cidr", kind: Kind::Str },
     Key { name: "allow-ssh-from-anywhere", kind: Kind::Bool },
+    Key { name: "base-image", kind: Kind::Str },
+    Key { name: "accel", kind: Kind::Str },
+    Key { name: "ssh-port", kind: Kind::Int },
+    Key { name: "http-port", kind: Kind::Int },
+    Key { name: "https-port", kind: Kind::Int },
 ];
 
 pub fn env_var(key: &str) -> String {
@@ -158,6 +163,11 @@ impl Layer {
 
     fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key)
+    }
+
+    /// The raw text given for `key`, if any layer gave it.
+    pub fn text(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.text.as_str())
     }
 }
 
@@ -312,6 +322,39 @@ pub struct Settings {
     pub tls: Tls,
     pub ssh_cidr: Option<IpNet>,
     pub allow_ssh_from_anywhere: bool,
+    /// Only for the local cloud.
+    pub local: LocalSettings,
+}
+
+/// How the local cloud runs its VM. Ports are on 127.0.0.1; `None` picks a free one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LocalSettings {
+    /// A bootable disk image (qcow2/raw) or a folder made by `sgbox image build --cloud local`.
+    pub base_image: Option<PathBuf>,
+    pub accel: Accel,
+    pub ssh_port: Option<u16>,
+    pub http_port: Option<u16>,
+    pub https_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when a probe boot shows it works, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
 }
 
 pub const DEFAULT_NAME: &str = "sourcegraph";
@@ -488,7 +531,10 @@ impl Settings {
             None => None,
         };
 
+        let local = resolve_local(layer, cloud)?;
+
         Ok(Settings {
+            local,
             name,
             cloud,
             region,
@@ -586,6 +632,17 @@ impl Settings {
         if self.allow_ssh_from_anywhere {
             put("allow-ssh-from-anywhere", toml::Value::Boolean(true));
         }
+        if let Some(b) = &self.local.base_image {
+            put("base-image", st(&b.display().to_string()));
+        }
+        if self.local.accel != Accel::Auto {
+            put("accel", st(&self.local.accel.to_string()));
+        }
+        for (k, p) in [("ssh-port", self.local.ssh_port), ("http-port", self.local.http_port), ("https-port", self.local.https_port)] {
+            if let Some(p) = p {
+                put(k, toml::Value::Integer(p.into()));
+            }
+        }
         // Keys print in the table's order, which is the order of --help.
         let mut out = String::from("# sgbox deployment settings (resolved). Use with: sgbox -f sgbox.toml <command>\n");
         for key in KEYS {
@@ -595,6 +652,55 @@ impl Settings {
         }
         out
     }
+}
+
+fn resolve_local(layer: &Layer, cloud: Cloud) -> Result<LocalSettings, UserError> {
+    let local_keys = ["base-image", "accel", "ssh-port", "http-port", "https-port"];
+    if cloud != Cloud::Local {
+        if let Some((k, v)) = local_keys.iter().find_map(|k| layer.get(k).map(|v| (*k, v))) {
+            return Err(bad(k, v, format!("only applies to the local cloud, not {cloud}")).hint(format!("drop {}", field_name(k, v))));
+        }
+        return Ok(LocalSettings::default());
+    }
+    let base_image = match layer.get("base-image") {
+        Some(v) => {
+            let p = PathBuf::from(v.text.trim());
+            if !p.exists() {
+                return Err(bad("base-image", v, format!("{} does not exist", p.display())).hint(
+                    "give a Debian 13 cloud image (qcow2) or the folder `sgbox image build --cloud local` wrote, or omit it to use the default image",
+                ));
+            }
+            // Absolute, so the recorded settings work from any directory.
+            Some(std::fs::canonicalize(&p).unwrap_or(p))
+        }
+        None => None,
+    };
+    let accel = match layer.get("accel") {
+        Some(v) => match v.text.trim() {
+            "auto" => Accel::Auto,
+            "kvm" => Accel::Kvm,
+            "tcg" => Accel::Tcg,
+            other => return Err(bad("accel", v, format!("'{other}' is not an accelerator")).hint("use auto (probe KVM, fall back to TCG), kvm or tcg")),
+        },
+        None => Accel::Auto,
+    };
+    let port = |k: &str| -> Result<Option<u16>, UserError> {
+        match layer.get(k) {
+            Some(v) => match v.text.trim().parse::<u16>() {
+                Ok(0) => Ok(None),
+                Ok(p) if p >= 1024 => Ok(Some(p)),
+                _ => Err(bad(k, v, format!("'{}' is not a port from 1024 to 65535", v.text)).hint("pick a free unprivileged port, or 0 / omit it to pick one automatically")),
+            },
+            None => Ok(None),
+        }
+    };
+    let (ssh_port, http_port, https_port) = (port("ssh-port")?, port("http-port")?, port("https-port")?);
+    let ports: Vec<u16> = [ssh_port, http_port, https_port].into_iter().flatten().collect();
+    if let Some(dup) = ports.iter().find(|p| ports.iter().filter(|q| q == p).count() > 1) {
+        let v = layer.get("https-port").or(layer.get("http-port")).or(layer.get("ssh-port")).expect("a port was given");
+        return Err(bad("ssh-port", v, format!("port {dup} is given twice")).hint("give ssh-port, http-port and https-port different values"));
+    }
+    Ok(LocalSettings { base_image, accel, ssh_port, http_port, https_port })
 }
 
 fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, UserError> {

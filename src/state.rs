@@ -76,6 +76,95 @@ impl DeploymentDir {
     pub fn ssh_private_key_path(&self) -> PathBuf {
         self.path.join("id_ed25519")
     }
+
+    fn record_path(&self) -> PathBuf {
+        self.path.join("deployment.json")
+    }
+
+    pub fn known_hosts_path(&self) -> PathBuf {
+        self.path.join("known_hosts")
+    }
+
+    /// The deployment's record, if `up` ever started it.
+    pub fn record(&self) -> Result<Option<Record>> {
+        let file = self.record_path();
+        match fs::read_to_string(&file) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is damaged (not the JSON sgbox wrote)", file.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
+        }
+    }
+
+    pub fn save_record(&self, r: &Record) -> Result<()> {
+        self.ensure()?;
+        write_atomic(&self.record_path(), serde_json::to_string_pretty(r)?.as_bytes(), 0o600)
+    }
+
+    pub fn remove_record(&self) -> Result<()> {
+        for f in [self.record_path(), self.known_hosts_path()] {
+            match fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", f.display())),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What sgbox knows about a deployment it created: written before each step that changes the
+/// world, so an interrupted run resumes instead of duplicating.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub format: u32,
+    pub name: String,
+    pub cloud: String,
+    /// The release the box runs (or is being brought up at).
+    pub release: String,
+    /// The resolved settings, as the sgbox.toml `-f` accepts.
+    pub settings: String,
+    pub created_at: String,
+    pub instance_id: Option<String>,
+    /// The pinned SSH host key (OpenSSH `type base64`), once verified against the console.
+    pub host_key: Option<String>,
+    pub url: Option<String>,
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: String,
+    pub action: String,
+    pub release: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub by: String,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Who ran the command, for history entries.
+pub fn whoami() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    if host.is_empty() {
+        user
+    } else {
+        format!("{user}@{host}")
+    }
+}
+
+/// Per-user cache (downloaded and built images, probe results): `SGBOX_CACHE_DIR`, else the
+/// per-user cache dir.
+pub fn cache_root() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SGBOX_CACHE_DIR") {
+        return Ok(PathBuf::from(p));
+    }
+    let dirs = directories::ProjectDirs::from("dev", "sgbox", "sgbox").context("finding the per-user cache directory (set SGBOX_CACHE_DIR)")?;
+    Ok(dirs.cache_dir().to_path_buf())
 }
 
 #[derive(Clone, Serialize, Deserialize)]

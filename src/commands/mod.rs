@@ -1,7 +1,14 @@
 //! Commands: each takes the global context and resolved settings; only `main` knows about clap.
 
+mod boxctl;
+mod down;
+mod image;
+mod logs;
 mod plan;
 mod render;
+mod ssh;
+mod status;
+mod up;
 mod versions;
 
 use std::io::Write;
@@ -82,6 +89,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Render(a) => render::run(&ctx, a),
         Command::Plan(a) => plan::run(&ctx, a),
         Command::Versions(a) => versions::run(&ctx, a),
+        Command::Up(a) => up::run(&ctx, a),
+        Command::Status(a) => status::run(&ctx, a),
+        Command::Down(a) => down::run(&ctx, a),
+        Command::Ssh(a) => ssh::run(&ctx, a),
+        Command::Logs(a) => logs::run(&ctx, a),
+        Command::Image(a) => image::run(&ctx, a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sgbox", &mut std::io::stdout());
             Ok(())

@@ -1,0 +1,80 @@
+//! `sgbox down`: find everything the deployment owns (from the cloud's own records, not only
+//! local state), show it, confirm, delete it, and report anything that remains. The data disk
+//! is kept unless `--delete-data`; with it kept, the deployment's secrets stay too, since the
+//! databases on that disk use them.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::json;
+
+use super::boxctl::{self, parse_duration};
+use super::Context;
+use crate::cli::DownArgs;
+use crate::error::UserError;
+
+pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
+    if ctx.json() && !ctx.yes {
+        return Err(UserError::field("output", "json output never prompts, so `down` needs --yes with it").hint("add --yes").into());
+    }
+    let timeout = parse_duration("timeout", &args.timeout)?;
+    boxctl::runtime()?.block_on(async {
+        let d = boxctl::open(ctx, &args.target)?;
+        let found = d.provider.resources().await?;
+        let (doomed, kept): (Vec<_>, Vec<_>) = found.iter().partition(|r| args.delete_data || !r.kept_by_default);
+        if found.is_empty() && d.record.is_none() {
+            if ctx.json() {
+                return ctx.print_json(json!({ "name": d.settings.name, "deleted": [], "kept": [], "remaining": [] }));
+            }
+            println!("Nothing to delete for \"{}\".", d.settings.name);
+            return Ok(());
+        }
+        if !ctx.yes {
+            if !std::io::stdin().is_terminal() {
+                return Err(UserError::new(format!("`down` deletes the box \"{}\" and needs confirmation", d.settings.name))
+                    .hint("pass --yes to confirm without a terminal")
+                    .into());
+            }
+            eprintln!("This deletes the box \"{}\" ({}):", d.settings.name, d.settings.cloud);
+            for r in &doomed {
+                eprintln!("  delete {:<14} {}", r.kind, r.id);
+            }
+            for r in &kept {
+                eprintln!("  keep   {:<14} {}  (pass --delete-data to delete it)", r.kind, r.id);
+            }
+            eprint!("Proceed? [y/N] ");
+            std::io::stderr().flush().ok();
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).ok();
+            if !matches!(line.trim(), "y" | "Y" | "yes") {
+                bail!("cancelled; nothing was deleted");
+            }
+        }
+        let remaining = d.provider.destroy(args.delete_data, timeout).await?;
+        if remaining.is_empty() {
+            if args.delete_data {
+                std::fs::remove_dir_all(&d.dir.path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+                    .with_context(|| format!("removing {}", d.dir.path.display()))?;
+            } else {
+                d.dir.remove_record()?;
+            }
+        }
+        if ctx.json() {
+            ctx.print_json(json!({ "name": d.settings.name, "deleted": doomed, "kept": kept, "remaining": remaining }))?;
+        } else {
+            for r in &doomed {
+                println!("deleted {:<14} {}", r.kind, r.id);
+            }
+            for r in &kept {
+                println!("kept    {:<14} {}", r.kind, r.id);
+            }
+        }
+        if !remaining.is_empty() {
+            bail!(
+                "these still exist: {}",
+                remaining.iter().map(|r| format!("{} {}", r.kind, r.id)).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,90 @@
+//! `sgbox status`: the box's machine state, address and release, and over SSH (when reachable)
+//! the health of every compose service and what `/__version` answers.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::boxctl;
+use super::Context;
+use crate::cli::TargetArgs;
+use crate::provider::InstanceState;
+use crate::readiness;
+
+pub fn run(ctx: &Context, args: TargetArgs) -> Result<()> {
+    boxctl::runtime()?.block_on(status(ctx, args))
+}
+
+async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
+    let mut d = boxctl::open(ctx, &args)?;
+    let state = d.provider.state().await?;
+    let resources = d.provider.resources().await?;
+    let ep = d.provider.endpoint().await?;
+    let release = d.record.as_ref().map(|r| r.release.clone());
+    let mut services = None;
+    let mut answers = None;
+    let mut ssh_error = None;
+    if let (InstanceState::Running, Some(ep)) = (&state, &ep) {
+        match boxctl::connect(ctx, &mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(20)).await {
+            Ok(s) => match s.exec(&readiness::compose_ps_cmd()).await {
+                Ok(o) if o.status == 0 => services = Some(readiness::parse_ps(&o.stdout)),
+                Ok(o) => ssh_error = Some(format!("docker compose ps: {}", o.stderr.trim())),
+                Err(e) => ssh_error = Some(e.to_string()),
+            },
+            Err(e) => ssh_error = Some(format!("{e:#}")),
+        }
+        answers = Some(readiness::version(&ep.url()).await);
+    }
+    let expected: Vec<String> = d.settings.release().services.keys().cloned().collect();
+    let unhealthy = services.as_ref().map(|s| readiness::not_ready(&expected, s));
+    let healthy = matches!(&answers, Some(Ok(v)) if Some(v) == release.as_ref()) && unhealthy.as_ref().is_some_and(|u| u.is_empty());
+
+    if ctx.json() {
+        return ctx.print_json(json!({
+            "name": d.settings.name,
+            "cloud": d.settings.cloud.to_string(),
+            "state": state,
+            "release": release,
+            "url": ep.as_ref().map(|e| e.url()),
+            "endpoint": ep,
+            "healthy": healthy,
+            "version_answer": answers.as_ref().map(|a| a.clone().unwrap_or_else(|e| format!("error: {e}"))),
+            "services": services,
+            "unhealthy": unhealthy,
+            "ssh_error": ssh_error,
+            "resources": resources,
+            "state_dir": d.dir.path,
+        }));
+    }
+    println!("{} ({}): {}", d.settings.name, d.settings.cloud, serde_json::to_value(&state)?.as_str().unwrap_or("?"));
+    if let Some(r) = &release {
+        println!("  release:  {r}");
+    }
+    if let Some(ep) = &ep {
+        println!("  url:      {}", ep.url());
+        println!("  ssh:      sgbox ssh --name {}  (127.0.0.1:{})", d.settings.name, ep.ssh_port);
+    }
+    match &answers {
+        Some(Ok(v)) => println!("  /__version: {v}"),
+        Some(Err(e)) => println!("  /__version: not answering ({e})"),
+        None => {}
+    }
+    if let Some(s) = &services {
+        let bad = unhealthy.clone().unwrap_or_default();
+        println!("  services: {}/{} healthy{}", expected.len() - bad.len(), expected.len(), if bad.is_empty() { String::new() } else { format!("; not healthy: {}", bad.join(", ")) });
+        if ctx.verbose > 0 {
+            for x in s {
+                println!("    {:<36} {:<10} {}", x.service, x.state, x.health);
+            }
+        }
+    }
+    if let Some(e) = &ssh_error {
+        println!("  ssh:      {e}");
+    }
+    for r in &resources {
+        println!("  {:<14} {}{}", r.kind, r.id, if r.kept_by_default { "  (kept by down)" } else { "" });
+    }
+    println!("  state:    {}", d.dir.path.display());
+    Ok(())
+}

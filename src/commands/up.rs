@@ -1,0 +1,174 @@
+//! `sgbox up`: create the box (or resume a half-made one) and wait until Sourcegraph answers.
+//!
+//! Order: check everything that can be checked without side effects (settings, tools, ports)
+//! → record the deployment → network, key, image, instance (each idempotent, ids recorded as
+//! they exist) → running → SSH with the host key pinned from the console → cloud-init done →
+//! every service healthy → `/__version` equals the release.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::boxctl::{self, parse_duration, Deployment};
+use super::render::bundle_for;
+use super::Context;
+use crate::cli::UpArgs;
+use crate::error::UserError;
+use crate::progress::Phase;
+use crate::provider::{self, InstanceSpec};
+use crate::readiness::{self, Deadline};
+use crate::ssh;
+use crate::state::{cache_root, now_rfc3339, state_root, whoami, DeploymentDir, HistoryEntry, Record};
+
+pub fn run(ctx: &Context, args: UpArgs) -> Result<()> {
+    if ctx.json() && !ctx.yes {
+        return Err(UserError::field("output", "json output never prompts, so `up` needs --yes with it").hint("add --yes").into());
+    }
+    let timeout = parse_duration("timeout", &args.timeout)?;
+    let settings = ctx.settings(&args.deployment)?;
+    boxctl::runtime()?.block_on(up(ctx, settings, args, timeout))
+}
+
+async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let deadline = Deadline(started + timeout);
+    let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &settings.name);
+    let provider = provider::for_deployment(&settings, &dir, cache_root()?)?;
+    provider.preflight().await?;
+
+    let existing = dir.record()?;
+    if let Some(r) = &existing {
+        if r.cloud != settings.cloud.to_string() {
+            return Err(UserError::field("cloud", format!("\"{}\" is already a {} deployment", settings.name, r.cloud))
+                .hint(format!("use --cloud {}, or another --name", r.cloud))
+                .into());
+        }
+        if r.release != settings.version.to_string() {
+            return Err(UserError::field("version", format!("the box \"{}\" runs {}; `up` does not change releases", settings.name, r.release))
+                .hint(format!("run `sgbox upgrade --to {}`, or keep version = {}", settings.version, r.release))
+                .into());
+        }
+    }
+
+    // Secrets, key and user-data are generated once and reused: a re-run renders the same box.
+    let bundle = bundle_for(ctx, &settings)?;
+    let public_key = dir.ssh_public_key()?;
+    let mut record = existing.unwrap_or_else(|| Record {
+        format: 1,
+        name: settings.name.clone(),
+        cloud: settings.cloud.to_string(),
+        release: settings.version.to_string(),
+        settings: settings.to_toml(),
+        created_at: now_rfc3339(),
+        instance_id: None,
+        host_key: None,
+        url: None,
+        history: vec![],
+    });
+    dir.save_record(&record)?;
+
+    let mut timings = serde_json::Map::new();
+    let mut step = |name: &str, secs: f64| {
+        timings.insert(name.to_string(), json!((secs * 10.0).round() / 10.0));
+    };
+
+    let p = Phase::start("network", ctx.quiet);
+    provider.ensure_network().await?;
+    step("network", p.done());
+    let p = Phase::start("ssh key", ctx.quiet);
+    provider.ensure_key(&public_key).await?;
+    step("key", p.done());
+    let p = Phase::start("base image", ctx.quiet);
+    let image = provider.find_base_image().await?;
+    step("image", p.done_with(&image.description));
+
+    let p = Phase::start("machine", ctx.quiet);
+    let spec = InstanceSpec { user_data: &bundle.user_data };
+    let id = provider.create_instance(&image, &spec).await?;
+    record.instance_id = Some(id.clone());
+    dir.save_record(&record)?;
+    let ep = provider.wait_running(timeout).await?;
+    record.url = Some(ep.url());
+    dir.save_record(&record)?;
+    step("machine", p.done_with(&id));
+
+    let mut d = Deployment { settings, dir, record: Some(record), provider };
+    let target = ssh::Target { host: ep.host.clone(), port: ep.ssh_port, key: d.dir.ssh_private_key_path() };
+    let ssh_cmd = ssh::command_line(&target, &d.dir.known_hosts_path());
+
+    if !args.no_wait {
+        let p = Phase::start("ssh (host key checked against the console)", ctx.quiet);
+        let box_ssh = match boxctl::connect(ctx, &mut d, &ep, args.reach.insecure_accept_host_key, deadline.0).await {
+            Ok(s) => s,
+            Err(e) => {
+                p.fail();
+                return Err(e.context(format!("console log: {}", d.dir.path.join("local/console.log").display())));
+            }
+        };
+        step("ssh", p.done());
+
+        let p = Phase::start("cloud-init", ctx.quiet);
+        if let Err(e) = readiness::cloud_init(&box_ssh, &deadline, &p).await {
+            p.fail();
+            eprint!("{}", readiness::diagnostics(&box_ssh, &[]).await);
+            return Err(e);
+        }
+        step("cloud_init", p.done());
+
+        let release = d.settings.release();
+        let expected: Vec<String> = release.services.keys().cloned().collect();
+        let p = Phase::start("services", ctx.quiet);
+        if let Err((msg, failing)) = readiness::services(&box_ssh, &expected, &deadline, &p).await {
+            p.fail();
+            eprint!("{}", readiness::diagnostics(&box_ssh, &failing).await);
+            anyhow::bail!("{msg}: {}", failing.join(", "));
+        }
+        step("services", p.done_with(&format!("{} services healthy", expected.len())));
+
+        let p = Phase::start("sourcegraph answers", ctx.quiet);
+        if let Err(e) = readiness::answers(&ep.url(), &d.settings.version.to_string(), &deadline, &p).await {
+            p.fail();
+            eprint!("{}", readiness::diagnostics(&box_ssh, &["caddy".into(), "sourcegraph-frontend-0".into()]).await);
+            return Err(e);
+        }
+        step("version", p.done_with(&format!("/__version = {}", d.settings.version)));
+
+        let rec = d.record.as_mut().expect("record saved above");
+        if rec.history.is_empty() {
+            rec.history.push(HistoryEntry { at: now_rfc3339(), action: "up".into(), release: rec.release.clone(), from: None, by: whoami() });
+            d.dir.save_record(rec)?;
+        }
+    }
+
+    let total = started.elapsed().as_secs_f64();
+    let rec = d.record.as_ref().expect("record");
+    let fingerprint = rec.host_key.as_deref().and_then(|k| crate::hostkeys::fingerprint(k).ok());
+    if ctx.json() {
+        return ctx.print_json(json!({
+            "name": d.settings.name,
+            "cloud": d.settings.cloud.to_string(),
+            "release": rec.release,
+            "ready": !args.no_wait,
+            "instance_id": id,
+            "url": ep.url(),
+            "ssh": { "host": ep.host, "port": ep.ssh_port, "user": ssh::USER, "key": target.key, "command": ssh_cmd, "host_key_fingerprint": fingerprint },
+            "ports": { "ssh": ep.ssh_port, "http": ep.http_port, "https": ep.https_port },
+            "state_dir": d.dir.path,
+            "seconds": (total * 10.0).round() / 10.0,
+            "timings": timings,
+        }));
+    }
+    if args.no_wait {
+        println!("The box \"{}\" is running (not waiting for Sourcegraph): {}", d.settings.name, ep.url());
+    } else {
+        println!("Sourcegraph {} is ready: {}", rec.release, ep.url());
+    }
+    println!("  ssh:   sgbox ssh --name {}   (or: {ssh_cmd})", d.settings.name);
+    println!("  state: {}", d.dir.path.display());
+    if let Some(fp) = fingerprint {
+        println!("  host key: {fp} (pinned from the console)");
+    }
+    ctx.note(format!("took {}", humantime::format_duration(Duration::from_secs(total as u64))));
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! The local cloud: the box is a QEMU VM on this machine. Per deployment, in
+//! `<state>/<name>/local/`: a copy-on-write overlay of the base image, a separate qcow2 data disk
+//! (kept by `down` unless asked), a NoCloud seed ISO with the rendered user-data, the serial
+//! console log, a pidfile and a QMP socket; `vm.json` records the instance id, ports and
+//! accelerator before QEMU starts.
+//!
+//! Networking is QEMU's user mode: SSH, HTTP and HTTPS are forwarded from 127.0.0.1 only, and the
+//! guest reaches the host as 10.0.2.2 (a local registry mirror, for instance).
+
+pub mod image;
+pub mod qemu;
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use self::image::BootImage;
+use self::qemu::{Machine, Ports, VmFiles};
+use super::{failed, io_err, BaseImage, Endpoint, InstanceSpec, InstanceState, Provider, ProviderError, Resource, Result};
+use crate::error::UserError;
+use crate::settings::{Accel, Settings};
+use crate::state::write_atomic;
+
+/// Root disk size of the overlay; cloud-init grows the filesystem to it on first boot.
+const ROOT_DISK_GB: u32 = 16;
+
+pub struct Local {
+    settings: Settings,
+    dir: PathBuf,
+    cache: PathBuf,
+    files: VmFiles,
+}
+
+/// `vm.json`: written before QEMU starts, so a crash mid-start leaves a record to resume from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub instance_id: String,
+    pub base_image: String,
+    pub accel: String,
+    pub ssh_port: u16,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub pid: Option<u32>,
+}
+
+impl Local {
+    pub fn new(settings: Settings, deployment_dir: PathBuf, cache: PathBuf) -> Local {
+        let dir = deployment_dir.join("local");
+        let files = VmFiles::in_dir(&dir);
+        Local { settings, dir, cache, files }
+    }
+
+    fn record(&self) -> Option<VmRecord> {
+        fs::read_to_string(self.dir.join("vm.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
+    }
+
+    fn save(&self, r: &VmRecord) -> Result<()> {
+        let text = serde_json::to_string_pretty(r).expect("serializable");
+        write_atomic(&self.dir.join("vm.json"), text.as_bytes(), 0o600).map_err(|e| failed("recording the VM", format!("{e:#}")))
+    }
+
+    /// Our running QEMU, found by its overlay path in /proc.
+    fn running_pid(&self) -> Option<u32> {
+        qemu::find_vms(&self.files.overlay).into_iter().find(|p| qemu::alive(*p))
+    }
+
+    fn boot_image(&self, note: &dyn Fn(&str)) -> anyhow::Result<BootImage> {
+        match &self.settings.local.base_image {
+            Some(p) => Ok(image::open(p)?),
+            None => image::default_image(&self.cache, note),
+        }
+    }
+
+    fn pick_ports(&self, previous: Option<&VmRecord>) -> Result<Ports> {
+        let l = &self.settings.local;
+        let pick = |wanted: Option<u16>, prev: Option<u16>, taken: &[u16]| -> Result<u16> {
+            if let Some(p) = wanted {
+                return Ok(p);
+            }
+            // Keep the previous port when it is free, so the URL survives a restart.
+            if let Some(p) = prev.filter(|p| port_free(*p) && !taken.contains(p)) {
+                return Ok(p);
+            }
+            loop {
+                let p = TcpListener::bind(("127.0.0.1", 0)).and_then(|s| s.local_addr()).map_err(io_err("picking a free port"))?.port();
+                if !taken.contains(&p) {
+                    return Ok(p);
+                }
+            }
+        };
+        let ssh = pick(l.ssh_port, previous.map(|r| r.ssh_port), &[])?;
+        let http = pick(l.http_port, previous.map(|r| r.http_port), &[ssh])?;
+        let https = pick(l.https_port, previous.map(|r| r.https_port), &[ssh, http])?;
+        Ok(Ports { ssh, http, https })
+    }
+
+    fn write_seed(&self, instance_id: &str, user_data: &str) -> Result<()> {
+        let tmp = self.dir.join(".seed");
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(io_err("creating the seed folder"))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the seed folder"))?;
+        let meta = format!("instance-id: {instance_id}\nlocal-hostname: {}\n", self.settings.name);
+        write_atomic(&tmp.join("user-data"), user_data.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
+        write_atomic(&tmp.join("meta-data"), meta.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
+        let tool = iso_tool().ok_or_else(|| failed("making the seed", "no genisoimage, mkisofs or xorriso"))?;
+        let mut cmd = Command::new(&tool);
+        if tool.ends_with("xorriso") {
+            cmd.arg("-as").arg("mkisofs");
+        }
+        let out_tmp = self.dir.join(".seed.iso");
+        let out = cmd
+            .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+            .arg(&out_tmp)
+            .arg(tmp.join("user-data"))
+            .arg(tmp.join("meta-data"))
+            .output()
+            .map_err(io_err("running the ISO tool"))?;
+        let _ = fs::remove_dir_all(&tmp);
+        if !out.status.success() {
+            return Err(failed("making the seed ISO", String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        // The seed holds the user-data, so the database passwords: owner only.
+        fs::set_permissions(&out_tmp, fs::Permissions::from_mode(0o600)).map_err(io_err("restricting the seed"))?;
+        fs::rename(&out_tmp, &self.files.seed).map_err(io_err("placing the seed"))?;
+        Ok(())
+    }
+}
+
+fn port_free(p: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", p)).is_ok()
+}
+
+fn iso_tool() -> Option<PathBuf> {
+    ["genisoimage", "mkisofs", "xorriso"].iter().find_map(|t| image::which(t))
+}
+
+fn qemu_img(args: &[&str]) -> Result<()> {
+    let out = Command::new("qemu-img").args(args).output().map_err(io_err("running qemu-img"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(failed(format!("qemu-img {}", args.first().unwrap_or(&"")), String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    format!("{:08x}", rand::rng().random::<u32>())
+}
+
+#[async_trait]
+impl Provider for Local {
+    async fn preflight(&self) -> Result<()> {
+        if image::which(qemu::QEMU).is_none() || image::which("qemu-img").is_none() {
+            return Err(UserError::field("cloud", "QEMU is not installed (the local cloud runs the box as a QEMU VM)")
+                .hint("install it: apt-get install qemu-system-x86 qemu-utils (on Debian 12 with backports' qemu-utils: apt-get install -t bookworm-backports qemu-system-x86)")
+                .into());
+        }
+        if iso_tool().is_none() {
+            return Err(UserError::field("cloud", "no tool to write the cloud-init seed ISO")
+                .hint("install one: apt-get install genisoimage (or xorriso)")
+                .into());
+        }
+        if let Some(p) = &self.settings.local.base_image {
+            image::open(p)?;
+        }
+        if self.settings.local.accel == Accel::Kvm && fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+            return Err(UserError::field("accel", "kvm was asked for, but /dev/kvm is missing or not accessible").hint("use accel = auto or tcg").into());
+        }
+        // Ports the user chose must be free, unless our own VM already holds them.
+        if self.running_pid().is_none() {
+            let l = &self.settings.local;
+            for (key, port) in [("ssh-port", l.ssh_port), ("http-port", l.http_port), ("https-port", l.https_port)] {
+                if let Some(p) = port {
+                    if !port_free(p) {
+                        return Err(UserError::field(key, format!("127.0.0.1:{p} is already in use"))
+                            .hint(format!("pick another port, or omit {key} to use a free one"))
+                            .into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_network(&self) -> Result<()> {
+        // User-mode networking: nothing to create; the forwards are part of the VM.
+        Ok(())
+    }
+
+    async fn ensure_key(&self, _public_key: &str) -> Result<()> {
+        // The key reaches the box through the seed's user-data.
+        Ok(())
+    }
+
+    async fn find_base_image(&self) -> Result<BaseImage> {
+        let img = self.boot_image(&|m| eprintln!("{m}")).map_err(|e| match e.downcast::<UserError>() {
+            Ok(u) => ProviderError::Input(u),
+            Err(e) => failed("finding the base image", format!("{e:#}")),
+        })?;
+        Ok(BaseImage { id: img.disk.display().to_string(), description: img.description })
+    }
+
+    async fn create_instance(&self, _base: &BaseImage, spec: &InstanceSpec<'_>) -> Result<String> {
+        let previous = self.record();
+        if let (Some(pid), Some(r)) = (self.running_pid(), &previous) {
+            let mut r = r.clone();
+            r.pid = Some(pid);
+            self.save(&r)?;
+            return Ok(r.instance_id);
+        }
+        let img = self.boot_image(&|m| eprintln!("{m}")).map_err(|e| failed("opening the base image", format!("{e:#}")))?;
+        fs::create_dir_all(&self.dir).map_err(io_err("creating the VM folder"))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the VM folder"))?;
+
+        let instance_id = previous.as_ref().map(|r| r.instance_id.clone()).unwrap_or_else(|| format!("sgbox-{}-{}", self.settings.name, random_suffix()));
+        if !self.files.overlay.exists() {
+            let base = fs::canonicalize(&img.disk).map_err(io_err("resolving the base image"))?;
+            let tmp = self.dir.join(".overlay.qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", "-F", &img.format, "-b", &base.display().to_string(), &tmp.display().to_string(), &format!("{ROOT_DISK_GB}G")])?;
+            fs::rename(&tmp, &self.files.overlay).map_err(io_err("placing the overlay"))?;
+        }
+        if !self.files.data.exists() {
+            let tmp = self.dir.join(".data.qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &format!("{}G", self.settings.data_disk_gb)])?;
+            fs::rename(&tmp, &self.files.data).map_err(io_err("placing the data disk"))?;
+        }
+        self.write_seed(&instance_id, spec.user_data)?;
+
+        let (accel, note) = qemu::choose_accel(self.settings.local.accel, &img, &self.cache).map_err(|m| ProviderError::Input(UserError::field("accel", m).hint("use accel = auto or tcg")))?;
+        if let Some(n) = note {
+            eprintln!("note: {n}");
+        }
+        let machine = self.settings.machine();
+        let m = Machine {
+            name: self.settings.name.clone(),
+            vcpus: machine.vcpus.unwrap_or(2),
+            memory_mib: u64::from(machine.memory_gib.unwrap_or(4)) * 1024,
+            accel,
+        };
+        let auto_ports = self.settings.local.ssh_port.is_none() || self.settings.local.http_port.is_none() || self.settings.local.https_port.is_none();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let ports = self.pick_ports(previous.as_ref())?;
+            let mut rec = VmRecord {
+                instance_id: instance_id.clone(),
+                base_image: img.disk.display().to_string(),
+                accel: accel.to_string(),
+                ssh_port: ports.ssh,
+                http_port: ports.http,
+                https_port: ports.https,
+                pid: None,
+            };
+            self.save(&rec)?;
+            let _ = fs::remove_file(&self.files.pidfile);
+            match qemu::start(&qemu::args(&m, &img, &self.files, &ports)) {
+                Ok(pid) => {
+                    rec.pid = Some(pid);
+                    self.save(&rec)?;
+                    return Ok(instance_id);
+                }
+                Err(qemu::StartError::PortTaken(msg)) if auto_ports && attempts < 4 => {
+                    eprintln!("note: a forwarded port was taken meanwhile ({msg}); picking others");
+                }
+                Err(qemu::StartError::PortTaken(msg)) => {
+                    return Err(UserError::field("ssh-port", format!("QEMU could not forward a port: {msg}")).hint("pick other ports, or omit them to use free ones").into())
+                }
+                Err(qemu::StartError::Failed(msg)) => return Err(failed("starting QEMU", msg)),
+            }
+        }
+    }
+
+    async fn wait_running(&self, timeout: Duration) -> Result<Endpoint> {
+        let start = Instant::now();
+        loop {
+            if let Some(pid) = self.running_pid() {
+                let qmp = self.files.qmp.clone();
+                let status = tokio::task::spawn_blocking(move || qemu::qmp(&qmp, "query-status", None)).await.expect("qmp task");
+                if let Ok(s) = status {
+                    match s["status"].as_str() {
+                        Some("running") => return self.endpoint().await?.ok_or_else(|| failed("reading the VM record", "vm.json is missing")),
+                        Some(st @ ("internal-error" | "guest-panicked" | "shutdown")) => {
+                            return Err(failed("starting the VM", format!("QEMU (pid {pid}) reports `{st}`; see {}", self.files.console.display())))
+                        }
+                        _ => {}
+                    }
+                }
+            } else if start.elapsed() > Duration::from_secs(5) {
+                return Err(failed("starting the VM", format!("QEMU is not running; see {}", self.files.console.display())));
+            }
+            if start.elapsed() > timeout {
+                return Err(ProviderError::Timeout { what: "the VM running".into(), waited: timeout });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn state(&self) -> Result<InstanceState> {
+        Ok(if self.running_pid().is_some() {
+            InstanceState::Running
+        } else if self.files.overlay.exists() {
+            InstanceState::Stopped
+        } else {
+            InstanceState::Absent
+        })
+    }
+
+    async fn endpoint(&self) -> Result<Option<Endpoint>> {
+        Ok(self.record().filter(|_| self.running_pid().is_some()).map(|r| Endpoint {
+            host: "127.0.0.1".into(),
+            ssh_port: r.ssh_port,
+            http_port: r.http_port,
+            https_port: r.https_port,
+        }))
+    }
+
+    async fn console_output(&self) -> Result<String> {
+        match fs::read(&self.files.console) {
+            Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(io_err("reading the console log")(e)),
+        }
+    }
+
+    async fn snapshot_data_disk(&self, label: &str) -> Result<String> {
+        let name = format!("{label}-{}", random_suffix());
+        let data = self.files.data.clone();
+        if self.running_pid().is_some() {
+            let qmp = self.files.qmp.clone();
+            let args = serde_json::json!({ "device": "data", "name": name });
+            tokio::task::spawn_blocking(move || qemu::qmp(&qmp, "blockdev-snapshot-internal-sync", Some(args)))
+                .await
+                .expect("qmp task")
+                .map_err(|m| failed("snapshotting the data disk", m))?;
+        } else {
+            qemu_img(&["snapshot", "-c", &name, &data.display().to_string()])?;
+        }
+        Ok(name)
+    }
+
+    async fn resources(&self) -> Result<Vec<Resource>> {
+        let mut out = Vec::new();
+        for pid in qemu::find_vms(&self.files.overlay) {
+            out.push(Resource { kind: "qemu process".into(), id: pid.to_string(), kept_by_default: false });
+        }
+        for (kind, path, kept) in [("overlay disk", &self.files.overlay, false), ("seed ISO", &self.files.seed, false), ("data disk", &self.files.data, true)] {
+            if path.exists() {
+                out.push(Resource { kind: kind.into(), id: path.display().to_string(), kept_by_default: kept });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn destroy(&self, delete_data: bool, timeout: Duration) -> Result<Vec<Resource>> {
+        let pids = qemu::find_vms(&self.files.overlay);
+        let qmp = self.files.qmp.clone();
+        let grace = timeout.min(Duration::from_secs(90));
+        tokio::task::spawn_blocking(move || {
+            for pid in pids {
+                qemu::stop(pid, &qmp, grace);
+            }
+        })
+        .await
+        .expect("stop task");
+        if qemu::find_vms(&self.files.overlay).iter().all(|p| !qemu::alive(*p)) {
+            let mut doomed: Vec<&Path> = vec![&self.files.overlay, &self.files.seed, &self.files.pidfile, &self.files.qmp, &self.files.console];
+            if delete_data {
+                doomed.push(&self.files.data);
+            }
+            for p in doomed {
+                match fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(format!("removing {}", p.display()))(e)),
+                }
+            }
+            let _ = fs::remove_file(self.dir.join("vm.json"));
+            if delete_data {
+                let _ = fs::remove_dir(&self.dir);
+            }
+        }
+        let mut left = self.resources().await?;
+        left.retain(|r| delete_data || !r.kept_by_default);
+        Ok(left)
+    }
+}

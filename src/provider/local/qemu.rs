@@ -1,0 +1,340 @@
+//! QEMU as a process: the command line of a box, daemonized start, the QMP control socket
+//! (status, ACPI power button, internal snapshots), finding our VMs by their overlay path in
+//! /proc (never trusting the pidfile alone), and the KVM probe.
+//!
+//! KVM is used only when a probe boot shows it runs a stock kernel: on some hosts /dev/kvm exists
+//! but cannot (PVM-only KVM starts the guest and then fails in its instruction emulator).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::image::BootImage;
+use crate::settings::Accel;
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+pub struct VmFiles {
+    pub overlay: PathBuf,
+    pub data: PathBuf,
+    pub seed: PathBuf,
+    pub console: PathBuf,
+    pub pidfile: PathBuf,
+    pub qmp: PathBuf,
+}
+
+impl VmFiles {
+    pub fn in_dir(dir: &Path) -> VmFiles {
+        VmFiles {
+            overlay: dir.join("overlay.qcow2"),
+            data: dir.join("data.qcow2"),
+            seed: dir.join("seed.iso"),
+            console: dir.join("console.log"),
+            pidfile: dir.join("qemu.pid"),
+            qmp: dir.join("qmp.sock"),
+        }
+    }
+}
+
+pub struct Ports {
+    pub ssh: u16,
+    pub http: u16,
+    pub https: u16,
+}
+
+pub struct Machine {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+}
+
+/// The QEMU arguments of a box (without the program).
+pub fn args(m: &Machine, image: &BootImage, f: &VmFiles, p: &Ports) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("sgbox-{}", m.name)]);
+    match m.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        _ => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&["-smp", &m.vcpus.to_string(), "-m", &m.memory_mib.to_string()]);
+    push(&["-display", "none", "-daemonize", "-pidfile", &f.pidfile.display().to_string()]);
+    // Appended, so the console of the first boot (the host-key fingerprints) survives restarts.
+    push(&["-chardev", &format!("file,id=console,path={},append=on", f.console.display()), "-serial", "chardev:console"]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", f.qmp.display())]);
+    push(&["-monitor", "none"]);
+    if let Some(k) = &image.kernel {
+        push(&["-kernel", &k.vmlinuz.display().to_string(), "-initrd", &k.initrd.display().to_string()]);
+        push(&["-append", &format!("{} panic=-1", k.cmdline)]);
+    }
+    push(&["-drive", &format!("file={},if=none,id=root,format=qcow2,discard=unmap", f.overlay.display())]);
+    push(&["-device", "virtio-blk-pci,drive=root,bootindex=0"]);
+    // The serial gives the data disk a stable /dev/disk/by-id/virtio-sgbox-data for the cloud-init.
+    push(&["-drive", &format!("file={},if=none,id=data,format=qcow2,discard=unmap", f.data.display())]);
+    push(&["-device", &format!("virtio-blk-pci,drive=data,serial={}", crate::render::DATA_DISK_SERIAL)]);
+    push(&["-drive", &format!("file={},if=none,id=seed,format=raw,readonly=on", f.seed.display())]);
+    push(&["-device", "virtio-blk-pci,drive=seed"]);
+    push(&[
+        "-netdev",
+        &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:80,hostfwd=tcp:127.0.0.1:{}-:443", p.ssh, p.http, p.https),
+    ]);
+    push(&["-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci"]);
+    a
+}
+
+#[derive(Debug)]
+pub enum StartError {
+    /// A forwarded port was taken between our check and QEMU's bind.
+    PortTaken(String),
+    Failed(String),
+}
+
+/// Start QEMU daemonized: it returns once the VM runs, or with the error (bad image, port in use).
+pub fn start(args: &[String]) -> Result<u32, StartError> {
+    let out = Command::new(QEMU)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| StartError::Failed(format!("cannot run {QEMU}: {e}")))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !out.status.success() {
+        if stderr.contains("host forwarding rule") {
+            return Err(StartError::PortTaken(stderr));
+        }
+        return Err(StartError::Failed(format!("{QEMU} exited with {}: {stderr}", out.status)));
+    }
+    let pidfile = args.iter().position(|a| a == "-pidfile").and_then(|i| args.get(i + 1)).expect("args include -pidfile");
+    let pid = fs::read_to_string(pidfile).ok().and_then(|t| t.trim().parse().ok());
+    pid.ok_or_else(|| StartError::Failed(format!("{QEMU} started but wrote no pid to {pidfile}")))
+}
+
+/// PIDs of QEMU processes using `overlay`: found in /proc, so a lost pidfile hides nothing.
+pub fn find_vms(overlay: &Path) -> Vec<u32> {
+    let needle = format!("file={},", overlay.display());
+    let Ok(rd) = fs::read_dir("/proc") else { return vec![] };
+    let mut pids: Vec<u32> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+                args.first().is_some_and(|p| p.ends_with(QEMU)) && args.iter().any(|a| a.starts_with(&needle))
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie has exited; only its parent's reaping is missing.
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+pub fn kill(pid: u32, signal: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: plain syscall; pid comes from /proc matching our own VM.
+    unsafe {
+        kill(pid as i32, signal);
+    }
+}
+
+pub const SIGTERM: i32 = 15;
+pub const SIGKILL: i32 = 9;
+
+/// One QMP command on the VM's control socket.
+pub fn qmp(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value, String> {
+    let stream = UnixStream::connect(socket).map_err(|e| format!("QMP {}: {e}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| format!("QMP greeting: {e}"))?;
+    let mut call = |cmd: &str, args: Option<Value>| -> Result<Value, String> {
+        let mut msg = json!({ "execute": cmd });
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        writeln!(w, "{msg}").map_err(|e| format!("QMP {cmd}: {e}"))?;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).map_err(|e| format!("QMP {cmd}: {e}"))? == 0 {
+                return Err(format!("QMP {cmd}: connection closed"));
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| format!("QMP {cmd}: {e}"))?;
+            if let Some(ret) = v.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = v.get("error") {
+                return Err(format!("QMP {cmd}: {}", err["desc"].as_str().unwrap_or("error")));
+            }
+            // Asynchronous events arrive interleaved; skip them.
+        }
+    };
+    call("qmp_capabilities", None)?;
+    call(command, arguments)
+}
+
+/// Ask the guest to power off (ACPI button), wait, then escalate to QMP quit and SIGKILL.
+pub fn stop(pid: u32, qmp_socket: &Path, grace: Duration) -> bool {
+    let wait = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if !alive(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        !alive(pid)
+    };
+    if qmp(qmp_socket, "system_powerdown", None).is_ok() && wait(grace) {
+        return true;
+    }
+    if qmp(qmp_socket, "quit", None).is_ok() && wait(Duration::from_secs(10)) {
+        return true;
+    }
+    kill(pid, SIGTERM);
+    if wait(Duration::from_secs(10)) {
+        return true;
+    }
+    kill(pid, SIGKILL);
+    wait(Duration::from_secs(10))
+}
+
+#[derive(Serialize, Deserialize)]
+struct ProbeCache {
+    key: String,
+    kvm_works: bool,
+    detail: String,
+}
+
+/// What to run the VM with, and a note for the user when KVM was wanted but cannot be used.
+pub fn choose_accel(wanted: Accel, image: &BootImage, cache: &Path) -> Result<(Accel, Option<String>), String> {
+    let kvm_dev = Path::new("/dev/kvm");
+    let usable = fs::OpenOptions::new().read(true).write(true).open(kvm_dev).is_ok();
+    match wanted {
+        Accel::Tcg => return Ok((Accel::Tcg, None)),
+        Accel::Kvm if !usable => return Err("KVM was asked for (accel = kvm) but /dev/kvm is missing or not accessible".into()),
+        Accel::Kvm => return Ok((Accel::Kvm, None)),
+        Accel::Auto if !usable => return Ok((Accel::Tcg, Some("no usable /dev/kvm: running under TCG software emulation (boots take 1–2 minutes)".into()))),
+        Accel::Auto => {}
+    }
+    let key = format!(
+        "{}|{}|{}",
+        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        qemu_version(),
+        image.kernel.as_ref().map(|k| k.vmlinuz.display().to_string()).unwrap_or_else(|| image.disk.display().to_string())
+    );
+    let cache_file = cache.join("kvm-probe.json");
+    let cached = fs::read_to_string(&cache_file).ok().and_then(|t| serde_json::from_str::<ProbeCache>(&t).ok()).filter(|c| c.key == key);
+    let result = match cached {
+        Some(c) => c,
+        None => {
+            let (kvm_works, detail) = probe_kvm(image, cache);
+            let c = ProbeCache { key, kvm_works, detail };
+            let _ = fs::create_dir_all(cache);
+            let _ = crate::state::write_atomic(&cache_file, serde_json::to_string_pretty(&c).unwrap_or_default().as_bytes(), 0o644);
+            c
+        }
+    };
+    if result.kvm_works {
+        Ok((Accel::Kvm, None))
+    } else {
+        Ok((Accel::Tcg, Some(format!("KVM cannot boot a stock kernel on this host ({}): using TCG software emulation (boots take 1–2 minutes)", result.detail))))
+    }
+}
+
+fn qemu_version() -> String {
+    Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Boot the image's kernel under KVM with no root disk: a working KVM reaches the kernel's
+/// "cannot mount root" panic in a second or two; a broken one prints nothing or dies.
+fn probe_kvm(image: &BootImage, scratch: &Path) -> (bool, String) {
+    let log = scratch.join(format!("kvm-probe-{}.log", std::process::id()));
+    let _ = fs::create_dir_all(scratch);
+    let _ = fs::remove_file(&log);
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-accel", "kvm", "-cpu", "host", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"]);
+    cmd.arg("-serial").arg(format!("file:{}", log.display()));
+    let markers: &[&str] = match &image.kernel {
+        Some(k) => {
+            cmd.arg("-kernel").arg(&k.vmlinuz).args(["-append", "console=ttyS0 panic=-1 root=/dev/sgbox-kvm-probe"]);
+            &["Kernel panic", "VFS: Unable to mount root"]
+        }
+        None => {
+            cmd.arg("-snapshot").arg("-drive").arg(format!("file={},if=virtio,format={}", image.disk.display(), image.format));
+            &["Welcome to", "login:"]
+        }
+    };
+    let Ok(mut child) = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn() else {
+        return (false, "qemu could not start".into());
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if markers.iter().any(|m| text.contains(m)) {
+            break true;
+        }
+        if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+            break markers.iter().any(|m| fs::read_to_string(&log).unwrap_or_default().contains(m));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let out = child.wait_with_output().ok();
+    let _ = fs::remove_file(&log);
+    if seen {
+        (true, "probe boot reached the kernel".into())
+    } else {
+        let err = out.map(|o| String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("").to_string()).unwrap_or_default();
+        (false, if err.is_empty() { "probe boot printed nothing in 20 s".into() } else { err })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::local::image::KernelBoot;
+
+    #[test]
+    fn command_line_pins_devices_ports_and_console() {
+        let f = VmFiles::in_dir(Path::new("/s/box/local"));
+        let img = BootImage {
+            disk: "/img/base.qcow2".into(),
+            format: "qcow2".into(),
+            kernel: Some(KernelBoot { vmlinuz: "/img/vmlinuz".into(), initrd: "/img/initrd.img".into(), cmdline: "root=LABEL=rootfs rw".into() }),
+            description: String::new(),
+        };
+        let m = Machine { name: "box".into(), vcpus: 2, memory_mib: 4096, accel: Accel::Tcg };
+        let a = args(&m, &img, &f, &Ports { ssh: 10022, http: 18080, https: 18443 }).join(" ");
+        assert!(a.contains("-accel tcg -cpu max -smp 2 -m 4096"), "{a}");
+        assert!(a.contains("hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:18080-:80,hostfwd=tcp:127.0.0.1:18443-:443"), "{a}");
+        assert!(a.contains("serial=sgbox-data"), "{a}");
+        assert!(a.contains("append=on"), "{a}");
+        assert!(a.contains("-append root=LABEL=rootfs rw panic=-1"), "{a}");
+        assert!(a.contains("file=/s/box/local/seed.iso,if=none,id=seed,format=raw,readonly=on"), "{a}");
+        assert!(!a.contains("0.0.0.0"), "forwards bind loopback only: {a}");
+    }
+
+    #[test]
+    fn dead_and_unknown_pids_are_not_alive() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX - 1));
+        assert!(find_vms(Path::new("/nonexistent/overlay.qcow2")).is_empty());
+    }
+}

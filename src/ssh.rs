@@ -1,0 +1,214 @@
+//! SSH to the box with libssh2 (the ssh2 crate), run on tokio's blocking pool.
+//!
+//! Host keys are pinned, never trusted blindly: on first contact the key the box offers must be
+//! one whose fingerprint cloud-init printed on the serial console ([`crate::hostkeys`]); after
+//! that it must equal the pinned key. `--insecure-accept-host-key` is the loud way out.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::hostkeys::{self, ConsoleHostKeys, HostKeyError};
+
+pub const USER: &str = "sgbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("cannot reach {0} yet: {1}")]
+    Unreachable(String, String),
+    #[error(transparent)]
+    HostKey(#[from] HostKeyError),
+    #[error("the box at {addr} offered host key {offered}, but {pinned} is pinned for it: refusing to connect (the VM was replaced or someone is in between); if you rebuilt it on purpose, run `sgbox down` and `sgbox up`, or pass --insecure-accept-host-key")]
+    ChangedHostKey { addr: String, offered: String, pinned: String },
+    #[error("SSH to {addr}: {message}")]
+    Protocol { addr: String, message: String },
+}
+
+/// What the client accepts as the box's host key.
+#[derive(Clone, Debug)]
+pub enum HostKeyPolicy {
+    /// Exactly this OpenSSH public key (`type base64`).
+    Pinned(String),
+    /// One of the keys cloud-init printed on the console.
+    Console(ConsoleHostKeys),
+    /// Anything: only with --insecure-accept-host-key.
+    AcceptAny,
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub key: PathBuf,
+}
+
+impl Target {
+    fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+pub struct Output {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// An authenticated session; clone-able handle usable from async code.
+#[derive(Clone)]
+pub struct Ssh {
+    session: Arc<Mutex<ssh2::Session>>,
+    /// The host key the box presented (OpenSSH `type base64`).
+    pub host_key: String,
+    pub target: Target,
+}
+
+fn proto(addr: &str) -> impl Fn(ssh2::Error) -> SshError + '_ {
+    move |e| SshError::Protocol { addr: addr.to_string(), message: e.message().to_string() }
+}
+
+/// The OpenSSH form (`type base64`) of the host key the session negotiated.
+fn offered_key(sess: &ssh2::Session) -> Option<String> {
+    let (blob, _) = sess.host_key()?;
+    let key = ssh_key::PublicKey::from_bytes(blob).ok()?;
+    let line = key.to_openssh().ok()?;
+    let mut parts = line.split_whitespace();
+    Some(format!("{} {}", parts.next()?, parts.next()?))
+}
+
+/// Connect, check the host key against `policy`, authenticate with the deployment key.
+pub fn connect_blocking(target: &Target, policy: &HostKeyPolicy, timeout: Duration) -> Result<Ssh, SshError> {
+    let addr = target.addr();
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|e| SshError::Unreachable(addr.clone(), e.to_string()))?
+        .next()
+        .ok_or_else(|| SshError::Unreachable(addr.clone(), "no address".into()))?;
+    let tcp = TcpStream::connect_timeout(&sock, timeout).map_err(|e| SshError::Unreachable(addr.clone(), e.to_string()))?;
+    let mut sess = ssh2::Session::new().map_err(proto(&addr))?;
+    sess.set_timeout(timeout.as_millis() as u32);
+    sess.set_tcp_stream(tcp);
+    // QEMU's forward accepts before the guest's sshd listens; a handshake failure is "not yet".
+    sess.handshake().map_err(|e| SshError::Unreachable(addr.clone(), e.message().to_string()))?;
+    let offered = offered_key(&sess).ok_or_else(|| HostKeyError::Unreadable("no host key negotiated".into()))?;
+    match policy {
+        HostKeyPolicy::Pinned(pinned) => {
+            if pinned.split_whitespace().take(2).collect::<Vec<_>>() != offered.split_whitespace().collect::<Vec<_>>() {
+                return Err(SshError::ChangedHostKey {
+                    addr,
+                    offered: hostkeys::fingerprint(&offered).unwrap_or(offered.clone()),
+                    pinned: hostkeys::fingerprint(pinned).unwrap_or(pinned.clone()),
+                });
+            }
+        }
+        HostKeyPolicy::Console(c) => {
+            hostkeys::verify(&offered, c)?;
+        }
+        HostKeyPolicy::AcceptAny => {}
+    }
+    sess.userauth_pubkey_file(USER, None, &target.key, None).map_err(proto(&addr))?;
+    if !sess.authenticated() {
+        return Err(SshError::Protocol { addr, message: "the deployment key was not accepted".into() });
+    }
+    // Long commands (logs, waits) set their own pace; keep-alives stop NAT and slirp drops.
+    sess.set_keepalive(true, 15);
+    sess.set_timeout(0);
+    Ok(Ssh { session: Arc::new(Mutex::new(sess)), host_key: offered, target: target.clone() })
+}
+
+pub async fn connect(target: Target, policy: HostKeyPolicy, timeout: Duration) -> Result<Ssh, SshError> {
+    tokio::task::spawn_blocking(move || connect_blocking(&target, &policy, timeout)).await.expect("ssh connect task")
+}
+
+impl Ssh {
+    fn addr(&self) -> String {
+        self.target.addr()
+    }
+
+    /// Run a command; collect its output.
+    pub fn exec_blocking(&self, cmd: &str) -> Result<Output, SshError> {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let status = self.stream_blocking(cmd, &mut out, &mut err)?;
+        Ok(Output { status, stdout: String::from_utf8_lossy(&out).into_owned(), stderr: String::from_utf8_lossy(&err).into_owned() })
+    }
+
+    /// Run a command, copying its stdout and stderr as they arrive. Returns the exit status.
+    pub fn stream_blocking(&self, cmd: &str, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, SshError> {
+        let addr = self.addr();
+        let sess = self.session.lock().expect("ssh session lock");
+        let mut ch = sess.channel_session().map_err(proto(&addr))?;
+        ch.exec(cmd).map_err(proto(&addr))?;
+        // Interleave both streams without blocking on either: poll in non-blocking mode.
+        sess.set_blocking(false);
+        let mut buf = [0u8; 16 * 1024];
+        let result = (|| -> Result<(), SshError> {
+            loop {
+                let mut progressed = false;
+                for which in [0, 1] {
+                    let n = if which == 0 { ch.read(&mut buf) } else { ch.stderr().read(&mut buf) };
+                    match n {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            progressed = true;
+                            let w: &mut dyn Write = if which == 0 { &mut *out } else { &mut *err };
+                            let _ = w.write_all(&buf[..n]);
+                            let _ = w.flush();
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(SshError::Protocol { addr: addr.clone(), message: e.to_string() }),
+                    }
+                }
+                if ch.eof() && !progressed {
+                    return Ok(());
+                }
+                if !progressed {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        })();
+        sess.set_blocking(true);
+        result?;
+        ch.wait_close().map_err(proto(&addr))?;
+        ch.exit_status().map_err(proto(&addr))
+    }
+
+    pub async fn exec(&self, cmd: &str) -> Result<Output, SshError> {
+        let me = self.clone();
+        let cmd = cmd.to_string();
+        tokio::task::spawn_blocking(move || me.exec_blocking(&cmd)).await.expect("ssh exec task")
+    }
+}
+
+/// The `ssh` command line a person would type for this box.
+pub fn command_line(target: &Target, known_hosts: &Path) -> String {
+    format!(
+        "ssh -i {} -p {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes {USER}@{}",
+        target.key.display(),
+        target.port,
+        known_hosts.display(),
+        target.host
+    )
+}
+
+/// The known_hosts line pinning `key` for the target (OpenSSH's `[host]:port` form).
+pub fn known_hosts_line(target: &Target, key: &str) -> String {
+    let host = if target.port == 22 { target.host.clone() } else { format!("[{}]:{}", target.host, target.port) };
+    format!("{host} {key}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_hosts_uses_bracketed_ports() {
+        let t = Target { host: "127.0.0.1".into(), port: 10022, key: "/k".into() };
+        assert_eq!(known_hosts_line(&t, "ssh-ed25519 AAAA"), "[127.0.0.1]:10022 ssh-ed25519 AAAA\n");
+        let t = Target { host: "203.0.113.7".into(), port: 22, key: "/k".into() };
+        assert_eq!(known_hosts_line(&t, "ssh-ed25519 AAAA"), "203.0.113.7 ssh-ed25519 AAAA\n");
+        assert!(command_line(&t, Path::new("/s/known_hosts")).contains("StrictHostKeyChecking=yes"));
+    }
+}

@@ -1,0 +1,1289 @@
+//! `standin`: one small program that stands in for every Sourcegraph container image in sgbox's
+//! end-to-end tests, where the real images cannot be pulled.
+//!
+//! Build (fully static, so the image needs no libc):
+//!   RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu --manifest-path tests/standin/Cargo.toml --target-dir target/standin
+//! Output: target/standin/x86_64-unknown-linux-gnu/release/standin. `tests/harness/standins.py`
+//! wraps it into one image per official image name and release tag and pushes them to a registry.
+//!
+//! The image bakes in `SGBOX_STANDIN_IMAGE` (short name, e.g. `frontend`) and `SGBOX_STANDIN_VERSION`
+//! (release tag); the program picks its role from the name and behaves just enough like the real
+//! service for sgbox's deploy/upgrade logic to be exercised for real:
+//! * DB images keep a tiny persistent key/value "database" with a schema version and a Postgres
+//!   major (12 → 16 is upgraded in place like the 5.10+ images do; 16 data on a 12 image is fatal),
+//!   spoken over a line protocol on 5432 (`PING`, `GET_SCHEMA`, `SET_SCHEMA v`, `PUT k v`, `GET k`,
+//!   `CHECKSUM`, `INFO`);
+//! * `migrator` applies Sourcegraph's upgrade policy (`up`: one minor at a time, `upgrade --from
+//!   --to`: multi-version) to the schema versions of the DBs;
+//! * `frontend` is healthy only when the schema matches its own major.minor;
+//! * `caddy` reverse-proxies to the `reverse_proxy` upstream of /etc/caddy/Caddyfile;
+//! * everything else answers 200 on its usual port(s).
+//!
+//! It is PID 1 in its container, so it handles SIGTERM/SIGINT itself. Static glibc cannot use NSS,
+//! so host names are resolved by hand: /etc/hosts, then a minimal UDP DNS client asking the first
+//! `nameserver` of /etc/resolv.conf (Docker's 127.0.0.11). Invoked as `curl` (via a symlink) it is a
+//! minimal curl; `standin liveness` is the DB health probe behind /liveness.sh.
+//! Env knobs for tests: `SGBOX_STANDIN_PORTS=a,b` (listen ports), `SGBOX_STANDIN_CADDYFILE`,
+//! `SGBOX_STANDIN_FAIL` (contains `migrator` → migrator fails), `SGBOX_STANDIN_WAIT_SECS` (migrator's
+//! DB wait, default 120).
+
+use std::collections::BTreeMap;
+use std::env;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::exit;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Process basics: signals, logging, identity.
+
+extern "C" {
+    fn signal(signum: i32, handler: usize) -> usize;
+    fn _exit(code: i32) -> !;
+    fn write(fd: i32, buf: *const u8, count: usize) -> isize;
+}
+
+extern "C" fn on_signal(_sig: i32) {
+    let msg = b"standin: received SIGTERM/SIGINT, exiting\n";
+    // Only async-signal-safe calls here.
+    unsafe {
+        write(1, msg.as_ptr(), msg.len());
+        _exit(0)
+    }
+}
+
+fn install_signal_handlers() {
+    let h = on_signal as extern "C" fn(i32) as usize;
+    unsafe {
+        signal(15, h); // SIGTERM
+        signal(2, h); // SIGINT
+    }
+}
+
+/// One line to stdout. Never panics (println! would, and panic=abort would kill the service, if
+/// stdout went away).
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+}
+
+fn log(image: &str, msg: &str) {
+    say(&format!("standin {image}: {msg}"));
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    Db,
+    Migrator,
+    Frontend,
+    Caddy,
+    Generic,
+}
+
+fn role_of(image: &str) -> Role {
+    if (image.contains("postgres") && !image.contains("exporter")) || image == "codeintel-db" || image == "codeinsights-db" {
+        Role::Db
+    } else if image == "migrator" {
+        Role::Migrator
+    } else if image == "frontend" {
+        Role::Frontend
+    } else if image == "caddy" {
+        Role::Caddy
+    } else {
+        Role::Generic
+    }
+}
+
+/// Listen ports: `SGBOX_STANDIN_PORTS` wins, then (cadvisor) a `--port=N` argument, then the image's.
+fn ports_for(image: &str, role: Role, args: &[String]) -> Vec<u16> {
+    if let Ok(p) = env::var("SGBOX_STANDIN_PORTS") {
+        let v: Vec<u16> = p.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+        if !v.is_empty() {
+            return v;
+        }
+    }
+    match role {
+        Role::Db => return vec![5432],
+        Role::Migrator => return vec![],
+        Role::Frontend => return vec![3080, 3090],
+        Role::Caddy => return vec![80, 443],
+        Role::Generic => {}
+    }
+    if image == "cadvisor" {
+        let flag = args.iter().find_map(|a| a.strip_prefix("--port=").or_else(|| a.strip_prefix("-port=")));
+        if let Some(p) = flag.and_then(|p| p.parse().ok()) {
+            return vec![p];
+        }
+    }
+    match image {
+        "gitserver" => vec![3178],
+        "search-indexer" => vec![6072],
+        "indexed-searcher" => vec![6070],
+        "searcher" => vec![3181],
+        "github-proxy" => vec![3180],
+        "precise-code-intel-worker" => vec![3188],
+        "repo-updater" => vec![3182],
+        "worker" => vec![3189],
+        "syntactic-code-intel-worker" => vec![3288],
+        "syntax-highlighter" => vec![9238],
+        "symbols" => vec![3184],
+        "prometheus" => vec![9090],
+        "grafana" => vec![3370],
+        "cadvisor" => vec![48080],
+        "node-exporter" => vec![9100],
+        "postgres_exporter" => vec![9187],
+        "blobstore" => vec![9000],
+        "redis-cache" | "redis-store" => vec![6379],
+        "opentelemetry-collector" => vec![4317, 13133],
+        "jaeger-all-in-one" => vec![16686],
+        _ => vec![8080],
+    }
+}
+
+fn main() {
+    let args: Vec<String> = env::args().collect();
+    let argv0 = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
+    if argv0 == "curl" {
+        exit(curl_main(&args[1..]));
+    }
+    if args.get(1).map(String::as_str) == Some("liveness") {
+        exit(liveness());
+    }
+    install_signal_handlers();
+    let image = env::var("SGBOX_STANDIN_IMAGE").unwrap_or_else(|_| "unknown".into());
+    let version = env::var("SGBOX_STANDIN_VERSION").unwrap_or_else(|_| "0.0.0".into());
+    let role = role_of(&image);
+    let ports = ports_for(&image, role, &args[1..]);
+    let list = if ports.is_empty() { "none".to_string() } else { ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",") };
+    say(&format!("standin {image} {version} role={} listening on {list}", format!("{role:?}").to_lowercase()));
+    match role {
+        Role::Migrator => exit(migrator_main(&image, &version, &args[1..])),
+        Role::Db => db_main(&image, &ports),
+        Role::Caddy => caddy_main(&image, &ports),
+        Role::Frontend => {
+            let v = version.clone();
+            http_serve(&image, &ports, Arc::new(move |req: &Request| frontend_handle(req, &v)));
+        }
+        Role::Generic => {
+            let v = version.clone();
+            http_serve(&image, &ports, Arc::new(move |req: &Request| {
+                if req.path == "/__version" { (200, v.clone()) } else { (200, "ok".to_string()) }
+            }));
+        }
+    }
+    loop {
+        thread::park();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Versions and Sourcegraph's upgrade policy.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Ver {
+    major: u32,
+    minor: u32,
+    patch: u32,
+}
+
+fn parse_ver(s: &str) -> Option<Ver> {
+    let s = s.trim().trim_start_matches('v');
+    let s = s.split(['-', '+']).next()?;
+    let mut it = s.split('.').map(|p| p.parse::<u32>());
+    let major = it.next()?.ok()?;
+    let minor = it.next()?.ok()?;
+    let patch = match it.next() {
+        None => 0,
+        Some(p) => p.ok()?,
+    };
+    Some(Ver { major, minor, patch })
+}
+
+fn mm(v: Ver) -> (u32, u32) {
+    (v.major, v.minor)
+}
+
+/// Last minor release of a major: the only minor that may upgrade straight to the next X.0.
+fn last_minor(major: u32) -> Option<u32> {
+    match major {
+        3 => Some(43),
+        4 => Some(5),
+        5 => Some(11),
+        6 => Some(12),
+        _ => None,
+    }
+}
+
+/// `migrator up`: the schema version to store, or why not.
+fn up_policy(stored: Option<&str>, own: &str) -> Result<String, String> {
+    let o = parse_ver(own).ok_or_else(|| format!("migrator up: cannot parse own version {own}"))?;
+    let Some(stored) = stored else { return Ok(own.to_string()) };
+    let s = parse_ver(stored).ok_or_else(|| format!("migrator up: cannot parse stored schema version {stored}"))?;
+    if mm(s) == mm(o) {
+        return Ok(own.to_string());
+    }
+    if mm(s) > mm(o) {
+        return Err(format!("migrator up: schema {stored} is newer than this migrator {own} (downgrade)"));
+    }
+    let next_minor = s.major == o.major && o.minor == s.minor + 1;
+    let next_major = o.minor == 0 && o.major == s.major + 1 && last_minor(s.major) == Some(s.minor);
+    if next_minor || next_major {
+        Ok(own.to_string())
+    } else {
+        Err(format!(
+            "migrator up: cannot jump from {}.{} to {}.{}; use a multi-version upgrade (migrator upgrade --from --to)",
+            s.major, s.minor, o.major, o.minor
+        ))
+    }
+}
+
+/// `migrator upgrade --from X --to Y`: the intermediate major.minor steps, or why not.
+fn upgrade_plan(stored: Option<&str>, from: &str, to: &str, own: &str) -> Result<Vec<String>, String> {
+    let bad = |what: &str, v: &str| format!("migrator upgrade: cannot parse {what} version {v}");
+    let f = parse_ver(from).ok_or_else(|| bad("--from", from))?;
+    let t = parse_ver(to).ok_or_else(|| bad("--to", to))?;
+    let o = parse_ver(own).ok_or_else(|| bad("own", own))?;
+    let Some(stored) = stored else { return Err("migrator upgrade: database has no schema yet (fresh install: use `up`)".into()) };
+    let s = parse_ver(stored).ok_or_else(|| bad("stored schema", stored))?;
+    if mm(s) != mm(f) {
+        return Err(format!("migrator upgrade: --from {from} does not match the schema in the database ({stored})"));
+    }
+    if t > o {
+        return Err(format!("migrator upgrade: --to {to} is newer than this migrator ({own})"));
+    }
+    if mm(t) < mm(f) {
+        return Err(format!("migrator upgrade: --to {to} is older than --from {from} (use downgrade)"));
+    }
+    let mut steps = Vec::new();
+    let mut cur = mm(f);
+    while cur < mm(t) && steps.len() < 1000 {
+        cur = if cur.0 < t.major && last_minor(cur.0).is_none_or(|l| cur.1 >= l) { (cur.0 + 1, 0) } else { (cur.0, cur.1 + 1) };
+        steps.push(format!("{}.{}", cur.0, cur.1));
+    }
+    Ok(steps)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Name resolution without NSS: IP literals, localhost, /etc/hosts, then DNS over UDP.
+
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(18 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD; QDCOUNT=1
+    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+        let l = &label.as_bytes()[..label.len().min(63)];
+        q.push(l.len() as u8);
+        q.extend_from_slice(l);
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, QTYPE=A, QCLASS=IN
+    q
+}
+
+fn skip_name(b: &[u8], mut p: usize) -> Option<usize> {
+    loop {
+        let len = *b.get(p)? as usize;
+        if len == 0 {
+            return Some(p + 1);
+        }
+        if len & 0xC0 == 0xC0 {
+            return Some(p + 2);
+        }
+        p += 1 + len;
+    }
+}
+
+/// The A records of a DNS response to query `id`; Err on a malformed/mismatched/failed response.
+fn dns_parse_a(b: &[u8], id: u16) -> Result<Vec<Ipv4Addr>, String> {
+    if b.len() < 12 || u16::from_be_bytes([b[0], b[1]]) != id {
+        return Err("malformed or mismatched DNS response".into());
+    }
+    let rcode = b[3] & 0x0F;
+    if rcode != 0 {
+        return Err(format!("DNS rcode {rcode}"));
+    }
+    let qd = u16::from_be_bytes([b[4], b[5]]);
+    let an = u16::from_be_bytes([b[6], b[7]]);
+    let mut p = 12;
+    for _ in 0..qd {
+        p = skip_name(b, p).ok_or("truncated question")? + 4;
+    }
+    let mut out = Vec::new();
+    for _ in 0..an {
+        p = skip_name(b, p).ok_or("truncated answer")?;
+        let h = b.get(p..p + 10).ok_or("truncated answer")?;
+        let (ty, class, rdlen) = (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]), u16::from_be_bytes([h[8], h[9]]) as usize);
+        let rd = b.get(p + 10..p + 10 + rdlen).ok_or("truncated rdata")?;
+        if ty == 1 && class == 1 && rdlen == 4 {
+            out.push(Ipv4Addr::new(rd[0], rd[1], rd[2], rd[3]));
+        }
+        p += 10 + rdlen;
+    }
+    Ok(out)
+}
+
+fn hosts_lookup(text: &str, host: &str) -> Option<IpAddr> {
+    let mut v6 = None;
+    for line in text.lines() {
+        let mut it = line.split('#').next().unwrap_or("").split_whitespace();
+        let Some(ip) = it.next().and_then(|i| i.parse::<IpAddr>().ok()) else { continue };
+        if it.any(|n| n.eq_ignore_ascii_case(host)) {
+            if ip.is_ipv4() {
+                return Some(ip);
+            }
+            v6.get_or_insert(ip);
+        }
+    }
+    v6
+}
+
+fn dns_lookup(server: IpAddr, name: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let bind = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(1500))).map_err(|e| e.to_string())?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let id = (nanos ^ std::process::id()) as u16;
+    sock.send_to(&dns_query(id, name), SocketAddr::new(server, 53)).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        let (n, from) = sock.recv_from(&mut buf).map_err(|e| format!("no answer from {server}: {e}"))?;
+        if from.ip() == server && n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+            return dns_parse_a(&buf[..n], id);
+        }
+    }
+    Err(format!("no answer from {server}"))
+}
+
+/// Resolves `host`, trying DNS `attempts` times (half a second apart) for names Docker may not know yet.
+fn resolve(host: &str, port: u16, attempts: u32) -> Result<SocketAddr, String> {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = h.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if h.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+    }
+    if let Some(ip) = fs::read_to_string("/etc/hosts").ok().and_then(|t| hosts_lookup(&t, h)) {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let conf = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let word = |key: &'static str| conf.lines().filter_map(move |l| l.trim().strip_prefix(key)).flat_map(|r| r.split_whitespace());
+    let Some(server) = word("nameserver").find_map(|s| s.parse::<IpAddr>().ok()) else {
+        return Err(format!("cannot resolve {h}: no nameserver in /etc/resolv.conf"));
+    };
+    let mut names = vec![h.to_string()];
+    if !h.contains('.') {
+        names.extend(word("search").map(|d| format!("{h}.{d}")));
+    }
+    let mut last = String::new();
+    for attempt in 0..attempts.max(1) {
+        if attempt > 0 {
+            thread::sleep(Duration::from_millis(500));
+        }
+        for n in &names {
+            match dns_lookup(server, n) {
+                Ok(ips) if !ips.is_empty() => return Ok(SocketAddr::new(ips[0].into(), port)),
+                Ok(_) => last = format!("no A record for {n}"),
+                Err(e) => last = e,
+            }
+        }
+    }
+    Err(format!("cannot resolve {h}: {last}"))
+}
+
+fn connect(host: &str, port: u16, attempts: u32, timeout: Duration) -> Result<TcpStream, String> {
+    let addr = resolve(host, port, attempts)?;
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("cannot connect to {host}:{port} ({addr}): {e}"))?;
+    let _ = s.set_read_timeout(Some(timeout.max(Duration::from_secs(5))));
+    let _ = s.set_write_timeout(Some(timeout.max(Duration::from_secs(5))));
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal HTTP/1.1.
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+/// Reads up to the blank line ending an HTTP head; returns the head and any bytes read past it.
+fn read_head(s: &mut impl Read) -> io::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "HTTP head too large"));
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before end of HTTP head"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn parse_headers<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(String, String)> {
+    lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect()
+}
+
+fn read_request(s: &mut TcpStream) -> io::Result<Request> {
+    let (head, mut body) = read_head(s)?;
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let method = first.next().unwrap_or("").to_string();
+    let path = first.next().unwrap_or("/").to_string();
+    let headers = parse_headers(lines);
+    if header(&headers, "transfer-encoding").is_some() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "chunked request bodies are not supported"));
+    }
+    let len: usize = header(&headers, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if len > 64 * 1024 * 1024 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "request body too large"));
+    }
+    while body.len() < len {
+        let mut chunk = vec![0u8; (len - body.len()).min(65536)];
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short request body"));
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Ok(Request { method, path, headers, body })
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        411 => "Length Required",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &[u8], head_only: bool) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reason(status),
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    if !head_only {
+        s.write_all(body)?;
+    }
+    s.flush()
+}
+
+type Handler = Arc<dyn Fn(&Request) -> (u16, String) + Send + Sync>;
+type ConnHandler = Arc<dyn Fn(TcpStream) + Send + Sync>;
+
+/// Accepts on every port, one thread per connection. Exits the process if a port cannot be bound.
+fn listen(image: &str, ports: &[u16], on_conn: ConnHandler) {
+    for &port in ports {
+        let l = match TcpListener::bind(("0.0.0.0", port)) {
+            Ok(l) => l,
+            Err(e) => {
+                log(image, &format!("FATAL: cannot listen on port {port}: {e}"));
+                exit(1);
+            }
+        };
+        let (on_conn, image) = (on_conn.clone(), image.to_string());
+        thread::spawn(move || loop {
+            match l.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+                    let h = on_conn.clone();
+                    if let Err(e) = thread::Builder::new().spawn(move || h(s)) {
+                        log(&image, &format!("cannot spawn connection thread: {e}"));
+                    }
+                }
+                Err(e) => {
+                    log(&image, &format!("accept on {port}: {e}"));
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+    }
+}
+
+fn http_serve(image: &str, ports: &[u16], handler: Handler) {
+    listen(image, ports, Arc::new(move |mut s: TcpStream| {
+        let (status, ctype, body, head_only) = match read_request(&mut s) {
+            Ok(req) => {
+                let (status, body) = handler(&req);
+                let ctype = if body.starts_with("<!doctype html>") { "text/html; charset=utf-8" } else { "text/plain; charset=utf-8" };
+                (status, ctype, body, req.method == "HEAD")
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+            Err(e) => (400, "text/plain; charset=utf-8", format!("bad request: {e}"), false),
+        };
+        let _ = respond(&mut s, status, ctype, body.as_bytes(), head_only);
+        let _ = s.shutdown(Shutdown::Write);
+    }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The DB stand-in: state, JSON, checksum, line protocol.
+
+const STATE_FILE: &str = "standin-db.json";
+
+#[derive(Debug, PartialEq)]
+struct DbState {
+    pg_major: u32,
+    schema: Option<String>,
+    data: BTreeMap<String, String>,
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+#[derive(Debug, PartialEq)]
+enum Json {
+    Null,
+    Num(f64),
+    Str(String),
+    Other,
+    Obj(Vec<(String, Json)>),
+}
+
+struct JsonParser<'a> {
+    b: &'a [u8],
+    p: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.p < self.b.len() && self.b[self.p].is_ascii_whitespace() {
+            self.p += 1;
+        }
+    }
+    fn eat(&mut self, c: u8) -> Result<(), String> {
+        self.ws();
+        if self.b.get(self.p) == Some(&c) {
+            self.p += 1;
+            Ok(())
+        } else {
+            Err(format!("expected '{}' at byte {}", c as char, self.p))
+        }
+    }
+    fn string(&mut self) -> Result<String, String> {
+        self.eat(b'"')?;
+        let mut out = Vec::new();
+        loop {
+            let c = *self.b.get(self.p).ok_or("unterminated string")?;
+            self.p += 1;
+            match c {
+                b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
+                b'\\' => {
+                    let e = *self.b.get(self.p).ok_or("bad escape")?;
+                    self.p += 1;
+                    let ch = match e {
+                        b'n' => '\n',
+                        b't' => '\t',
+                        b'r' => '\r',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'u' => {
+                            let hex = std::str::from_utf8(self.b.get(self.p..self.p + 4).ok_or("bad \\u")?).map_err(|e| e.to_string())?;
+                            self.p += 4;
+                            char::from_u32(u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?).unwrap_or('\u{fffd}')
+                        }
+                        other => other as char,
+                    };
+                    out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
+                }
+                c => out.push(c),
+            }
+        }
+    }
+    fn value(&mut self) -> Result<Json, String> {
+        self.ws();
+        match self.b.get(self.p) {
+            Some(b'"') => Ok(Json::Str(self.string()?)),
+            Some(b'{') => {
+                self.p += 1;
+                let mut fields = Vec::new();
+                self.ws();
+                if self.b.get(self.p) == Some(&b'}') {
+                    self.p += 1;
+                    return Ok(Json::Obj(fields));
+                }
+                loop {
+                    let k = self.string()?;
+                    self.eat(b':')?;
+                    fields.push((k, self.value()?));
+                    self.ws();
+                    match self.b.get(self.p) {
+                        Some(b',') => self.p += 1,
+                        Some(b'}') => {
+                            self.p += 1;
+                            return Ok(Json::Obj(fields));
+                        }
+                        _ => return Err(format!("expected ',' or '}}' at byte {}", self.p)),
+                    }
+                }
+            }
+            Some(_) => {
+                let start = self.p;
+                while self.p < self.b.len() && !b",}] \t\r\n".contains(&self.b[self.p]) {
+                    self.p += 1;
+                }
+                let tok = std::str::from_utf8(&self.b[start..self.p]).unwrap_or("");
+                match tok {
+                    "null" => Ok(Json::Null),
+                    "true" | "false" => Ok(Json::Other),
+                    t => t.parse().map(Json::Num).map_err(|_| format!("bad token {t:?} at byte {start}")),
+                }
+            }
+            None => Err("unexpected end of JSON".into()),
+        }
+    }
+}
+
+impl DbState {
+    fn to_json(&self) -> String {
+        let schema = self.schema.as_deref().map_or("null".to_string(), json_str);
+        let data: Vec<String> = self.data.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
+        format!("{{\"pg_major\":{},\"schema_version\":{},\"data\":{{{}}}}}\n", self.pg_major, schema, data.join(","))
+    }
+
+    fn from_json(text: &str) -> Result<DbState, String> {
+        let Json::Obj(fields) = (JsonParser { b: text.as_bytes(), p: 0 }).value()? else { return Err("state is not a JSON object".into()) };
+        let mut st = DbState { pg_major: 0, schema: None, data: BTreeMap::new() };
+        for (k, v) in fields {
+            match (k.as_str(), v) {
+                ("pg_major", Json::Num(n)) => st.pg_major = n as u32,
+                ("schema_version", Json::Str(s)) => st.schema = Some(s),
+                ("schema_version", Json::Null) => st.schema = None,
+                ("data", Json::Obj(kv)) => {
+                    for (k, v) in kv {
+                        let Json::Str(v) = v else { return Err(format!("data.{k} is not a string")) };
+                        st.data.insert(k, v);
+                    }
+                }
+                (k, v) => return Err(format!("unexpected field {k}: {v:?}")),
+            }
+        }
+        if st.pg_major == 0 {
+            return Err("state has no pg_major".into());
+        }
+        Ok(st)
+    }
+
+    /// FNV-1a 64 over the sorted data entries (`key NUL value NUL`...). Deliberately excludes the
+    /// schema version and Postgres major, so it proves user data survived upgrades.
+    fn checksum(&self) -> String {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for (k, v) in &self.data {
+            for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100000001b3);
+            }
+        }
+        format!("{h:016x}")
+    }
+}
+
+fn persist(dir: &Path, st: &DbState) -> io::Result<()> {
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(st.to_json().as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(STATE_FILE))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// One reply line per command line. Mutating commands persist before replying.
+fn db_command(line: &str, st: &mut DbState, dir: &Path, image: &str) -> String {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let save = |st: &DbState, what: String| match persist(dir, st) {
+        Ok(()) => {
+            log(image, &what);
+            "OK".to_string()
+        }
+        Err(e) => format!("ERR cannot persist state: {e}"),
+    };
+    match cmd.to_ascii_uppercase().as_str() {
+        "PING" => "PONG".into(),
+        "GET_SCHEMA" => format!("SCHEMA {}", st.schema.as_deref().unwrap_or("NONE")),
+        "SET_SCHEMA" if !rest.trim().is_empty() => {
+            let v = rest.trim().to_string();
+            let what = format!("schema version {} -> {v}", st.schema.as_deref().unwrap_or("NONE"));
+            st.schema = Some(v);
+            save(st, what)
+        }
+        "PUT" if !rest.is_empty() => {
+            let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
+            st.data.insert(k.to_string(), v.to_string());
+            save(st, format!("put {k}"))
+        }
+        "GET" if !rest.is_empty() => st.data.get(rest.trim()).map_or("NONE".into(), |v| format!("VALUE {v}")),
+        "CHECKSUM" => format!("CHECKSUM {}", st.checksum()),
+        "INFO" => format!("INFO pg_major={} schema={} keys={}", st.pg_major, st.schema.as_deref().unwrap_or("NONE"), st.data.len()),
+        _ => format!("ERR unknown or incomplete command: {cmd}"),
+    }
+}
+
+fn db_main(image: &str, ports: &[u16]) {
+    let dir = PathBuf::from(env::var("PGDATA").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "/data".into()));
+    let major = if image.contains("16") { 16 } else { 12 };
+    let fatal = |msg: String| -> ! {
+        log(image, &msg);
+        exit(1)
+    };
+    if let Err(e) = fs::create_dir_all(&dir) {
+        fatal(format!("FATAL: cannot create data directory {}: {e}", dir.display()));
+    }
+    let path = dir.join(STATE_FILE);
+    let st = match fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut st = DbState::from_json(&text).unwrap_or_else(|e| fatal(format!("FATAL: corrupt state file {}: {e}", path.display())));
+            if st.pg_major == 12 && major == 16 {
+                log(image, "upgrading database from Postgres 12 to 16");
+                st.pg_major = 16;
+                persist(&dir, &st).unwrap_or_else(|e| fatal(format!("FATAL: cannot persist state: {e}")));
+                log(image, "upgrade to Postgres 16 complete");
+            } else if st.pg_major != major {
+                fatal(format!(
+                    "FATAL: database files are incompatible with server (initialized by PostgreSQL {}, this server is {major})",
+                    st.pg_major
+                ));
+            }
+            log(image, &format!("opened database in {} (pg_major={} schema={})", dir.display(), st.pg_major, st.schema.as_deref().unwrap_or("NONE")));
+            st
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let st = DbState { pg_major: major, schema: None, data: BTreeMap::new() };
+            persist(&dir, &st).unwrap_or_else(|e| fatal(format!("FATAL: cannot initialize {}: {e}", dir.display())));
+            log(image, &format!("initialized new database in {} (pg_major={major})", dir.display()));
+            st
+        }
+        Err(e) => fatal(format!("FATAL: cannot read {}: {e}", path.display())),
+    };
+    let shared = Arc::new(Mutex::new(st));
+    let (image_s, dir) = (image.to_string(), Arc::new(dir));
+    listen(image, ports, Arc::new(move |s: TcpStream| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(300)));
+        let Ok(mut w) = s.try_clone() else { return };
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let reply = {
+                let mut st = shared.lock().unwrap_or_else(|p| p.into_inner());
+                db_command(&line, &mut st, &dir, &image_s)
+            };
+            if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+    }));
+}
+
+/// Line-protocol client for the DB stand-in.
+struct DbClient {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl DbClient {
+    fn open(host: &str, port: u16, attempts: u32, timeout: Duration) -> Result<DbClient, String> {
+        let s = connect(host, port, attempts, timeout)?;
+        let w = s.try_clone().map_err(|e| e.to_string())?;
+        Ok(DbClient { r: BufReader::new(s), w })
+    }
+    fn cmd(&mut self, line: &str) -> Result<String, String> {
+        self.w.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("send {line}: {e}"))?;
+        let mut reply = String::new();
+        match self.r.read_line(&mut reply) {
+            Ok(0) => Err("database closed the connection".into()),
+            Ok(_) => Ok(reply.trim_end().to_string()),
+            Err(e) => Err(format!("reply to {line}: {e}")),
+        }
+    }
+    fn schema(&mut self) -> Result<Option<String>, String> {
+        let r = self.cmd("GET_SCHEMA")?;
+        match r.strip_prefix("SCHEMA ") {
+            Some("NONE") => Ok(None),
+            Some(v) => Ok(Some(v.to_string())),
+            None => Err(format!("unexpected reply to GET_SCHEMA: {r}")),
+        }
+    }
+}
+
+fn liveness() -> i32 {
+    let port = env::var("SGBOX_STANDIN_PORTS").ok().and_then(|p| p.split(',').next()?.trim().parse().ok()).unwrap_or(5432);
+    match DbClient::open("127.0.0.1", port, 1, Duration::from_secs(1)).and_then(|mut c| c.cmd("PING")) {
+        Ok(r) if r == "PONG" => 0,
+        Ok(r) => {
+            eprintln!("liveness: unexpected reply {r:?}");
+            1
+        }
+        Err(e) => {
+            eprintln!("liveness: {e}");
+            1
+        }
+    }
+}
+
+fn pg_port(var: &str) -> u16 {
+    env::var(var).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(5432)
+}
+
+// ---------------------------------------------------------------------------------------------
+// migrator
+
+fn migrator_main(image: &str, own: &str, args: &[String]) -> i32 {
+    let (mut cmd, mut from, mut to) = (None::<String>, None::<String>, None::<String>);
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let flag = a.trim_start_matches('-');
+        let mut take = |name: &str| -> Option<Option<String>> {
+            if let Some(v) = flag.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+                return Some(Some(v.to_string()));
+            }
+            if flag == name && a.starts_with('-') {
+                i += 1;
+                return Some(args.get(i).cloned());
+            }
+            None
+        };
+        if let Some(v) = take("from") {
+            from = v;
+        } else if let Some(v) = take("to") {
+            to = v;
+        } else if !a.starts_with('-') && cmd.is_none() {
+            cmd = Some(a.to_string());
+        }
+        i += 1;
+    }
+    let cmd = cmd.unwrap_or_else(|| "up".into());
+    if cmd != "up" && cmd != "upgrade" {
+        log(image, &format!("ERROR: command {cmd:?} is not simulated (supported: up, upgrade --from X --to Y)"));
+        return 2;
+    }
+    let (from, to) = match (&*cmd, from, to) {
+        ("upgrade", Some(f), Some(t)) => (f, t),
+        ("upgrade", _, _) => {
+            log(image, "ERROR: migrator upgrade needs --from and --to");
+            return 1;
+        }
+        _ => (String::new(), String::new()),
+    };
+    let wait = env::var("SGBOX_STANDIN_WAIT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120u64);
+    let mut dbs = Vec::new();
+    for (label, hv, pv) in [("frontend", "PGHOST", "PGPORT"), ("codeintel", "CODEINTEL_PGHOST", "CODEINTEL_PGPORT"), ("codeinsights", "CODEINSIGHTS_PGHOST", "CODEINSIGHTS_PGPORT")] {
+        let Some(host) = env::var(hv).ok().filter(|h| !h.is_empty()) else { continue };
+        let port = pg_port(pv);
+        let deadline = Instant::now() + Duration::from_secs(wait);
+        let client = loop {
+            match DbClient::open(&host, port, 1, Duration::from_secs(3)).and_then(|mut c| c.cmd("PING").map(|_| c)) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() >= deadline => {
+                    log(image, &format!("ERROR: {label} database {host}:{port} not reachable after {wait}s: {e}"));
+                    return 1;
+                }
+                Err(_) => thread::sleep(Duration::from_secs(1)),
+            }
+        };
+        log(image, &format!("connected to {label} database at {host}:{port}"));
+        dbs.push((label, client));
+    }
+    if dbs.is_empty() {
+        log(image, "ERROR: no database configured (set PGHOST, CODEINTEL_PGHOST and/or CODEINSIGHTS_PGHOST)");
+        return 1;
+    }
+    if env::var("SGBOX_STANDIN_FAIL").is_ok_and(|f| f.contains("migrator")) {
+        log(image, "ERROR: failing on purpose (SGBOX_STANDIN_FAIL contains migrator); nothing was changed");
+        return 1;
+    }
+    // Decide for every DB first, so a refusal leaves all of them untouched.
+    let mut plans = Vec::new();
+    for (label, c) in dbs.iter_mut() {
+        let stored = match c.schema() {
+            Ok(s) => s,
+            Err(e) => {
+                log(image, &format!("ERROR: {label}: {e}"));
+                return 1;
+            }
+        };
+        let plan = if cmd == "up" {
+            up_policy(stored.as_deref(), own).map(|v| (v, Vec::new()))
+        } else {
+            upgrade_plan(stored.as_deref(), &from, &to, own).map(|steps| (to.trim_start_matches('v').to_string(), steps))
+        };
+        match plan {
+            Ok((target, steps)) => plans.push((stored, target, steps)),
+            Err(e) => {
+                log(image, &format!("ERROR: {label}: {e}"));
+                return 1;
+            }
+        }
+    }
+    for ((label, c), (stored, target, steps)) in dbs.iter_mut().zip(plans) {
+        for s in &steps {
+            log(image, &format!("{label}: migrating schema to {s}"));
+        }
+        let what = match &stored {
+            None => format!("{label}: fresh install, schema set to {target}"),
+            Some(s) if parse_ver(s).map(mm) == parse_ver(&target).map(mm) => format!("{label}: schema already at {s}, nothing to migrate (now {target})"),
+            Some(s) => format!("{label}: schema upgraded from {s} to {target}"),
+        };
+        match c.cmd(&format!("SET_SCHEMA {target}")) {
+            Ok(r) if r == "OK" => log(image, &what),
+            Ok(r) => {
+                log(image, &format!("ERROR: {label}: SET_SCHEMA answered {r}"));
+                return 1;
+            }
+            Err(e) => {
+                log(image, &format!("ERROR: {label}: {e}"));
+                return 1;
+            }
+        }
+    }
+    log(image, &format!("migrator {cmd} done"));
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// frontend
+
+fn frontend_handle(req: &Request, own: &str) -> (u16, String) {
+    match req.path.split('?').next().unwrap_or("") {
+        "/__version" => (200, own.to_string()),
+        "/healthz" => {
+            let host = env::var("PGHOST").unwrap_or_else(|_| "127.0.0.1".into());
+            let port = pg_port("PGPORT");
+            let schema = DbClient::open(&host, port, 2, Duration::from_secs(2)).and_then(|mut c| c.schema());
+            match (schema, parse_ver(own)) {
+                (Ok(Some(s)), Some(o)) if parse_ver(&s).map(mm) == Some(mm(o)) => (200, "ok".into()),
+                (Ok(Some(s)), _) => (503, format!("schema version {s} does not match frontend {own} (run the migrator)")),
+                (Ok(None), _) => (503, "database has no schema yet (run the migrator)".into()),
+                (Err(e), _) => (503, format!("database {host}:{port} unavailable: {e}")),
+            }
+        }
+        _ => (200, format!("<!doctype html><html><head><title>Sourcegraph (stand-in)</title></head><body><h1>Sourcegraph stand-in {own}</h1></body></html>\n")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// caddy
+
+fn expand_env(s: &str, get: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("{$") {
+        out.push_str(&rest[..i]);
+        let Some(j) = rest[i..].find('}') else { break };
+        let inner = &rest[i + 2..i + j];
+        let (name, default) = inner.split_once(':').unwrap_or((inner, ""));
+        out.push_str(&get(name).unwrap_or_else(|| default.to_string()));
+        rest = &rest[i + j + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The first upstream of the first `reverse_proxy` directive, as (host, port).
+fn caddy_upstream(caddyfile: &str, get: &dyn Fn(&str) -> Option<String>) -> Option<(String, u16)> {
+    for line in caddyfile.lines() {
+        let line = expand_env(line.trim(), get);
+        let mut words = line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty());
+        if words.next() != Some("reverse_proxy") {
+            continue;
+        }
+        let addr = words.find(|w| !(w.starts_with('/') || w.starts_with('@') || w.starts_with('*') || *w == "{" || w.starts_with('#')))?;
+        let addr = addr.strip_prefix("http://").unwrap_or(addr).trim_end_matches('/');
+        let (host, port) = match addr.rsplit_once(':') {
+            Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
+            _ => (addr, 80),
+        };
+        let host = if host.is_empty() { "127.0.0.1" } else { host };
+        return Some((host.to_string(), port));
+    }
+    None
+}
+
+const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding"];
+
+fn proxy(client: &mut TcpStream, upstream: &(String, u16)) -> Result<(), (u16, String)> {
+    let req = read_request(client).map_err(|e| if e.kind() == io::ErrorKind::InvalidData { (400, e.to_string()) } else { (0, e.to_string()) })?;
+    let mut up = connect(&upstream.0, upstream.1, 2, Duration::from_secs(5)).map_err(|e| (502, e))?;
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
+    for (k, v) in req.headers.iter().filter(|(k, _)| !HOP_BY_HOP.contains(&k.to_ascii_lowercase().as_str())) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Ok(peer) = client.peer_addr() {
+        head.push_str(&format!("X-Forwarded-For: {}\r\n", peer.ip()));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes()).and_then(|_| up.write_all(&req.body)).map_err(|e| (502, format!("upstream write: {e}")))?;
+    let (rhead, first) = read_head(&mut up).map_err(|e| (502, format!("upstream response: {e}")))?;
+    let mut lines = rhead.trim_end().split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(502);
+    let headers = parse_headers(lines);
+    let mut out = format!("{status_line}\r\n");
+    for (k, v) in headers.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("keep-alive")) {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    // From here on the client has (part of) a response: errors just end the connection.
+    if client.write_all(out.as_bytes()).is_err() {
+        return Ok(());
+    }
+    let no_body = req.method == "HEAD" || status == 204 || status == 304 || (100..200).contains(&status);
+    if no_body {
+        return Ok(());
+    }
+    match header(&headers, "content-length").and_then(|v| v.parse::<u64>().ok()) {
+        Some(n) => {
+            let first_n = first.len().min(n as usize);
+            let _ = client.write_all(&first[..first_n]);
+            let _ = io::copy(&mut (&mut up).take(n - first_n as u64), client);
+        }
+        None => {
+            let _ = client.write_all(&first);
+            let _ = io::copy(&mut up, client);
+        }
+    }
+    Ok(())
+}
+
+fn caddy_main(image: &str, ports: &[u16]) {
+    let path = env::var("SGBOX_STANDIN_CADDYFILE").unwrap_or_else(|_| "/etc/caddy/Caddyfile".into());
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| {
+        log(image, &format!("FATAL: cannot read {path}: {e}"));
+        exit(1)
+    });
+    let Some(upstream) = caddy_upstream(&text, &|k| env::var(k).ok()) else {
+        log(image, &format!("FATAL: no reverse_proxy upstream in {path}"));
+        exit(1)
+    };
+    log(image, &format!("reverse-proxying to {}:{} (from {path})", upstream.0, upstream.1));
+    let upstream = Arc::new(upstream);
+    listen(image, ports, Arc::new(move |mut s: TcpStream| {
+        if let Err((status, msg)) = proxy(&mut s, &upstream) {
+            if status != 0 {
+                let _ = respond(&mut s, status, "text/plain; charset=utf-8", format!("{msg}\n").as_bytes(), false);
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// curl (argv[0] == "curl")
+
+fn curl_main(args: &[String]) -> i32 {
+    let (mut fail, mut show_err, mut out, mut url, mut timeout) = (false, true, None::<String>, None::<String>, 30u64);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" | "--output" => out = it.next().cloned(),
+            "-m" | "--max-time" => timeout = it.next().and_then(|v| v.parse::<f64>().ok()).map_or(timeout, |v| v.ceil().max(1.0) as u64),
+            "-H" | "--header" | "-A" | "--user-agent" | "-X" | "--request" => {
+                it.next();
+            }
+            "--fail" => fail = true,
+            "--silent" => show_err = false,
+            "--show-error" => show_err = true,
+            a if a.starts_with("--") => {}
+            a if a.starts_with('-') && a.len() > 1 => {
+                for c in a[1..].chars() {
+                    match c {
+                        'f' => fail = true,
+                        's' => show_err = false,
+                        'S' => show_err = true,
+                        _ => {}
+                    }
+                }
+            }
+            a => url = url.or(Some(a.to_string())),
+        }
+    }
+    let err = |code: i32, msg: String| {
+        if show_err {
+            eprintln!("curl: ({code}) {msg}");
+        }
+        code
+    };
+    let Some(url) = url else { return err(2, "no URL specified".into()) };
+    let Some(rest) = url.strip_prefix("http://") else { return err(1, format!("protocol not supported in {url}")) };
+    let (authority, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => match p.parse() {
+            Ok(p) => (h, p),
+            Err(_) => return err(3, format!("bad port in {url}")),
+        },
+        _ => (authority, 80),
+    };
+    let addr = match resolve(host, port, 2) {
+        Ok(a) => a,
+        Err(e) => return err(6, e),
+    };
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(timeout)) {
+        Ok(s) => s,
+        Err(e) => return err(7, format!("Failed to connect to {host} port {port}: {e}")),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(timeout)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: curl/standin\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+    let mut resp = Vec::new();
+    if let Err(e) = s.write_all(req.as_bytes()).and_then(|_| s.read_to_end(&mut resp)) {
+        if resp.is_empty() {
+            return err(if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut { 28 } else { 56 }, e.to_string());
+        }
+    }
+    let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n") else { return err(52, "Empty reply from server".into()) };
+    let head = String::from_utf8_lossy(&resp[..i]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = parse_headers(head.split("\r\n").skip(1));
+    let mut body = &resp[i + 4..];
+    if let Some(n) = header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body = &body[..n.min(body.len())];
+    }
+    if fail && status >= 400 {
+        return err(22, format!("The requested URL returned error: {status}"));
+    }
+    let written = match out.as_deref() {
+        Some("-") | None => io::stdout().write_all(body).and_then(|_| io::stdout().flush()),
+        Some(f) => fs::write(f, body),
+    };
+    match written {
+        Ok(()) => 0,
+        Err(e) => err(23, format!("write error: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_policy_follows_sourcegraph_rules() {
+        assert_eq!(up_policy(None, "7.5.4453"), Ok("7.5.4453".into()));
+        assert_eq!(up_policy(Some("7.5.0"), "7.5.4453"), Ok("7.5.4453".into()));
+        assert_eq!(up_policy(Some("7.4.0"), "7.5.4453"), Ok("7.5.4453".into()));
+        assert_eq!(up_policy(Some("5.11.6271"), "6.0.0"), Ok("6.0.0".into()));
+        assert_eq!(up_policy(Some("6.12.0"), "7.0.1"), Ok("7.0.1".into()));
+        let e = up_policy(Some("5.9.17785"), "6.1.0").unwrap_err();
+        assert!(e.contains("cannot jump from 5.9 to 6.1; use a multi-version upgrade"), "{e}");
+        assert!(up_policy(Some("5.9.17785"), "7.5.4453").is_err());
+        assert!(up_policy(Some("5.10.0"), "6.0.0").is_err());
+        assert!(up_policy(Some("7.5.4453"), "7.4.0").unwrap_err().contains("downgrade"));
+    }
+
+    #[test]
+    fn upgrade_plan_checks_from_and_to() {
+        let steps = upgrade_plan(Some("5.9.17785"), "5.9.17785", "7.5.4453", "7.5.4453").unwrap();
+        assert_eq!(steps.first().map(String::as_str), Some("5.10"));
+        assert!(steps.contains(&"5.11".to_string()) && steps.contains(&"6.0".to_string()) && steps.contains(&"6.12".to_string()));
+        assert_eq!(steps.last().map(String::as_str), Some("7.5"));
+        assert!(upgrade_plan(Some("5.8.0"), "v5.9.0", "7.5.0", "7.5.4453").is_err());
+        assert!(upgrade_plan(Some("5.9.0"), "5.9.0", "7.6.0", "7.5.4453").is_err());
+        assert!(upgrade_plan(None, "5.9.0", "7.5.0", "7.5.4453").is_err());
+        assert_eq!(upgrade_plan(Some("7.5.1"), "7.5.0", "7.5.4453", "7.5.4453"), Ok(vec![]));
+        assert_eq!(parse_ver("v5.9.17785"), Some(Ver { major: 5, minor: 9, patch: 17785 }));
+        assert_eq!(parse_ver("6.0"), Some(Ver { major: 6, minor: 0, patch: 0 }));
+        assert_eq!(parse_ver("insiders"), None);
+    }
+
+    #[test]
+    fn caddyfile_upstream() {
+        let env = |k: &str| (k == "SRC_FRONTEND_ADDRESSES").then(|| "sourcegraph-frontend-0:3080 other:3080".to_string());
+        let cf = "{\n\tauto_https off\n}\n:80 {\n\treverse_proxy {$SRC_FRONTEND_ADDRESSES}\n}\n";
+        assert_eq!(caddy_upstream(cf, &env), Some(("sourcegraph-frontend-0".into(), 3080)));
+        let cf2 = "# comment reverse_proxy x\nexample.com {\n  reverse_proxy /api/* http://a:1,b:2\n}\n";
+        assert_eq!(caddy_upstream(cf2, &env), Some(("a".into(), 1)));
+        assert_eq!(caddy_upstream("reverse_proxy {$NOPE:fallback}", &env), Some(("fallback".into(), 80)));
+        assert_eq!(caddy_upstream(":80 {\n}\n", &env), None);
+    }
+
+    #[test]
+    fn dns_encode_decode() {
+        let q = dns_query(0x1234, "pgsql.");
+        assert_eq!(&q[..4], &[0x12, 0x34, 0x01, 0x00]);
+        assert_eq!(&q[12..], &[5, b'p', b'g', b's', b'q', b'l', 0, 0, 1, 0, 1]);
+        // Response: header (1 answer), the question, then a CNAME and an A record using name pointers.
+        let mut r = q.clone();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 2;
+        r.extend_from_slice(&[0xC0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 2, 0xC0, 12]);
+        r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 172, 18, 0, 5]);
+        assert_eq!(dns_parse_a(&r, 0x1234), Ok(vec![Ipv4Addr::new(172, 18, 0, 5)]));
+        assert!(dns_parse_a(&r, 0x9999).is_err());
+        r[3] = 0x83; // NXDOMAIN
+        assert!(dns_parse_a(&r, 0x1234).unwrap_err().contains("rcode 3"));
+        let hosts = "127.0.0.1\tlocalhost\n::1 ip6-localhost\n172.18.0.9\tabc123 pgsql # me\n";
+        assert_eq!(hosts_lookup(hosts, "PGSQL"), Some("172.18.0.9".parse().unwrap()));
+        assert_eq!(hosts_lookup(hosts, "ip6-localhost"), Some("::1".parse().unwrap()));
+        assert_eq!(hosts_lookup(hosts, "me"), None);
+    }
+
+    #[test]
+    fn state_json_round_trip() {
+        let mut st = DbState { pg_major: 12, schema: None, data: BTreeMap::new() };
+        assert_eq!(DbState::from_json(&st.to_json()), Ok(DbState { pg_major: 12, schema: None, data: BTreeMap::new() }));
+        let empty = st.checksum();
+        st.schema = Some("5.9.17785".into());
+        assert_eq!(st.checksum(), empty, "checksum covers data only");
+        st.data.insert("k\"1".into(), "va\\lue with spaces\t\u{1}é".into());
+        st.data.insert("a".into(), String::new());
+        let back = DbState::from_json(&st.to_json()).unwrap();
+        assert_eq!(back, st);
+        assert_ne!(back.checksum(), empty);
+        assert!(DbState::from_json("{\"schema_version\":null}").is_err());
+        assert!(DbState::from_json("{\"pg_major\":16,").is_err());
+    }
+
+    #[test]
+    fn roles_and_ports() {
+        for db in ["postgresql-16", "postgresql-16-codeinsights", "postgres-12-alpine", "codeintel-db", "codeinsights-db"] {
+            assert_eq!(role_of(db), Role::Db, "{db}");
+        }
+        assert_eq!(role_of("postgres_exporter"), Role::Generic);
+        assert_eq!(ports_for("cadvisor", Role::Generic, &["--port=8080".into()]), vec![8080]);
+        assert_eq!(ports_for("opentelemetry-collector", Role::Generic, &[]), vec![4317, 13133]);
+        assert_eq!(ports_for("something-new", Role::Generic, &[]), vec![8080]);
+    }
+}
