@@ -174,7 +174,7 @@ pub async fn diagnostics(ssh: &Ssh, failing: &[String]) -> String {
         section("journal of sourcegraph.service", &o.stdout);
     }
     for s in failing.iter().take(6) {
-        if let Ok(o) = ssh.exec(&format!("sudo docker compose -p {PROJECT} logs --no-color --tail 20 {s} 2>&1")).await {
+        if let Ok(o) = ssh.exec(&format!("sudo docker compose --ansi never -p {PROJECT} logs --no-color --tail 20 {s} 2>&1")).await {
             section(&format!("logs of {s}"), &o.stdout);
         }
     }

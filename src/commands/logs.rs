@@ -26,7 +26,7 @@ pub fn run(ctx: &Context, args: LogsArgs) -> Result<()> {
                     }
                 }
                 format!(
-                    "sudo docker compose -p {PROJECT} logs --no-color --tail {}{} {}",
+                    "sudo docker compose --ansi never -p {PROJECT} logs --no-color --tail {}{} {}",
                     args.tail,
                     if args.follow { " --follow" } else { "" },
                     other.unwrap_or("")

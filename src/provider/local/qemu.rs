@@ -75,7 +75,8 @@ pub fn args(m: &Machine, image: &BootImage, f: &VmFiles, p: &Ports) -> Vec<Strin
         push(&["-append", &format!("{} panic=-1", k.cmdline)]);
     }
     push(&["-drive", &format!("file={},if=none,id=root,format=qcow2,discard=unmap", f.overlay.display())]);
-    push(&["-device", "virtio-blk-pci,drive=root,bootindex=0"]);
+    // Direct kernel boot claims boot index 0 itself; a disk image boots from its own loader.
+    push(&["-device", if image.kernel.is_some() { "virtio-blk-pci,drive=root" } else { "virtio-blk-pci,drive=root,bootindex=0" }]);
     // The serial gives the data disk a stable /dev/disk/by-id/virtio-sgbox-data for the cloud-init.
     push(&["-drive", &format!("file={},if=none,id=data,format=qcow2,discard=unmap", f.data.display())]);
     push(&["-device", &format!("virtio-blk-pci,drive=data,serial={}", crate::render::DATA_DISK_SERIAL)]);
@@ -85,7 +86,8 @@ pub fn args(m: &Machine, image: &BootImage, f: &VmFiles, p: &Ports) -> Vec<Strin
         "-netdev",
         &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:80,hostfwd=tcp:127.0.0.1:{}-:443", p.ssh, p.http, p.https),
     ]);
-    push(&["-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci"]);
+    // No option ROM: the box never network-boots, and the iPXE ROM package may be absent.
+    push(&["-device", "virtio-net-pci,netdev=net0,romfile=", "-device", "virtio-rng-pci"]);
     a
 }
 
