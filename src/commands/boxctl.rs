@@ -109,3 +109,13 @@ pub async fn running_endpoint(d: &Deployment) -> Result<Endpoint> {
         None => bail!("the box \"{}\" is not running; start it with `sgbox up --name {}`", d.settings.name, d.settings.name),
     }
 }
+
+/// Run `cmd` on the running box, its output streamed to ours; returns its exit status.
+pub async fn stream(ctx: &Context, d: &mut Deployment, insecure: bool, cmd: String) -> Result<i32> {
+    let ep = running_endpoint(d).await?;
+    let s = connect(ctx, d, &ep, insecure, Instant::now() + Duration::from_secs(30)).await?;
+    tokio::task::spawn_blocking(move || s.stream_blocking(&cmd, &mut std::io::stdout(), &mut std::io::stderr()))
+        .await
+        .expect("ssh task")
+        .context("running the command on the box")
+}

@@ -1,8 +1,6 @@
 //! `sgbox logs [SERVICE]`: compose logs of the box's services, or the first boot's cloud-init log.
 
-use std::time::{Duration, Instant};
-
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use super::boxctl;
 use super::Context;
@@ -33,13 +31,7 @@ pub fn run(ctx: &Context, args: LogsArgs) -> Result<()> {
                 )
             }
         };
-        let ep = boxctl::running_endpoint(&d).await?;
-        let s = boxctl::connect(ctx, &mut d, &ep, args.target.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(30)).await?;
-        let status = tokio::task::spawn_blocking(move || s.stream_blocking(&cmd, &mut std::io::stdout(), &mut std::io::stderr()))
-            .await
-            .expect("ssh task")
-            .context("reading logs on the box")?;
-        Ok::<i32, anyhow::Error>(status)
+        boxctl::stream(ctx, &mut d, args.target.reach.insecure_accept_host_key, cmd).await
     })?;
     drop(rt);
     if code != 0 {

@@ -45,9 +45,10 @@ pub fn resources(s: &Settings) -> Vec<Resource> {
             r("address", format!("{n}-ip"), "static external address".into()),
         ],
         Cloud::Local => vec![
-            r("overlay", format!("{n}/root.qcow2"), "copy-on-write over the Debian 13 base image".into()),
-            r("disk", format!("{n}/data.qcow2"), format!("{} GB, kept by `down` unless --delete-data", s.data_disk_gb)),
-            r("vm", n.clone(), format!("QEMU {shape}; SSH, HTTP and HTTPS forwarded on 127.0.0.1 only")),
+            r("overlay", format!("{n}/local/overlay.qcow2"), "copy-on-write over the Debian 13 base image".into()),
+            r("disk", format!("{n}/local/data.qcow2"), format!("{} GB, kept by `down` unless --delete-data", s.data_disk_gb)),
+            r("seed", format!("{n}/local/seed.iso"), "NoCloud seed with the rendered user-data (mode 0600)".into()),
+            r("vm", n.clone(), format!("QEMU {shape} ({} acceleration); SSH, HTTP and HTTPS forwarded on 127.0.0.1 only", s.local.accel)),
         ],
     }
 }

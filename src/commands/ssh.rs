@@ -5,7 +5,7 @@
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use super::boxctl;
 use super::Context;
@@ -15,9 +15,11 @@ pub fn run(ctx: &Context, args: SshArgs) -> Result<()> {
     let rt = boxctl::runtime()?;
     let code = rt.block_on(async {
         let mut d = boxctl::open(ctx, &args.target)?;
-        let ep = boxctl::running_endpoint(&d).await?;
-        let s = boxctl::connect(ctx, &mut d, &ep, args.target.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(30)).await?;
+        let insecure = args.target.reach.insecure_accept_host_key;
         if args.command.is_empty() {
+            // Check (and pin) the host key ourselves first; OpenSSH then trusts only that key.
+            let ep = boxctl::running_endpoint(&d).await?;
+            boxctl::connect(ctx, &mut d, &ep, insecure, Instant::now() + Duration::from_secs(30)).await?;
             let key = d.dir.ssh_private_key_path();
             let err = std::process::Command::new("ssh")
                 .arg("-i")
@@ -29,12 +31,7 @@ pub fn run(ctx: &Context, args: SshArgs) -> Result<()> {
                 .exec();
             return Err(anyhow::Error::new(err).context("running ssh (install openssh-client, or pass a command after --)"));
         }
-        let cmd = shell_join(&args.command);
-        let status = tokio::task::spawn_blocking(move || s.stream_blocking(&cmd, &mut std::io::stdout(), &mut std::io::stderr()))
-            .await
-            .expect("ssh task")
-            .context("running the command on the box")?;
-        Ok::<i32, anyhow::Error>(status)
+        boxctl::stream(ctx, &mut d, insecure, shell_join(&args.command)).await
     })?;
     drop(rt);
     std::process::exit(code.clamp(0, 255));

@@ -405,6 +405,59 @@ mod tests {
         assert_eq!(b.kernel.unwrap().cmdline, KERNEL_CMDLINE);
     }
 
+    /// Serve `files` over HTTP on 127.0.0.1 for `n` requests.
+    fn serve(files: Vec<(&'static str, Vec<u8>)>, n: usize) -> String {
+        use std::io::{BufRead, BufReader};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for _ in 0..n {
+                let (mut c, _) = l.accept().unwrap();
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let path = line.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap() <= 2 {
+                        break;
+                    }
+                }
+                match files.iter().find(|(n, _)| *n == path) {
+                    Some((_, body)) => {
+                        write!(c, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+                        c.write_all(body).unwrap();
+                    }
+                    None => write!(c, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap(),
+                }
+            }
+        });
+        base
+    }
+
+    #[test]
+    fn downloads_are_kept_only_when_the_sha512_matches() {
+        let body = b"QFI\xfb pretend this is a qcow2".to_vec();
+        let good = format!("{}  {GENERICCLOUD_FILE}\n", hex(&Sha512::digest(&body)));
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("img.qcow2");
+
+        let base = serve(vec![("SHA512SUMS", good.into_bytes()), (GENERICCLOUD_FILE, body.clone())], 2);
+        download_checked(&base, GENERICCLOUD_FILE, &dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), body);
+
+        let dest2 = tmp.path().join("img2.qcow2");
+        let bad = format!("{}  {GENERICCLOUD_FILE}\n", "0".repeat(128));
+        let base = serve(vec![("SHA512SUMS", bad.into_bytes()), (GENERICCLOUD_FILE, body)], 2);
+        let err = download_checked(&base, GENERICCLOUD_FILE, &dest2).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+        assert!(!dest2.exists() && !dest2.with_extension("part").exists(), "a bad download is discarded");
+
+        let base = serve(vec![("SHA512SUMS", b"abc  other.qcow2\n".to_vec())], 1);
+        let err = download_checked(&base, GENERICCLOUD_FILE, &tmp.path().join("x")).unwrap_err().to_string();
+        assert!(err.contains("does not list"), "{err}");
+    }
+
     #[test]
     fn recipe_changes_with_the_package_list() {
         assert_eq!(recipe_sha256(), recipe_sha256());

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): time from `sgbox up --cloud local` to healthy, against the floor — the
+# same base image booted with the same rendered cloud-init by plain QEMU, waited on by a plain
+# curl loop until /__version answers the release — in the same run, on the same machine.
+# Prints both times and the ratio. Needs what the local-box test needs (bash .ci/setup, root).
+#
+#   bash bench/local-up.sh [RUNS]      (default 1 pair; pairs alternate floor → sgbox)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-1}
+RELEASE=7.5.4453
+cargo build -q --release --locked
+SGBOX=$PWD/target/release/sgbox
+WORK=$(mktemp -d /tmp/sgbox-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  "$SGBOX" --state-dir "$WORK/state" down --name bench-sgbox --cloud local --delete-data --yes >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+
+IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+REG=$(free_port)
+mkdir -p "$WORK/registry"
+printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: "127.0.0.1:%s"}\n' "$WORK/registry" "$REG" > "$WORK/registry.yml"
+docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$REG/v2/" >/dev/null && break; sleep 0.1; done
+python3 tests/harness/standins.py push --build --registry "127.0.0.1:$REG" --catalog data/sourcegraph-compose-releases.json --release "$RELEASE" >&2
+COMMON=(--cloud local --version "$RELEASE" --registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only --base-image "$IMAGE" --accel tcg)
+
+floor() {
+  local d="$WORK/floor" ssh http https start pid
+  rm -rf "$d"; mkdir -p "$d"
+  "$SGBOX" --state-dir "$WORK/state" render --name bench-floor "${COMMON[@]}" --out "$d/render" >/dev/null
+  cp "$d/render/user-data" "$d/user-data"
+  printf 'instance-id: bench-floor-%s\nlocal-hostname: bench-floor\n' "$RANDOM" > "$d/meta-data"
+  ssh=$(free_port); http=$(free_port); https=$(free_port)
+  start=$(now)
+  genisoimage -quiet -volid cidata -joliet -rock -output "$d/seed.iso" "$d/user-data" "$d/meta-data"
+  qemu-img create -q -f qcow2 -F qcow2 -b "$IMAGE/base.qcow2" "$d/overlay.qcow2" 16G
+  qemu-img create -q -f qcow2 "$d/data.qcow2" 20G
+  qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 4096 -display none -daemonize -pidfile "$d/qemu.pid" \
+    -serial "file:$d/console.log" -monitor none \
+    -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img" -append "root=LABEL=rootfs rw console=ttyS0 net.ifnames=0 panic=-1" \
+    -drive "file=$d/overlay.qcow2,if=none,id=root,format=qcow2" -device virtio-blk-pci,drive=root \
+    -drive "file=$d/data.qcow2,if=none,id=data,format=qcow2" -device virtio-blk-pci,drive=data,serial=sgbox-data \
+    -drive "file=$d/seed.iso,if=none,id=seed,format=raw,readonly=on" -device virtio-blk-pci,drive=seed \
+    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$ssh-:22,hostfwd=tcp:127.0.0.1:$http-:80,hostfwd=tcp:127.0.0.1:$https-:443" \
+    -device virtio-net-pci,netdev=n0,romfile= -device virtio-rng-pci
+  pid=$(cat "$d/qemu.pid"); pids+=("$pid")
+  until [ "$(curl -fs -m 5 "http://127.0.0.1:$http/__version" 2>/dev/null)" = "$RELEASE" ]; do sleep 1; done
+  echo "$(now) - $start" | bc
+  kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+}
+
+with_sgbox() {
+  local start
+  start=$(now)
+  "$SGBOX" --state-dir "$WORK/state" up --name bench-sgbox "${COMMON[@]}" --yes -q >/dev/null
+  echo "$(now) - $start" | bc
+  "$SGBOX" --state-dir "$WORK/state" down --name bench-sgbox --delete-data --yes -q >/dev/null
+}
+
+printf '%-5s %12s %12s %8s\n' run floor_s sgbox_s ratio
+for i in $(seq "$RUNS"); do
+  f=$(floor); s=$(with_sgbox)
+  printf '%-5s %12.1f %12.1f %8.2f\n' "$i" "$f" "$s" "$(echo "$s / $f" | bc -l)"
+done
