@@ -391,3 +391,37 @@ impl Provider for Local {
         Ok(left)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{Layer, Prompter};
+
+    fn local(dir: &Path) -> Local {
+        let layer = Layer::from_flags([("cloud", Some("local".to_string())), ("name", Some("snap".to_string()))]);
+        let s = Settings::resolve(&layer, &Prompter { interactive: false }).unwrap();
+        Local::new(s, dir.join("snap"), dir.join("cache"))
+    }
+
+    #[tokio::test]
+    async fn a_stopped_box_snapshots_its_data_disk_and_lists_what_it_owns() {
+        let tmp = tempfile::tempdir().unwrap();
+        let l = local(tmp.path());
+        assert_eq!(l.state().await.unwrap(), InstanceState::Absent);
+        assert!(l.resources().await.unwrap().is_empty());
+        fs::create_dir_all(&l.dir).unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", &l.files.data.display().to_string(), "1G"]).expect("qemu-img (qemu-utils) is installed");
+        let id = l.snapshot_data_disk("pre-upgrade").await.unwrap();
+        assert!(id.starts_with("pre-upgrade-"), "{id}");
+        let out = Command::new("qemu-img").args(["snapshot", "-l"]).arg(&l.files.data).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&id), "snapshot listed");
+        let r = l.resources().await.unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(r[0].kept_by_default, "the data disk is kept by default");
+        // Down without --delete-data keeps it; with it, the disk goes.
+        assert!(l.destroy(false, Duration::from_secs(5)).await.unwrap().is_empty());
+        assert!(l.files.data.exists());
+        assert!(l.destroy(true, Duration::from_secs(5)).await.unwrap().is_empty());
+        assert!(!l.files.data.exists());
+    }
+}
