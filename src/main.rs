@@ -7,6 +7,7 @@ mod commands;
 mod error;
 mod hostkeys;
 mod planner;
+mod pricing;
 mod progress;
 mod provider;
 mod readiness;

@@ -32,7 +32,7 @@ pub struct Deployment {
 }
 
 /// The deployment `target` names. Its record's settings apply; flags fill in when it is lost.
-pub fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
+pub async fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
     let flags = Layer::from_flags(target.pairs());
     let env = Layer::from_env(|k| std::env::var(k).ok());
     let file = match &ctx.config {
@@ -55,7 +55,7 @@ pub fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
             e
         }
     })?;
-    let provider = provider::for_deployment(&settings, &dir, cache_root()?)?;
+    let provider = provider::for_deployment(&settings, &dir, cache_root()?).await?;
     Ok(Deployment { settings, dir, record, provider })
 }
 

@@ -19,7 +19,7 @@ pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
     boxctl::runtime()?.block_on(async {
-        let d = boxctl::open(ctx, &args.target)?;
+        let d = boxctl::open(ctx, &args.target).await?;
         let found = d.provider.resources().await?;
         let (doomed, kept): (Vec<_>, Vec<_>) = found.iter().partition(|r| args.delete_data || !r.kept_by_default);
         if found.is_empty() && d.record.is_none() {

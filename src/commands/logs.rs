@@ -11,7 +11,7 @@ use crate::readiness::PROJECT;
 pub fn run(ctx: &Context, args: LogsArgs) -> Result<()> {
     let rt = boxctl::runtime()?;
     let code = rt.block_on(async {
-        let mut d = boxctl::open(ctx, &args.target)?;
+        let mut d = boxctl::open(ctx, &args.target).await?;
         let cmd = match args.service.as_deref() {
             Some("cloud-init") => format!("sudo tail -n {} {} /var/log/cloud-init-output.log", args.tail, if args.follow { "-f" } else { "" }),
             other => {

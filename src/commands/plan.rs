@@ -26,16 +26,16 @@ pub fn resources(s: &Settings) -> Vec<Resource> {
     };
     let ssh = match s.ssh_cidr {
         Some(c) => c.to_string(),
-        None => "your public address /32 (detected at up)".to_string(),
+        None => "the --ssh-cidr you give (required by `up` on clouds)".to_string(),
     };
     let r = |kind, name: String, detail: String| Resource { kind, name, detail };
     match s.cloud {
         Cloud::Aws => vec![
-            r("security-group", format!("{n}-sg"), format!("80 and 443 from anywhere; 22 from {ssh}; nothing else")),
-            r("key-pair", n.clone(), "ed25519, from the deployment's SSH key".into()),
-            r("instance", n.clone(), format!("{shape}, Debian 13, IMDSv2 required, encrypted gp3 root")),
+            r("security-group", format!("{n}-sgbox"), format!("80 and 443 from anywhere; 22 from {ssh}; nothing else")),
+            r("key-pair", format!("{n}-sgbox"), "ed25519, from the deployment's SSH key".into()),
+            r("instance", format!("{n}-box"), format!("{shape}, Debian 13, IMDSv2 required, encrypted gp3 root")),
             r("volume", format!("{n}-data"), format!("{} GiB gp3, encrypted, kept when the instance is deleted", s.data_disk_gb)),
-            r("elastic-ip", format!("{n}-ip"), "stable address across stop/start".into()),
+            r("elastic-ip", format!("{n}-address"), "stable address across stop/start".into()),
         ],
         Cloud::Gcp => vec![
             r("firewall", format!("{n}-web"), "80 and 443 from anywhere".into()),
@@ -69,8 +69,13 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
         (_, Some(h)) => format!("https://{h}"),
         (_, None) => unreachable!("TLS modes need a hostname"),
     };
+    let cost = match s.cloud {
+        Cloud::Aws => crate::pricing::aws_monthly(&m.instance_type, s.region.as_deref().unwrap_or("us-east-1"), s.data_disk_gb),
+        _ => None,
+    };
     if ctx.json() {
         return ctx.print_json(json!({
+            "monthly_cost_usd": cost,
             "settings": s,
             "machine": m,
             "tier": tier,
@@ -99,6 +104,14 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
     if let Some(mirror) = &s.registry_mirror {
         println!("Images from  {mirror}");
     }
+    match (&cost, s.cloud) {
+        (Some(c), _) => println!(
+            "Cost         ~${:.0}/month (instance ${:.0} + gp3 ${:.0} + IPv4 ${:.2}; {})",
+            c.total, c.instance, c.storage, c.address, c.note
+        ),
+        (None, Cloud::Aws) => println!("Cost         not in sgbox's price table for {} in this region", m.instance_type),
+        _ => {}
+    }
     println!("Would create:");
     for r in &res {
         println!("  + {:<15} {:<22} {}", r.kind, r.name, r.detail);
@@ -123,5 +136,6 @@ mod tests {
         assert_eq!(r.len(), 5);
         assert!(r[0].detail.contains("22 from 198.51.100.0/24"));
         assert!(r.iter().any(|x| x.kind == "volume" && x.detail.contains("encrypted")));
+        assert_eq!(r[2].name, "sourcegraph-box", "named as the provider names it");
     }
 }

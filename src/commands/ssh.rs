@@ -14,7 +14,7 @@ use crate::cli::SshArgs;
 pub fn run(ctx: &Context, args: SshArgs) -> Result<()> {
     let rt = boxctl::runtime()?;
     let code = rt.block_on(async {
-        let mut d = boxctl::open(ctx, &args.target)?;
+        let mut d = boxctl::open(ctx, &args.target).await?;
         let insecure = args.target.reach.insecure_accept_host_key;
         if args.command.is_empty() {
             // Check (and pin) the host key ourselves first; OpenSSH then trusts only that key.

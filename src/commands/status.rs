@@ -17,7 +17,7 @@ pub fn run(ctx: &Context, args: TargetArgs) -> Result<()> {
 }
 
 async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
-    let mut d = boxctl::open(ctx, &args)?;
+    let mut d = boxctl::open(ctx, &args).await?;
     let state = d.provider.state().await?;
     let resources = d.provider.resources().await?;
     let ep = d.provider.endpoint().await?;
@@ -26,7 +26,7 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     let mut answers = None;
     let mut ssh_error = None;
     if let (InstanceState::Running, Some(ep)) = (&state, &ep) {
-        match boxctl::connect(ctx, &mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(20)).await {
+        match boxctl::connect(ctx, &mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(8)).await {
             Ok(s) => match s.exec(&readiness::compose_ps_cmd()).await {
                 Ok(o) if o.status == 0 => services = Some(readiness::parse_ps(&o.stdout)),
                 Ok(o) => ssh_error = Some(format!("docker compose ps: {}", o.stderr.trim())),

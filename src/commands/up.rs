@@ -34,7 +34,7 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
     let started = Instant::now();
     let deadline = Deadline(started + timeout);
     let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &settings.name);
-    let provider = provider::for_deployment(&settings, &dir, cache_root()?)?;
+    let provider = provider::for_deployment(&settings, &dir, cache_root()?).await?;
     provider.preflight().await?;
 
     let existing = dir.record()?;

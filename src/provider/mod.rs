@@ -7,6 +7,7 @@
 //! Errors at this boundary are [`ProviderError`]s; a bad request the user can fix is an
 //! [`UserError`] inside, so it keeps exit code 2 through anyhow's chain.
 
+pub mod aws;
 pub mod local;
 
 use std::path::PathBuf;
@@ -142,9 +143,10 @@ pub trait Provider: Send + Sync {
 }
 
 /// The provider for a deployment's cloud.
-pub fn for_deployment(settings: &Settings, dir: &DeploymentDir, cache: PathBuf) -> Result<Box<dyn Provider>, UserError> {
+pub async fn for_deployment(settings: &Settings, dir: &DeploymentDir, cache: PathBuf) -> Result<Box<dyn Provider>, UserError> {
     match settings.cloud {
         Cloud::Local => Ok(Box::new(local::Local::new(settings.clone(), dir.path.clone(), cache))),
+        Cloud::Aws => Ok(Box::new(aws::Aws::new(settings.clone(), dir.path.clone()).await)),
         other => Err(UserError::field("cloud", format!("`up` on {other} is not available in this build yet"))
             .hint("use --cloud local, or `sgbox render` and apply the user-data yourself")),
     }

@@ -1,0 +1,566 @@
+//! AWS: the box is an EC2 instance in the default VPC, with a security group (80/443 open, 22
+//! only from the configured CIDR), a key pair imported from the deployment's ed25519 key, the
+//! Debian 13 AMI (Debian's public SSM parameter, else DescribeImages by Debian's owner id), an
+//! encrypted gp3 data volume that survives termination, and an Elastic IP so the URL survives
+//! stop/start.
+//!
+//! Everything is tagged `sgbox:deployment=<name>` and `sgbox:managed=true` and found by those
+//! tags before anything is created, so a re-run after an interruption at any point converges to
+//! one of each (ClientToken is sent too, but not relied on). Ids go into `aws.json` in the state
+//! folder as soon as their create call returns. Credentials, region and endpoint come from
+//! aws-config's standard chain (`AWS_ENDPOINT_URL` included).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::primitives::Blob;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, DomainType, EbsBlockDevice, Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceStateName, IpPermission, IpRange, ResourceType, Tag, TagSpecification, VolumeType,
+};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::{failed, BaseImage, Endpoint, InstanceSpec, InstanceState, Provider, ProviderError, Resource, Result};
+use crate::error::UserError;
+use crate::settings::Settings;
+use crate::state::write_atomic;
+
+/// Debian's AWS account, owner of the official AMIs.
+pub const DEBIAN_OWNER: &str = "136693071363";
+pub const DEBIAN_SSM_PARAMETER: &str = "/aws/service/debian/release/13/latest/amd64";
+pub const TAG_DEPLOYMENT: &str = "sgbox:deployment";
+pub const TAG_MANAGED: &str = "sgbox:managed";
+pub const TAG_ROLE: &str = "sgbox:role";
+const ROOT_GB: i32 = 30;
+/// Where the data volume is attached; on Nitro it appears as an NVMe device whatever the name,
+/// so the box finds it by size, not by this name.
+const DATA_DEVICE: &str = "/dev/sdf";
+
+/// `aws.json`: ids as soon as they exist.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AwsRecord {
+    pub region: String,
+    pub security_group: Option<String>,
+    pub key_pair: Option<String>,
+    pub image: Option<String>,
+    pub instance: Option<String>,
+    pub data_volume: Option<String>,
+    pub eip_allocation: Option<String>,
+}
+
+pub struct Aws {
+    settings: Settings,
+    dir: PathBuf,
+    ec2: aws_sdk_ec2::Client,
+    ssm: aws_sdk_ssm::Client,
+    region: String,
+}
+
+fn api<E: ProvideErrorMetadata + std::fmt::Debug>(op: &str) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> ProviderError + '_ {
+    move |e| {
+        let msg = match e.as_service_error() {
+            Some(s) => format!("{}: {}", s.code().unwrap_or("error"), s.message().unwrap_or("")),
+            None => format!("{e:?}").chars().take(300).collect(),
+        };
+        failed(op, msg)
+    }
+}
+
+fn code_of<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> Option<String> {
+    e.as_service_error().and_then(|s| s.code()).map(str::to_string)
+}
+
+impl Aws {
+    pub async fn new(settings: Settings, deployment_dir: PathBuf) -> Aws {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(8).with_initial_backoff(Duration::from_millis(200)));
+        if let Some(r) = &settings.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        let conf = loader.load().await;
+        let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
+        Aws { ec2: aws_sdk_ec2::Client::new(&conf), ssm: aws_sdk_ssm::Client::new(&conf), settings, dir: deployment_dir, region }
+    }
+
+    fn record(&self) -> AwsRecord {
+        std::fs::read_to_string(self.dir.join("aws.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_else(|| AwsRecord { region: self.region.clone(), ..Default::default() })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AwsRecord)) -> Result<()> {
+        let mut r = self.record();
+        f(&mut r);
+        std::fs::create_dir_all(&self.dir).map_err(super::io_err("creating the state folder"))?;
+        write_atomic(&self.dir.join("aws.json"), serde_json::to_string_pretty(&r).expect("json").as_bytes(), 0o600)
+            .map_err(|e| failed("recording AWS ids", format!("{e:#}")))
+    }
+
+    fn name(&self, kind: &str) -> String {
+        format!("{}-{kind}", self.settings.name)
+    }
+
+    fn tags(&self, resource: ResourceType, role: &str) -> TagSpecification {
+        TagSpecification::builder()
+            .resource_type(resource)
+            .tags(Tag::builder().key(TAG_DEPLOYMENT).value(&self.settings.name).build())
+            .tags(Tag::builder().key(TAG_MANAGED).value("true").build())
+            .tags(Tag::builder().key(TAG_ROLE).value(role).build())
+            .tags(Tag::builder().key("Name").value(self.name(role)).build())
+            .build()
+    }
+
+    fn ours(&self) -> Vec<Filter> {
+        vec![
+            Filter::builder().name(format!("tag:{TAG_DEPLOYMENT}")).values(&self.settings.name).build(),
+            Filter::builder().name(format!("tag:{TAG_MANAGED}")).values("true").build(),
+        ]
+    }
+
+    fn role(&self, role: &str) -> Vec<Filter> {
+        let mut f = self.ours();
+        f.push(Filter::builder().name(format!("tag:{TAG_ROLE}")).values(role).build());
+        f
+    }
+
+    fn token(&self, what: &str) -> String {
+        // Same per deployment and step: a real EC2 would dedupe a retried create.
+        format!("sgbox-{}-{what}", self.settings.name)
+    }
+
+    async fn security_group(&self) -> Result<Option<aws_sdk_ec2::types::SecurityGroup>> {
+        let out = self.ec2.describe_security_groups().set_filters(Some(self.role("firewall"))).send().await.map_err(api("DescribeSecurityGroups"))?;
+        Ok(out.security_groups().first().cloned())
+    }
+
+    async fn find_security_group(&self) -> Result<Option<String>> {
+        Ok(self.security_group().await?.and_then(|g| g.group_id().map(str::to_string)))
+    }
+
+    async fn live_instances(&self) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
+        let mut f = self.role("box");
+        f.push(Filter::builder().name("instance-state-name").values("pending").values("running").values("stopping").values("stopped").build());
+        let out = self.ec2.describe_instances().set_filters(Some(f)).send().await.map_err(api("DescribeInstances"))?;
+        Ok(out.reservations().iter().flat_map(|r| r.instances().iter().cloned()).collect())
+    }
+
+    async fn data_volume(&self) -> Result<Option<aws_sdk_ec2::types::Volume>> {
+        let out = self.ec2.describe_volumes().set_filters(Some(self.role("data"))).send().await.map_err(api("DescribeVolumes"))?;
+        Ok(out.volumes().iter().find(|v| v.state().is_some_and(|s| s.as_str() != "deleting" && s.as_str() != "deleted")).cloned())
+    }
+
+    async fn address(&self) -> Result<Option<aws_sdk_ec2::types::Address>> {
+        let out = self.ec2.describe_addresses().set_filters(Some(self.role("address"))).send().await.map_err(api("DescribeAddresses"))?;
+        Ok(out.addresses().first().cloned())
+    }
+
+    async fn ssh_cidr(&self) -> Result<String> {
+        match &self.settings.ssh_cidr {
+            Some(c) => Ok(c.to_string()),
+            None => Err(UserError::field("ssh-cidr", "AWS needs to know who may reach SSH")
+                .hint("pass --ssh-cidr with your address, e.g. --ssh-cidr 203.0.113.7/32")
+                .into()),
+        }
+    }
+
+    async fn wait<F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(500);
+        loop {
+            if check().await? {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(ProviderError::Timeout { what: what.into(), waited: timeout });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Aws {
+    async fn preflight(&self) -> Result<()> {
+        if self.region.is_empty() {
+            return Err(UserError::field("region", "no AWS region given").hint("pass --region (e.g. us-east-1) or set AWS_REGION").into());
+        }
+        self.ssh_cidr().await?;
+        // Credentials and region, and that the instance type exists there: one read-only call.
+        let t = self.settings.machine().instance_type;
+        let out = self.ec2.describe_instance_types().instance_types(t.as_str().into()).send().await;
+        match out {
+            Ok(_) => Ok(()),
+            Err(e) if code_of(&e).is_some_and(|c| c.contains("InvalidInstanceType") || c == "InvalidParameterValue") => {
+                Err(UserError::field("instance-type", format!("{t} is not offered in {}", self.region)).hint("pick another --instance-type or --size").into())
+            }
+            Err(e) if code_of(&e).is_some_and(|c| c.contains("AuthFailure") || c.contains("UnrecognizedClient")) => {
+                Err(UserError::new("AWS rejected the credentials").hint("configure credentials (aws configure, AWS_PROFILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)").into())
+            }
+            Err(e) => Err(api("DescribeInstanceTypes")(e)),
+        }
+    }
+
+    async fn ensure_network(&self) -> Result<()> {
+        let cidr = self.ssh_cidr().await?;
+        let existing = self.security_group().await?;
+        let have: Vec<(i32, String)> = existing
+            .iter()
+            .flat_map(|g| g.ip_permissions())
+            .flat_map(|p| p.ip_ranges().iter().map(move |r| (p.from_port().unwrap_or(-1), r.cidr_ip().unwrap_or_default().to_string())))
+            .collect();
+        let id = match existing.and_then(|g| g.group_id().map(str::to_string)) {
+            Some(id) => id,
+            None => {
+                let vpcs = self
+                    .ec2
+                    .describe_vpcs()
+                    .filters(Filter::builder().name("is-default").values("true").build())
+                    .send()
+                    .await
+                    .map_err(api("DescribeVpcs"))?;
+                let vpc = vpcs.vpcs().first().and_then(|v| v.vpc_id()).ok_or_else(|| failed("finding the default VPC", format!("{} has no default VPC", self.region)))?;
+                let out = self
+                    .ec2
+                    .create_security_group()
+                    .group_name(self.name("sgbox"))
+                    .description(format!("sgbox {}: HTTP/HTTPS open, SSH from {cidr}", self.settings.name))
+                    .vpc_id(vpc)
+                    .tag_specifications(self.tags(ResourceType::SecurityGroup, "firewall"))
+                    .send()
+                    .await
+                    .map_err(api("CreateSecurityGroup"))?;
+                let id = out.group_id().unwrap_or_default().to_string();
+                self.update(|r| r.security_group = Some(id.clone()))?;
+                id
+            }
+        };
+        self.update(|r| r.security_group = Some(id.clone()))?;
+        let rule = |port: i32, cidr: &str, what: &str| {
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(port)
+                .to_port(port)
+                .ip_ranges(IpRange::builder().cidr_ip(cidr).description(what).build())
+                .build()
+        };
+        for (port, from, what) in [(80, "0.0.0.0/0", "HTTP"), (443, "0.0.0.0/0", "HTTPS"), (22, cidr.as_str(), "SSH (sgbox ssh-cidr)")] {
+            // Only what is missing: a converged re-run makes no mutating call.
+            if have.contains(&(port, from.to_string())) {
+                continue;
+            }
+            let p = rule(port, from, what);
+            match self.ec2.authorize_security_group_ingress().group_id(&id).ip_permissions(p).send().await {
+                Ok(_) => {}
+                Err(e) if code_of(&e).as_deref() == Some("InvalidPermission.Duplicate") => {}
+                Err(e) => return Err(api("AuthorizeSecurityGroupIngress")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_key(&self, public_key: &str) -> Result<()> {
+        let name = self.name("sgbox");
+        let found = self.ec2.describe_key_pairs().set_filters(Some(self.role("key"))).send().await.map_err(api("DescribeKeyPairs"))?;
+        if let Some(k) = found.key_pairs().first() {
+            let n = k.key_name().unwrap_or_default().to_string();
+            return self.update(|r| r.key_pair = Some(n));
+        }
+        match self
+            .ec2
+            .import_key_pair()
+            .key_name(&name)
+            .public_key_material(Blob::new(public_key.as_bytes()))
+            .tag_specifications(self.tags(ResourceType::KeyPair, "key"))
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            // An untagged key of our name is not ours to take over.
+            Err(e) if code_of(&e).as_deref() == Some("InvalidKeyPair.Duplicate") => {
+                return Err(UserError::field("name", format!("a key pair named {name} exists but is not tagged as this deployment's"))
+                    .hint("pick another --name, or delete that key pair")
+                    .into())
+            }
+            Err(e) => return Err(api("ImportKeyPair")(e)),
+        }
+        self.update(|r| r.key_pair = Some(name))
+    }
+
+    async fn find_base_image(&self) -> Result<BaseImage> {
+        let via_ssm = self.ssm.get_parameter().name(DEBIAN_SSM_PARAMETER).send().await.ok().and_then(|o| o.parameter().and_then(|p| p.value()).map(str::to_string));
+        let id = match via_ssm {
+            Some(id) => id,
+            None => {
+                let out = self
+                    .ec2
+                    .describe_images()
+                    .owners(DEBIAN_OWNER)
+                    .filters(Filter::builder().name("name").values("debian-13-amd64-*").build())
+                    .filters(Filter::builder().name("architecture").values("x86_64").build())
+                    .filters(Filter::builder().name("state").values("available").build())
+                    .send()
+                    .await
+                    .map_err(api("DescribeImages"))?;
+                let mut imgs: Vec<_> = out.images().to_vec();
+                imgs.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()));
+                imgs.last()
+                    .and_then(|i| i.image_id())
+                    .map(str::to_string)
+                    .ok_or_else(|| failed("finding the Debian 13 AMI", format!("neither {DEBIAN_SSM_PARAMETER} nor Debian's images (owner {DEBIAN_OWNER}) exist in {}", self.region)))?
+            }
+        };
+        self.update(|r| r.image = Some(id.clone()))?;
+        Ok(BaseImage { description: format!("{id} (Debian 13)"), id })
+    }
+
+    async fn create_instance(&self, image: &BaseImage, spec: &InstanceSpec<'_>) -> Result<String> {
+        let rec = self.record();
+        let instance = match self.live_instances().await?.into_iter().next() {
+            Some(i) => i,
+            None => {
+                let img = self.ec2.describe_images().image_ids(&image.id).send().await.map_err(api("DescribeImages"))?;
+                let root = img.images().first().and_then(|i| i.root_device_name()).unwrap_or("/dev/xvda").to_string();
+                let sg = rec.security_group.clone().ok_or_else(|| failed("creating the instance", "no security group recorded"))?;
+                let key = rec.key_pair.clone().ok_or_else(|| failed("creating the instance", "no key pair recorded"))?;
+                let out = self
+                    .ec2
+                    .run_instances()
+                    .image_id(&image.id)
+                    .instance_type(self.settings.machine().instance_type.as_str().into())
+                    .min_count(1)
+                    .max_count(1)
+                    .key_name(key)
+                    .security_group_ids(sg)
+                    .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
+                    .metadata_options(
+                        InstanceMetadataOptionsRequest::builder()
+                            .http_tokens(HttpTokensState::Required)
+                            .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                            .http_put_response_hop_limit(1)
+                            .build(),
+                    )
+                    .block_device_mappings(
+                        BlockDeviceMapping::builder()
+                            .device_name(root)
+                            .ebs(EbsBlockDevice::builder().volume_size(ROOT_GB).volume_type(VolumeType::Gp3).encrypted(true).delete_on_termination(true).build())
+                            .build(),
+                    )
+                    .tag_specifications(self.tags(ResourceType::Instance, "box"))
+                    .tag_specifications(self.tags(ResourceType::Volume, "root"))
+                    .client_token(self.token("instance"))
+                    .send()
+                    .await
+                    .map_err(api("RunInstances"))?;
+                let i = out.instances().first().cloned().ok_or_else(|| failed("RunInstances", "no instance returned"))?;
+                let id = i.instance_id().unwrap_or_default().to_string();
+                self.update(|r| r.instance = Some(id))?;
+                i
+            }
+        };
+        let id = instance.instance_id().unwrap_or_default().to_string();
+        self.update(|r| r.instance = Some(id.clone()))?;
+        let az = instance.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string();
+
+        // The data volume: created once, kept on termination, attached to this instance.
+        let vol = match self.data_volume().await? {
+            Some(v) => v,
+            None => {
+                let v = self
+                    .ec2
+                    .create_volume()
+                    .availability_zone(&az)
+                    .size(self.settings.data_disk_gb as i32)
+                    .volume_type(VolumeType::Gp3)
+                    .encrypted(true)
+                    .tag_specifications(self.tags(ResourceType::Volume, "data"))
+                    .client_token(self.token("data"))
+                    .send()
+                    .await
+                    .map_err(api("CreateVolume"))?;
+                let vid = v.volume_id().unwrap_or_default().to_string();
+                self.update(|r| r.data_volume = Some(vid.clone()))?;
+                self.data_volume().await?.ok_or_else(|| failed("CreateVolume", format!("{vid} vanished")))?
+            }
+        };
+        let vid = vol.volume_id().unwrap_or_default().to_string();
+        self.update(|r| r.data_volume = Some(vid.clone()))?;
+        let attached_here = vol.attachments().iter().any(|a| a.instance_id() == Some(id.as_str()));
+        if !attached_here {
+            let ec2 = self.ec2.clone();
+            let v2 = vid.clone();
+            self.wait("the data volume to be available", Duration::from_secs(300), || {
+                let ec2 = ec2.clone();
+                let v2 = v2.clone();
+                async move {
+                    let o = ec2.describe_volumes().volume_ids(v2).send().await.map_err(api("DescribeVolumes"))?;
+                    Ok(o.volumes().first().and_then(|v| v.state()).is_some_and(|s| s.as_str() == "available"))
+                }
+            })
+            .await?;
+            let iid = id.clone();
+            self.wait("the instance to be running", Duration::from_secs(600), || self.instance_running(&iid)).await?;
+            self.ec2.attach_volume().volume_id(&vid).instance_id(&id).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
+        }
+
+        // The Elastic IP: the URL survives stop/start.
+        let addr = match self.address().await? {
+            Some(a) => a,
+            None => {
+                let a = self
+                    .ec2
+                    .allocate_address()
+                    .domain(DomainType::Vpc)
+                    .tag_specifications(self.tags(ResourceType::ElasticIp, "address"))
+                    .send()
+                    .await
+                    .map_err(api("AllocateAddress"))?;
+                let alloc = a.allocation_id().unwrap_or_default().to_string();
+                self.update(|r| r.eip_allocation = Some(alloc.clone()))?;
+                self.address().await?.ok_or_else(|| failed("AllocateAddress", format!("{alloc} vanished")))?
+            }
+        };
+        let alloc = addr.allocation_id().unwrap_or_default().to_string();
+        self.update(|r| r.eip_allocation = Some(alloc.clone()))?;
+        if addr.instance_id() != Some(id.as_str()) {
+            let iid = id.clone();
+            self.wait("the instance to be running", Duration::from_secs(600), || self.instance_running(&iid)).await?;
+            self.ec2.associate_address().allocation_id(&alloc).instance_id(&id).send().await.map_err(api("AssociateAddress"))?;
+        }
+        Ok(id)
+    }
+
+    async fn wait_running(&self, timeout: Duration) -> Result<Endpoint> {
+        let id = self.record().instance.ok_or_else(|| failed("waiting for the instance", "no instance recorded"))?;
+        self.wait("the instance to be running", timeout, || self.instance_running(&id)).await?;
+        self.endpoint().await?.ok_or_else(|| failed("reading the address", "the instance has no public address"))
+    }
+
+    async fn state(&self) -> Result<InstanceState> {
+        let live = self.live_instances().await?;
+        Ok(match live.first().and_then(|i| i.state()).and_then(|s| s.name()) {
+            None => InstanceState::Absent,
+            Some(InstanceStateName::Running) | Some(InstanceStateName::Pending) => InstanceState::Running,
+            Some(_) => InstanceState::Stopped,
+        })
+    }
+
+    async fn endpoint(&self) -> Result<Option<Endpoint>> {
+        let ip = match self.address().await? {
+            Some(a) if a.instance_id().is_some() => a.public_ip().map(str::to_string),
+            _ => self.live_instances().await?.first().and_then(|i| i.public_ip_address()).map(str::to_string),
+        };
+        Ok(ip.map(|host| Endpoint { host, ssh_port: 22, http_port: 80, https_port: 443 }))
+    }
+
+    async fn console_output(&self) -> Result<String> {
+        let Some(id) = self.record().instance else { return Ok(String::new()) };
+        let out = self.ec2.get_console_output().instance_id(id).latest(true).send().await.map_err(api("GetConsoleOutput"))?;
+        let text = out.output().unwrap_or_default();
+        let bytes = base64::engine::general_purpose::STANDARD.decode(text.trim()).unwrap_or_else(|_| text.as_bytes().to_vec());
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn snapshot_data_disk(&self, label: &str) -> Result<String> {
+        let vid = self.data_volume().await?.and_then(|v| v.volume_id().map(str::to_string)).ok_or_else(|| failed("snapshotting", "no data volume"))?;
+        let out = self
+            .ec2
+            .create_snapshot()
+            .volume_id(vid)
+            .description(format!("sgbox {}: {label}", self.settings.name))
+            .tag_specifications(self.tags(ResourceType::Snapshot, "snapshot"))
+            .send()
+            .await
+            .map_err(api("CreateSnapshot"))?;
+        Ok(out.snapshot_id().unwrap_or_default().to_string())
+    }
+
+    async fn resources(&self) -> Result<Vec<Resource>> {
+        let r = |kind: &str, id: &str, kept: bool| Resource { kind: kind.into(), id: id.into(), kept_by_default: kept };
+        let mut out = Vec::new();
+        for i in self.live_instances().await? {
+            out.push(r("instance", i.instance_id().unwrap_or_default(), false));
+        }
+        if let Some(a) = self.address().await? {
+            out.push(r("elastic ip", a.allocation_id().unwrap_or_default(), false));
+        }
+        if let Some(v) = self.data_volume().await? {
+            out.push(r("data volume", v.volume_id().unwrap_or_default(), true));
+        }
+        let keys = self.ec2.describe_key_pairs().set_filters(Some(self.role("key"))).send().await.map_err(api("DescribeKeyPairs"))?;
+        for k in keys.key_pairs() {
+            out.push(r("key pair", k.key_name().unwrap_or_default(), false));
+        }
+        if let Some(sg) = self.find_security_group().await? {
+            out.push(r("security group", &sg, false));
+        }
+        Ok(out)
+    }
+
+    async fn destroy(&self, delete_data: bool, timeout: Duration) -> Result<Vec<Resource>> {
+        // Dependency order: address, instance (and wait), data volume, key, security group.
+        if let Some(a) = self.address().await? {
+            if let Some(assoc) = a.association_id() {
+                self.ec2.disassociate_address().association_id(assoc).send().await.map_err(api("DisassociateAddress"))?;
+            }
+            self.ec2.release_address().allocation_id(a.allocation_id().unwrap_or_default()).send().await.map_err(api("ReleaseAddress"))?;
+        }
+        let ids: Vec<String> = self.live_instances().await?.iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+        if !ids.is_empty() {
+            self.ec2.terminate_instances().set_instance_ids(Some(ids)).send().await.map_err(api("TerminateInstances"))?;
+            self.wait("the instance to terminate", timeout, || async { Ok(self.live_instances().await?.is_empty()) }).await?;
+        }
+        if delete_data {
+            if let Some(v) = self.data_volume().await? {
+                let vid = v.volume_id().unwrap_or_default().to_string();
+                self.wait("the data volume to detach", timeout, || {
+                    let ec2 = self.ec2.clone();
+                    let vid = vid.clone();
+                    async move {
+                        let o = ec2.describe_volumes().volume_ids(vid).send().await.map_err(api("DescribeVolumes"))?;
+                        Ok(o.volumes().first().and_then(|v| v.state()).is_none_or(|s| s.as_str() == "available"))
+                    }
+                })
+                .await?;
+                self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
+            }
+        }
+        let keys = self.ec2.describe_key_pairs().set_filters(Some(self.role("key"))).send().await.map_err(api("DescribeKeyPairs"))?;
+        for k in keys.key_pairs() {
+            // By name: what every EC2 implementation accepts; the name was found by our tags.
+            let req = match (k.key_name(), k.key_pair_id()) {
+                (Some(n), _) => self.ec2.delete_key_pair().key_name(n),
+                (None, Some(id)) => self.ec2.delete_key_pair().key_pair_id(id),
+                (None, None) => continue,
+            };
+            req.send().await.map_err(api("DeleteKeyPair"))?;
+        }
+        if let Some(sg) = self.find_security_group().await? {
+            self.ec2.delete_security_group().group_id(sg).send().await.map_err(api("DeleteSecurityGroup"))?;
+        }
+        let _ = std::fs::remove_file(self.dir.join("aws.json"));
+        let mut left = self.resources().await?;
+        left.retain(|r| delete_data || !r.kept_by_default);
+        Ok(left)
+    }
+}
+
+impl Aws {
+    async fn instance_running(&self, id: &str) -> Result<bool> {
+        let o = self.ec2.describe_instances().instance_ids(id).send().await.map_err(api("DescribeInstances"))?;
+        let state = o.reservations().iter().flat_map(|r| r.instances()).find_map(|i| i.state().and_then(|s| s.name()).cloned());
+        match state {
+            Some(InstanceStateName::Running) => Ok(true),
+            Some(InstanceStateName::Pending) | None => Ok(false),
+            Some(other) => Err(failed("waiting for the instance", format!("{id} is {}", other.as_str()))),
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! `sgbox up | status | down --cloud aws` against a real moto server (EC2 + SSM API), reached
+//! through the standard AWS_ENDPOINT_URL: no test-only code path in sgbox. Every claim is checked
+//! with independent reads (boto3), not with sgbox's own output.
+
+mod common;
+
+use common::moto::{Moto, Proxy, DEBIAN_AMI};
+use common::{run, sgbox, text};
+use serde_json::Value;
+
+const CIDR: &str = "203.0.113.7/32";
+
+fn aws(moto: &Moto, state: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut c = sgbox(state);
+    moto.env(&mut c, &moto.url());
+    c.args(args);
+    run(&mut c)
+}
+
+fn up_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    with(name, "us-east-1", CIDR, extra)
+}
+
+fn with<'a>(name: &'a str, region: &'a str, cidr: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["up", "--cloud", "aws", "--region", region, "--name", name, "--ssh-cidr", cidr, "--version", "7.5", "--no-wait", "--yes", "--output", "json"];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// Everything tagged as deployment `name`, read with boto3.
+fn inventory(moto: &Moto, name: &str) -> Value {
+    moto.py(&format!(
+        r#"
+f = [{{'Name': 'tag:sgbox:deployment', 'Values': ['{name}']}}]
+inst = [i for r in ec2.describe_instances(Filters=f)['Reservations'] for i in r['Instances'] if i['State']['Name'] != 'terminated']
+vols = ec2.describe_volumes(Filters=f)['Volumes']
+sgs = ec2.describe_security_groups(Filters=f)['SecurityGroups']
+keys = ec2.describe_key_pairs(Filters=f)['KeyPairs']
+eips = ec2.describe_addresses(Filters=f)['Addresses']
+ud = {{}}
+for i in inst:
+    a = ec2.describe_instance_attribute(InstanceId=i['InstanceId'], Attribute='userData')
+    ud[i['InstanceId']] = base64.b64decode(a['UserData']['Value']).decode()
+print(json.dumps({{'instances': inst, 'volumes': vols, 'sgs': sgs, 'keys': keys, 'eips': eips, 'user_data': ud}}, default=str))
+"#
+    ))
+}
+
+fn tag(v: &Value, key: &str) -> Option<String> {
+    v["Tags"].as_array()?.iter().find(|t| t["Key"] == key).and_then(|t| t["Value"].as_str()).map(str::to_string)
+}
+
+#[test]
+fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+
+    let out = aws(&moto, st, &up_args("box1", &[]));
+    assert!(out.status.success(), "up: {}\n{}", text(&out.stderr), moto.log().lines().rev().take(20).collect::<Vec<_>>().join("\n"));
+    let up: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inv = inventory(&moto, "box1");
+
+    // One of each, all tagged.
+    let insts = inv["instances"].as_array().unwrap();
+    assert_eq!(insts.len(), 1, "{inv:#}");
+    let i = &insts[0];
+    assert_eq!(up["instance_id"], i["InstanceId"]);
+    assert_eq!(i["ImageId"], DEBIAN_AMI, "newest Debian 13 AMI by Debian's owner id");
+    assert_eq!(i["InstanceType"], "m6a.2xlarge");
+    assert_eq!(i["MetadataOptions"]["HttpTokens"], "required", "IMDSv2 required");
+    for list in ["sgs", "keys", "eips"] {
+        assert_eq!(inv[list].as_array().unwrap().len(), 1, "{list}: {inv:#}");
+    }
+    for r in [i, &inv["sgs"][0], &inv["keys"][0], &inv["eips"][0]] {
+        assert_eq!(tag(r, "sgbox:managed").as_deref(), Some("true"), "{r}");
+    }
+
+    // Volumes: encrypted gp3; the data volume survives termination and is attached here.
+    let vols = inv["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 2, "root + data: {inv:#}");
+    for v in vols {
+        assert_eq!(v["Encrypted"], true, "{v}");
+        assert_eq!(v["VolumeType"], "gp3", "{v}");
+    }
+    let data = vols.iter().find(|v| tag(v, "sgbox:role").as_deref() == Some("data")).expect("data volume");
+    assert_eq!(data["Size"], 250);
+    assert_eq!(data["Attachments"][0]["InstanceId"], i["InstanceId"]);
+    // Kept on termination: the instance's mapping for it says so (and `down` below proves it).
+    let mapping = i["BlockDeviceMappings"].as_array().unwrap().iter().find(|m| m["Ebs"]["VolumeId"] == data["VolumeId"]).cloned().expect("data volume mapped");
+    assert_eq!(mapping["Ebs"]["DeleteOnTermination"], false, "{mapping}");
+    assert_eq!(mapping["DeviceName"], "/dev/sdf");
+
+    // Firewall: 80/443 open, 22 only from the configured CIDR, nothing else.
+    let perms = inv["sgs"][0]["IpPermissions"].as_array().unwrap();
+    let mut rules: Vec<(i64, Vec<String>)> = perms
+        .iter()
+        .map(|p| (p["FromPort"].as_i64().unwrap(), p["IpRanges"].as_array().unwrap().iter().map(|r| r["CidrIp"].as_str().unwrap().to_string()).collect()))
+        .collect();
+    rules.sort();
+    assert_eq!(rules, vec![(22, vec![CIDR.to_string()]), (80, vec!["0.0.0.0/0".to_string()]), (443, vec!["0.0.0.0/0".to_string()])]);
+
+    // The Elastic IP is the box's address.
+    assert_eq!(inv["eips"][0]["InstanceId"], i["InstanceId"]);
+    assert_eq!(up["url"], format!("http://{}", inv["eips"][0]["PublicIp"].as_str().unwrap()));
+
+    // The user-data is exactly what `render` writes for the same settings.
+    let out_dir = st.join("render");
+    let r = run(sgbox(st).args(["render", "--cloud", "aws", "--region", "us-east-1", "--name", "box1", "--ssh-cidr", CIDR, "--version", "7.5", "--out", out_dir.to_str().unwrap()]));
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let rendered = std::fs::read_to_string(out_dir.join("user-data")).unwrap();
+    assert_eq!(inv["user_data"][i["InstanceId"].as_str().unwrap()].as_str().unwrap(), rendered);
+
+    // Re-running converges: still one of each, the same ids.
+    let out = aws(&moto, st, &up_args("box1", &[]));
+    assert!(out.status.success(), "re-run: {}", text(&out.stderr));
+    let again = inventory(&moto, "box1");
+    for list in ["instances", "volumes", "sgs", "keys", "eips"] {
+        assert_eq!(again[list].as_array().unwrap().len(), inv[list].as_array().unwrap().len(), "{list} after re-run");
+    }
+    assert_eq!(again["instances"][0]["InstanceId"], i["InstanceId"]);
+
+    // status reads the cloud.
+    let s = aws(&moto, st, &["status", "--name", "box1", "--output", "json"]);
+    assert!(s.status.success(), "{}", text(&s.stderr));
+    let sv: Value = serde_json::from_slice(&s.stdout).unwrap();
+    assert_eq!(sv["state"], "running");
+    assert_eq!(sv["url"], up["url"]);
+
+    // Down keeps the data volume (available, still tagged) and deletes the rest.
+    let out = aws(&moto, st, &["down", "--name", "box1", "--yes", "--output", "json"]);
+    assert!(out.status.success(), "down: {}", text(&out.stderr));
+    let after = inventory(&moto, "box1");
+    assert!(after["instances"].as_array().unwrap().is_empty(), "{after:#}");
+    for list in ["sgs", "keys", "eips"] {
+        assert!(after[list].as_array().unwrap().is_empty(), "{list} left: {after:#}");
+    }
+    let left: Vec<&Value> = after["volumes"].as_array().unwrap().iter().collect();
+    assert_eq!(left.len(), 1, "only the data volume stays: {after:#}");
+    assert_eq!(left[0]["VolumeId"], data["VolumeId"]);
+    assert_eq!(left[0]["State"], "available");
+}
+
+#[test]
+fn down_without_local_state_deletes_only_what_is_tagged() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let out = aws(&moto, st, &up_args("lost", &[]));
+    assert!(out.status.success(), "up: {}", text(&out.stderr));
+    let out = aws(&moto, st, &up_args("other", &[]));
+    assert!(out.status.success(), "up other: {}", text(&out.stderr));
+    // Untagged decoys that look alike.
+    let decoys = moto.py(&format!(
+        r#"
+vpc = ec2.describe_vpcs(Filters=[{{'Name': 'is-default', 'Values': ['true']}}])['Vpcs'][0]['VpcId']
+sg = ec2.create_security_group(GroupName='lost-decoy', Description='not sgbox', VpcId=vpc)['GroupId']
+vol = ec2.create_volume(AvailabilityZone='us-east-1a', Size=250, VolumeType='gp3')['VolumeId']
+ec2.create_key_pair(KeyName='lost-sgbox-decoy')
+inst = ec2.run_instances(ImageId='{DEBIAN_AMI}', InstanceType='m6a.2xlarge', MinCount=1, MaxCount=1)['Instances'][0]['InstanceId']
+print(json.dumps({{'sg': sg, 'vol': vol, 'inst': inst}}))
+"#
+    ));
+    std::fs::remove_dir_all(st.join("lost")).unwrap();
+
+    let out = aws(&moto, st, &["down", "--name", "lost", "--yes", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(2), "without a record, down asks for the cloud: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--cloud"), "{}", text(&out.stderr));
+
+    let out = aws(&moto, st, &["down", "--name", "lost", "--cloud", "aws", "--region", "us-east-1", "--delete-data", "--yes", "--output", "json"]);
+    assert!(out.status.success(), "down: {}", text(&out.stderr));
+    let gone = inventory(&moto, "lost");
+    for list in ["instances", "volumes", "sgs", "keys", "eips"] {
+        assert!(gone[list].as_array().unwrap().is_empty(), "{list} left: {gone:#}");
+    }
+    // Decoys and the other deployment are untouched.
+    let still = moto.py(&format!(
+        r#"
+sg = ec2.describe_security_groups(GroupIds=['{sg}'])['SecurityGroups']
+vol = ec2.describe_volumes(VolumeIds=['{vol}'])['Volumes']
+key = ec2.describe_key_pairs(KeyNames=['lost-sgbox-decoy'])['KeyPairs']
+inst = [i['State']['Name'] for r in ec2.describe_instances(InstanceIds=['{inst}'])['Reservations'] for i in r['Instances']]
+print(json.dumps({{'sg': len(sg), 'vol': len(vol), 'key': len(key), 'inst': inst}}))
+"#,
+        sg = decoys["sg"].as_str().unwrap(),
+        vol = decoys["vol"].as_str().unwrap(),
+        inst = decoys["inst"].as_str().unwrap()
+    ));
+    assert_eq!(still, serde_json::json!({"sg": 1, "vol": 1, "key": 1, "inst": ["running"]}));
+    let other = inventory(&moto, "other");
+    assert_eq!(other["instances"].as_array().unwrap().len(), 1, "the other deployment is untouched");
+}
+
+#[test]
+fn bad_input_exits_2_and_creates_nothing() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    for (args, field) in [
+        (with("bad", "mars-north-1", CIDR, &[]), "region"),
+        (with("bad", "us-east-1", "10.0.0.300/8", &[]), "ssh-cidr"),
+        (with("bad", "us-east-1", "0.0.0.0/0", &[]), "ssh-cidr"),
+        (up_args("bad", &["--instance-type", "m6a.hyperlarge"]), "instance-type"),
+    ] {
+        let out = aws(&moto, st, &args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(field) && err.contains("fix:"), "{args:?}: {err}");
+    }
+    let inv = inventory(&moto, "bad");
+    for list in ["instances", "volumes", "sgs", "keys", "eips"] {
+        assert!(inv[list].as_array().unwrap().is_empty(), "{list} created: {inv:#}");
+    }
+    assert!(!st.join("bad").exists(), "no state written");
+}
+
+fn one_of_each(moto: &Moto, name: &str) {
+    let inv = inventory(moto, name);
+    let n = |k: &str| inv[k].as_array().unwrap().len();
+    assert_eq!((n("instances"), n("volumes"), n("sgs"), n("keys"), n("eips")), (1, 2, 1, 1, 1), "{name}: {inv:#}");
+    assert_eq!(inv["eips"][0]["InstanceId"], inv["instances"][0]["InstanceId"], "{name}: address associated");
+    let data = inv["volumes"].as_array().unwrap().iter().find(|v| tag(v, "sgbox:role").as_deref() == Some("data")).cloned().unwrap();
+    assert_eq!(data["Attachments"][0]["InstanceId"], inv["instances"][0]["InstanceId"], "{name}: data attached");
+}
+
+const MUTATING_PREFIXES: [&str; 12] =
+    ["Create", "Run", "Import", "Allocate", "Associate", "Attach", "Authorize", "Terminate", "Delete", "Release", "Disassociate", "Modify"];
+
+#[test]
+fn up_killed_after_each_create_converges_on_rerun() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let steps = ["CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "ImportKeyPair", "RunInstances", "CreateVolume", "AttachVolume", "AllocateAddress", "AssociateAddress"];
+    for (i, action) in steps.iter().enumerate() {
+        let name = format!("kill{i}");
+        let proxy = Proxy::start(&moto, 0.0, Some(action));
+        let mut c = sgbox(st);
+        moto.env(&mut c, &proxy.url());
+        c.args(up_args(&name, &[])).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !proxy.calls().iter().any(|(a, fwd, _)| a == action && *fwd) {
+            assert!(child.try_wait().unwrap().is_none(), "{action}: up ended before reaching it");
+            assert!(std::time::Instant::now() < until, "{action} never called: {:?}", proxy.calls());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // The cloud changed; sgbox never heard back. kill -9.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(proxy);
+        let out = aws(&moto, st, &up_args(&name, &[]));
+        assert!(out.status.success(), "re-run after kill at {action}: {}", text(&out.stderr));
+        one_of_each(&moto, &name);
+    }
+}
+
+#[test]
+fn up_succeeds_through_throttling_and_a_rerun_mutates_nothing() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let proxy = Proxy::start(&moto, 0.3, None);
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    let out = run(c.args(up_args("throttled", &[])));
+    let calls = proxy.calls();
+    let throttled = calls.iter().filter(|c| !c.1).count();
+    assert!(out.status.success(), "up through 30% throttling ({throttled} of {} calls throttled): {}", calls.len(), text(&out.stderr));
+    assert!(throttled >= 3, "the proxy really throttled: {calls:?}");
+    one_of_each(&moto, "throttled");
+    drop(proxy);
+
+    let proxy = Proxy::start(&moto, 0.0, None);
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    let out = run(c.args(up_args("throttled", &[])));
+    assert!(out.status.success(), "re-run: {}", text(&out.stderr));
+    let mutating: Vec<String> = proxy.calls().into_iter().map(|c| c.0).filter(|a| MUTATING_PREFIXES.iter().any(|p| a.starts_with(p))).collect();
+    assert!(mutating.is_empty(), "a converged re-run made mutating calls: {mutating:?}");
+    one_of_each(&moto, "throttled");
+}

@@ -1,0 +1,156 @@
+//! A real moto server (PyPI `moto[server]`, installed into .venv by .ci/setup) on 127.0.0.1, with
+//! AMI, key-pair and instance-type validation on and Debian's AMIs seeded (moto ships none), and
+//! boto3 (which comes with moto) as an independent reader of what sgbox created.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::localbox::free_port;
+use super::text;
+
+pub const DEBIAN_AMI: &str = "ami-0d3b1e5a9c13debe1";
+pub const OLD_DEBIAN_AMI: &str = "ami-0aa0d3b1e5a9c1312";
+
+fn venv_bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").join(name);
+    assert!(p.exists(), "{} not found: run `bash .ci/setup` (pip installs moto[server,ec2,ssm] into .venv)", p.display());
+    p
+}
+
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let dir = tempfile::tempdir().unwrap();
+        let amis = dir.path().join("amis.json");
+        let ami = |id: &str, name: &str, date: &str| {
+            serde_json::json!({
+                "ami_id": id, "state": "available", "public": true, "owner_id": "136693071363",
+                "image_location": format!("136693071363/{name}"), "sriov": "simple", "root_device_type": "ebs",
+                "root_device_name": "/dev/xvda", "description": "Debian 13 (trixie)", "image_type": "machine",
+                "platform": null, "architecture": "x86_64", "name": name, "virtualization_type": "hvm",
+                "hypervisor": "xen", "creation_date": date
+            })
+        };
+        let list = serde_json::json!([
+            ami(OLD_DEBIAN_AMI, "debian-13-amd64-20260901-2200", "2026-09-01T10:00:00.000Z"),
+            ami(DEBIAN_AMI, "debian-13-amd64-20261110-2289", "2026-11-10T10:00:00.000Z"),
+            ami("ami-0b0bdeb12000000a1", "debian-12-amd64-20261110-2289", "2026-11-10T11:00:00.000Z"),
+        ]);
+        std::fs::write(&amis, list.to_string()).unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
+        let child = Command::new(venv_bin("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_AMIS_PATH", &amis)
+            .env("MOTO_ENABLE_AMI_VALIDATION", "true")
+            .env("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+            .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("moto_server starts");
+        let m = Moto { child, port, dir };
+        let until = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "moto did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Environment for sgbox: the standard AWS variables, nothing test-specific.
+    pub fn env(&self, cmd: &mut Command, endpoint: &str) {
+        cmd.env("AWS_ENDPOINT_URL", endpoint)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE");
+    }
+
+    /// Run boto3 (from moto's venv) against moto: an independent reader of what sgbox made.
+    pub fn py(&self, code: &str) -> serde_json::Value {
+        let script = format!(
+            "import boto3, json, base64\nec2 = boto3.client('ec2', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}\n",
+            self.url()
+        );
+        let out = Command::new(venv_bin("python")).arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success(), "boto3 script failed: {}\n{script}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("boto3 printed no JSON ({e}): {}", text(&out.stdout)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// tests/harness/fault_proxy.py in front of moto: throttles a share of calls, or forwards one
+/// action and then never answers it.
+pub struct Proxy {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    pub fn start(moto: &Moto, throttle: f64, hang_after: Option<&str>) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = dir.path().join("calls.jsonl");
+        let mut cmd = Command::new("python3");
+        cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/fault_proxy.py"))
+            .args(["--port", &port.to_string(), "--upstream", &moto.url(), "--throttle", &throttle.to_string()])
+            .arg("--log")
+            .arg(&log);
+        if let Some(a) = hang_after {
+            cmd.args(["--hang-after", a]);
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("python3 runs the fault proxy");
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "fault proxy did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Proxy { child, port, log, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// (action, forwarded, status) of every call so far.
+    pub fn calls(&self) -> Vec<(String, bool, u16)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| (v["action"].as_str().unwrap_or("").to_string(), v["forwarded"].as_bool().unwrap_or(false), v["status"].as_u64().unwrap_or(0) as u16))
+            .collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

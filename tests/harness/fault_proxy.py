@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Fault-injecting HTTP proxy in front of moto, for sgbox's AWS tests (Python stdlib only).
+
+  python3 tests/harness/fault_proxy.py --port PORT --upstream http://127.0.0.1:MOTO [--throttle 0.3] [--seed 1]
+                                       [--hang-after ACTION] [--log FILE]
+
+- --throttle P: answer a fraction P of calls with EC2's throttling error (HTTP 503,
+  RequestLimitExceeded; SSM: ThrottlingException) without forwarding them.
+- --hang-after ACTION: forward the first call of ACTION to moto (so it takes effect), then never
+  answer it: the caller is stuck exactly after the cloud changed and before it heard back — where
+  an interrupted `sgbox up` must still converge on re-run.
+- --log FILE: one JSON line per call: action, forwarded, status.
+The action is the EC2 Query API's `Action=` form field, or the X-Amz-Target header (SSM).
+"""
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+EC2_THROTTLE = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>RequestLimitExceeded</Code>'
+    "<Message>Request limit exceeded.</Message></Error></Errors><RequestID>fault-proxy</RequestID></Response>"
+)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--upstream", required=True)
+    ap.add_argument("--throttle", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--hang-after", default="")
+    ap.add_argument("--log", default="")
+    a = ap.parse_args()
+    rng = random.Random(a.seed)
+    lock = threading.Lock()
+    state = {"hung": False}
+    log = open(a.log, "a", buffering=1) if a.log else None
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _handle(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else b""
+            target = self.headers.get("X-Amz-Target", "")
+            action = target.split(".")[-1] if target else ""
+            if not action:
+                q = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+                q.update(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query))
+                action = (q.get("Action") or [""])[0]
+            with lock:
+                throttle = rng.random() < a.throttle
+                hang = a.hang_after and action == a.hang_after and not state["hung"]
+                if hang:
+                    state["hung"] = True
+            if throttle:
+                if target:
+                    payload = json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"}).encode()
+                    ctype = "application/x-amz-json-1.1"
+                else:
+                    payload = EC2_THROTTLE.encode()
+                    ctype = "text/xml"
+                self._reply(503 if not target else 400, ctype, payload, {})
+                self._log(action, False, 503)
+                return
+            req = urllib.request.Request(a.upstream + self.path, data=body if self.command != "GET" else None, method=self.command)
+            for k, v in self.headers.items():
+                if k.lower() not in ("host", "content-length", "connection", "accept-encoding"):
+                    req.add_header(k, v)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    status, headers, payload = r.status, dict(r.headers), r.read()
+            except urllib.error.HTTPError as e:
+                status, headers, payload = e.code, dict(e.headers), e.read()
+            self._log(action, True, status)
+            if hang:
+                while True:
+                    time.sleep(3600)
+            self._reply(status, headers.get("Content-Type", "text/xml"), payload, headers)
+
+        def _reply(self, status, ctype, payload, headers):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(payload)))
+            for k in ("x-amzn-RequestId", "x-amz-request-id"):
+                if k in headers:
+                    self.send_header(k, headers[k])
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _log(self, action, forwarded, status):
+            if log:
+                log.write(json.dumps({"action": action, "forwarded": forwarded, "status": status}) + "\n")
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+    srv = ThreadingHTTPServer(("127.0.0.1", a.port), H)
+    srv.daemon_threads = True
+    print(f"fault_proxy: 127.0.0.1:{a.port} -> {a.upstream}", file=sys.stderr, flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
