@@ -128,6 +128,12 @@ pub struct DeploymentArgs {
     /// Allow --ssh-cidr 0.0.0.0/0. SSH open to the whole internet is almost never what you want.
     #[arg(long)]
     pub allow_ssh_from_anywhere: bool,
+    /// AWS: boot this AMI instead of Debian's newest Debian 13 (it must run cloud-init).
+    #[arg(long, value_name = "AMI")]
+    pub image_id: Option<String>,
+    /// AWS: the subnet for the box [default: the default VPC's].
+    #[arg(long, value_name = "SUBNET")]
+    pub subnet_id: Option<String>,
     /// Local cloud: the base disk image (a Debian 13 cloud qcow2) or a folder written by
     /// `sgbox image build --cloud local` [default: the built image if present, else Debian's
     /// genericcloud image, downloaded once].
@@ -168,6 +174,8 @@ impl DeploymentArgs {
             ("tls-key", self.tls_key.clone()),
             ("ssh-cidr", self.ssh_cidr.clone()),
             ("allow-ssh-from-anywhere", self.allow_ssh_from_anywhere.then(|| "true".to_string())),
+            ("image-id", self.image_id.clone()),
+            ("subnet-id", self.subnet_id.clone()),
             ("base-image", self.base_image.clone()),
             ("accel", self.accel.clone()),
             ("ssh-port", self.ssh_port.clone()),

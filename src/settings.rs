@@ -51,6 +51,8 @@ const KEYS: &[Key] = &[
     Key { name: "tls-key", kind: Kind::Str },
     Key { name: "ssh-cidr", kind: Kind::Str },
     Key { name: "allow-ssh-from-anywhere", kind: Kind::Bool },
+    Key { name: "image-id", kind: Kind::Str },
+    Key { name: "subnet-id", kind: Kind::Str },
     Key { name: "base-image", kind: Kind::Str },
     Key { name: "accel", kind: Kind::Str },
     Key { name: "ssh-port", kind: Kind::Int },
@@ -324,6 +326,15 @@ pub struct Settings {
     pub allow_ssh_from_anywhere: bool,
     /// Only for the local cloud.
     pub local: LocalSettings,
+    /// Only for AWS.
+    pub aws: AwsSettings,
+}
+
+/// AWS-only choices: an AMI instead of Debian's, a subnet instead of the default VPC's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AwsSettings {
+    pub image_id: Option<String>,
+    pub subnet_id: Option<String>,
 }
 
 /// How the local cloud runs its VM. Ports are on 127.0.0.1; `None` picks a free one.
@@ -532,9 +543,11 @@ impl Settings {
         };
 
         let local = resolve_local(layer, cloud)?;
+        let aws = resolve_aws(layer, cloud)?;
 
         Ok(Settings {
             local,
+            aws,
             name,
             cloud,
             region,
@@ -632,6 +645,12 @@ impl Settings {
         if self.allow_ssh_from_anywhere {
             put("allow-ssh-from-anywhere", toml::Value::Boolean(true));
         }
+        if let Some(i) = &self.aws.image_id {
+            put("image-id", st(i));
+        }
+        if let Some(i) = &self.aws.subnet_id {
+            put("subnet-id", st(i));
+        }
         if let Some(b) = &self.local.base_image {
             put("base-image", st(&b.display().to_string()));
         }
@@ -652,6 +671,22 @@ impl Settings {
         }
         out
     }
+}
+
+fn resolve_aws(layer: &Layer, cloud: Cloud) -> Result<AwsSettings, UserError> {
+    let id = |key: &str, prefix: &str, example: &str| -> Result<Option<String>, UserError> {
+        let Some(v) = layer.get(key) else { return Ok(None) };
+        if cloud != Cloud::Aws {
+            return Err(bad(key, v, format!("only applies to AWS, not {cloud}")).hint(format!("drop {}", field_name(key, v))));
+        }
+        let t = v.text.trim();
+        let hex = t.strip_prefix(prefix).unwrap_or("");
+        if !(8..=17).contains(&hex.len()) || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return Err(bad(key, v, format!("'{t}' is not an id of the form {prefix}…")).hint(format!("use an id such as {example}")));
+        }
+        Ok(Some(t.to_string()))
+    };
+    Ok(AwsSettings { image_id: id("image-id", "ami-", "ami-0abcdef1234567890")?, subnet_id: id("subnet-id", "subnet-", "subnet-0abcdef1234567890")? })
 }
 
 fn resolve_local(layer: &Layer, cloud: Cloud) -> Result<LocalSettings, UserError> {

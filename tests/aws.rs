@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::moto::{Moto, Proxy, DEBIAN_AMI};
+use common::moto::{Moto, Proxy, DEBIAN_AMI, OLD_DEBIAN_AMI};
 use common::{run, sgbox, text};
 use serde_json::Value;
 
@@ -201,6 +201,9 @@ fn bad_input_exits_2_and_creates_nothing() {
         (with("bad", "us-east-1", "10.0.0.300/8", &[]), "ssh-cidr"),
         (with("bad", "us-east-1", "0.0.0.0/0", &[]), "ssh-cidr"),
         (up_args("bad", &["--instance-type", "m6a.hyperlarge"]), "instance-type"),
+        (up_args("bad", &["--image-id", "ami-0123456789abcdef0"]), "image-id"),
+        (up_args("bad", &["--image-id", "debian13"]), "image-id"),
+        (up_args("bad", &["--subnet-id", "subnet-0123456789abcdef0"]), "subnet-id"),
     ] {
         let out = aws(&moto, st, &args);
         let err = text(&out.stderr);
@@ -279,4 +282,21 @@ fn up_succeeds_through_throttling_and_a_rerun_mutates_nothing() {
     let mutating: Vec<String> = proxy.calls().into_iter().map(|c| c.0).filter(|a| MUTATING_PREFIXES.iter().any(|p| a.starts_with(p))).collect();
     assert!(mutating.is_empty(), "a converged re-run made mutating calls: {mutating:?}");
     one_of_each(&moto, "throttled");
+}
+
+#[test]
+fn image_and_subnet_can_be_chosen() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let subnet = moto.py("print(json.dumps(ec2.describe_subnets()['Subnets'][-1]['SubnetId']))");
+    let subnet = subnet.as_str().unwrap();
+    let out = aws(&moto, state.path(), &up_args("pick", &["--image-id", OLD_DEBIAN_AMI, "--subnet-id", subnet]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let inv = inventory(&moto, "pick");
+    assert_eq!(inv["instances"][0]["ImageId"], OLD_DEBIAN_AMI);
+    assert_eq!(inv["instances"][0]["SubnetId"], subnet);
+    // The choices are part of the deployment's settings, so `plan --print-config` round-trips them.
+    let cfg = run(sgbox(state.path()).args(["plan", "--cloud", "aws", "--image-id", OLD_DEBIAN_AMI, "--subnet-id", subnet, "--print-config"]));
+    let t = text(&cfg.stdout);
+    assert!(t.contains(&format!("image-id = \"{OLD_DEBIAN_AMI}\"")) && t.contains(&format!("subnet-id = \"{subnet}\"")), "{t}");
 }

@@ -194,6 +194,12 @@ impl Provider for Aws {
             return Err(UserError::field("region", "no AWS region given").hint("pass --region (e.g. us-east-1) or set AWS_REGION").into());
         }
         self.ssh_cidr().await?;
+        if let Some(id) = &self.settings.aws.image_id {
+            self.given_image(id).await?;
+        }
+        if let Some(subnet) = &self.settings.aws.subnet_id {
+            self.subnet_vpc(subnet).await?;
+        }
         // Credentials and region, and that the instance type exists there: one read-only call.
         let t = self.settings.machine().instance_type;
         let out = self.ec2.describe_instance_types().instance_types(t.as_str().into()).send().await;
@@ -220,20 +226,28 @@ impl Provider for Aws {
         let id = match existing.and_then(|g| g.group_id().map(str::to_string)) {
             Some(id) => id,
             None => {
-                let vpcs = self
-                    .ec2
-                    .describe_vpcs()
-                    .filters(Filter::builder().name("is-default").values("true").build())
-                    .send()
-                    .await
-                    .map_err(api("DescribeVpcs"))?;
-                let vpc = vpcs.vpcs().first().and_then(|v| v.vpc_id()).ok_or_else(|| failed("finding the default VPC", format!("{} has no default VPC", self.region)))?;
+                let vpc = match &self.settings.aws.subnet_id {
+                    Some(subnet) => Some(self.subnet_vpc(subnet).await?),
+                    None => {
+                        let vpcs = self
+                            .ec2
+                            .describe_vpcs()
+                            .filters(Filter::builder().name("is-default").values("true").build())
+                            .send()
+                            .await
+                            .map_err(api("DescribeVpcs"))?;
+                        vpcs.vpcs().first().and_then(|v| v.vpc_id()).map(str::to_string)
+                    }
+                };
+                let vpc = vpc.ok_or_else(|| {
+                    ProviderError::Input(UserError::field("subnet-id", format!("{} has no default VPC", self.region)).hint("pass --subnet-id of a subnet with internet access"))
+                })?;
                 let out = self
                     .ec2
                     .create_security_group()
                     .group_name(self.name("sgbox"))
                     .description(format!("sgbox {}: HTTP/HTTPS open, SSH from {cidr}", self.settings.name))
-                    .vpc_id(vpc)
+                    .vpc_id(&vpc)
                     .tag_specifications(self.tags(ResourceType::SecurityGroup, "firewall"))
                     .send()
                     .await
@@ -296,6 +310,11 @@ impl Provider for Aws {
     }
 
     async fn find_base_image(&self) -> Result<BaseImage> {
+        if let Some(id) = &self.settings.aws.image_id {
+            let name = self.given_image(id).await?;
+            self.update(|r| r.image = Some(id.clone()))?;
+            return Ok(BaseImage { id: id.clone(), description: format!("{id} ({name}, given by image-id)") });
+        }
         let via_ssm = self.ssm.get_parameter().name(DEBIAN_SSM_PARAMETER).send().await.ok().and_then(|o| o.parameter().and_then(|p| p.value()).map(str::to_string));
         let id = match via_ssm {
             Some(id) => id,
@@ -340,6 +359,7 @@ impl Provider for Aws {
                     .max_count(1)
                     .key_name(key)
                     .security_group_ids(sg)
+                    .set_subnet_id(self.settings.aws.subnet_id.clone())
                     .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
                     .metadata_options(
                         InstanceMetadataOptionsRequest::builder()
@@ -554,6 +574,29 @@ impl Provider for Aws {
 }
 
 impl Aws {
+    /// The name of a user-given AMI, or a user error if it does not exist.
+    async fn given_image(&self, id: &str) -> Result<String> {
+        let found = match self.ec2.describe_images().image_ids(id).send().await {
+            Ok(o) => o.images().first().map(|i| i.name().unwrap_or(id).to_string()),
+            Err(e) if code_of(&e).is_some_and(|c| c.starts_with("InvalidAMIID")) => None,
+            Err(e) => return Err(api("DescribeImages")(e)),
+        };
+        found.ok_or_else(|| {
+            UserError::field("image-id", format!("{id} does not exist in {}", self.region)).hint("check --image-id and --region, or drop it to use Debian 13").into()
+        })
+    }
+
+    /// The VPC of a user-given subnet, or a user error if it does not exist.
+    async fn subnet_vpc(&self, subnet: &str) -> Result<String> {
+        let out = self.ec2.describe_subnets().subnet_ids(subnet).send().await;
+        let vpc = match out {
+            Ok(o) => o.subnets().first().and_then(|s| s.vpc_id()).map(str::to_string),
+            Err(e) if code_of(&e).is_some_and(|c| c.starts_with("InvalidSubnetID")) => None,
+            Err(e) => return Err(api("DescribeSubnets")(e)),
+        };
+        vpc.ok_or_else(|| UserError::field("subnet-id", format!("{subnet} does not exist in {}", self.region)).hint("check --subnet-id and --region").into())
+    }
+
     async fn instance_running(&self, id: &str) -> Result<bool> {
         let o = self.ec2.describe_instances().instance_ids(id).send().await.map_err(api("DescribeInstances"))?;
         let state = o.reservations().iter().flat_map(|r| r.instances()).find_map(|i| i.state().and_then(|s| s.name()).cloned());
