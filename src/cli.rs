@@ -310,6 +310,9 @@ pub struct PlanArgs {
     /// Print only the resolved settings, as a sgbox.toml that -f accepts.
     #[arg(long)]
     pub print_config: bool,
+    /// Also read the cloud (read-only calls) and show what of the deployment exists already.
+    #[arg(long, conflicts_with = "print_config")]
+    pub live: bool,
 }
 
 #[derive(Debug, Args)]

@@ -127,6 +127,20 @@ fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
     assert_eq!(sv["state"], "running");
     assert_eq!(sv["url"], up["url"]);
 
+    // plan --live sees what exists, through read-only calls only.
+    let proxy = Proxy::start(&moto, 0.0, None);
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    let p = run(c.args(["plan", "--cloud", "aws", "--region", "us-east-1", "--name", "box1", "--ssh-cidr", CIDR, "--live", "--output", "json"]));
+    assert!(p.status.success(), "plan --live: {}", text(&p.stderr));
+    let pv: Value = serde_json::from_slice(&p.stdout).unwrap();
+    let existing: Vec<&str> = pv["existing"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert!(existing.contains(&i["InstanceId"].as_str().unwrap()), "{pv:#}");
+    assert!(pv["monthly_cost_usd"]["total"].as_f64().unwrap() > 200.0, "{pv:#}");
+    let calls = proxy.calls();
+    assert!(!calls.is_empty() && calls.iter().all(|(a, _, _)| a.starts_with("Describe") || a.starts_with("Get")), "plan made a non-read call: {calls:?}");
+    drop(proxy);
+
     // Down keeps the data volume (available, still tagged) and deletes the rest.
     let out = aws(&moto, st, &["down", "--name", "box1", "--yes", "--output", "json"]);
     assert!(out.status.success(), "down: {}", text(&out.stderr));

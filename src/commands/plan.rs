@@ -73,8 +73,20 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
         Cloud::Aws => crate::pricing::aws_monthly(&m.instance_type, s.region.as_deref().unwrap_or("us-east-1"), s.data_disk_gb),
         _ => None,
     };
+    // The live view: only read calls (resources() lists by tag or by file).
+    let live = if args.live {
+        let dir = crate::state::DeploymentDir::new(&crate::state::state_root(ctx.state_dir.as_deref())?, &s.name);
+        let found = super::boxctl::runtime()?.block_on(async {
+            let p = crate::provider::for_deployment(&s, &dir, crate::state::cache_root()?).await?;
+            anyhow::Ok(p.resources().await?)
+        })?;
+        Some(found)
+    } else {
+        None
+    };
     if ctx.json() {
         return ctx.print_json(json!({
+            "existing": live,
             "monthly_cost_usd": cost,
             "settings": s,
             "machine": m,
@@ -82,7 +94,7 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
             "release": { "version": release.version, "services": release.services.len(), "postgres": release.postgres_major() },
             "url": url,
             "resources": res,
-            "offline": true,
+            "offline": live.is_none(),
         }));
     }
     println!("Deployment   {} on {}{}", s.name, s.cloud, s.region.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
@@ -112,11 +124,24 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
         (None, Cloud::Aws) => println!("Cost         not in sgbox's price table for {} in this region", m.instance_type),
         _ => {}
     }
-    println!("Would create:");
+    match &live {
+        Some(found) if !found.is_empty() => {
+            println!("Exists already (found by tag; `up` reuses it):");
+            for r in found {
+                println!("  = {:<15} {}", r.kind, r.id);
+            }
+            println!("Would create what is missing of:");
+        }
+        _ => println!("Would create:"),
+    }
     for r in &res {
         println!("  + {:<15} {:<22} {}", r.kind, r.name, r.detail);
     }
-    ctx.note("(offline plan: nothing in the cloud was looked at or changed)");
+    if live.is_some() {
+        ctx.note("(read-only: nothing in the cloud was changed)");
+    } else {
+        ctx.note("(offline plan: nothing in the cloud was looked at or changed; --live reads it)");
+    }
     Ok(())
 }
 
