@@ -415,17 +415,7 @@ impl Provider for Aws {
         self.update(|r| r.data_volume = Some(vid.clone()))?;
         let attached_here = vol.attachments().iter().any(|a| a.instance_id() == Some(id.as_str()));
         if !attached_here {
-            let ec2 = self.ec2.clone();
-            let v2 = vid.clone();
-            self.wait("the data volume to be available", Duration::from_secs(300), || {
-                let ec2 = ec2.clone();
-                let v2 = v2.clone();
-                async move {
-                    let o = ec2.describe_volumes().volume_ids(v2).send().await.map_err(api("DescribeVolumes"))?;
-                    Ok(o.volumes().first().and_then(|v| v.state()).is_some_and(|s| s.as_str() == "available"))
-                }
-            })
-            .await?;
+            self.wait("the data volume to be available", Duration::from_secs(300), || self.volume_available(&vid)).await?;
             let iid = id.clone();
             self.wait("the instance to be running", Duration::from_secs(600), || self.instance_running(&iid)).await?;
             self.ec2.attach_volume().volume_id(&vid).instance_id(&id).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
@@ -541,15 +531,7 @@ impl Provider for Aws {
         if delete_data {
             if let Some(v) = self.data_volume().await? {
                 let vid = v.volume_id().unwrap_or_default().to_string();
-                self.wait("the data volume to detach", timeout, || {
-                    let ec2 = self.ec2.clone();
-                    let vid = vid.clone();
-                    async move {
-                        let o = ec2.describe_volumes().volume_ids(vid).send().await.map_err(api("DescribeVolumes"))?;
-                        Ok(o.volumes().first().and_then(|v| v.state()).is_none_or(|s| s.as_str() == "available"))
-                    }
-                })
-                .await?;
+                self.wait("the data volume to detach", timeout, || self.volume_available(&vid)).await?;
                 self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
             }
         }
@@ -595,6 +577,12 @@ impl Aws {
             Err(e) => return Err(api("DescribeSubnets")(e)),
         };
         vpc.ok_or_else(|| UserError::field("subnet-id", format!("{subnet} does not exist in {}", self.region)).hint("check --subnet-id and --region").into())
+    }
+
+    /// Available (detached) — or gone, which ends a wait too; the next call then says why.
+    async fn volume_available(&self, id: &str) -> Result<bool> {
+        let o = self.ec2.describe_volumes().volume_ids(id).send().await.map_err(api("DescribeVolumes"))?;
+        Ok(o.volumes().first().and_then(|v| v.state()).is_none_or(|s| s.as_str() == "available"))
     }
 
     async fn instance_running(&self, id: &str) -> Result<bool> {
