@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod error;
 mod hostkeys;
+mod journal;
 mod planner;
 mod pricing;
 mod progress;

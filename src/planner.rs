@@ -35,7 +35,7 @@ pub struct PlanRequest {
     pub allow_downgrade: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpgradeKind {
     /// Already at the target.
