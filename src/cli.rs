@@ -64,6 +64,8 @@ pub enum Command {
     Logs(LogsArgs),
     /// Build machine images.
     Image(ImageArgs),
+    /// The deployments and upgrades of a box: when, from, to, by whom.
+    History(TargetArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell to complete for.

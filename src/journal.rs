@@ -213,6 +213,7 @@ mod tests {
         let back: Journal = serde_json::from_str(&serde_json::to_string(&j).unwrap()).unwrap();
         assert_eq!(back, j);
         assert_eq!(back.next(), Some((2, &Step::Pull)), "a started step runs again");
+        assert!(PATH_ON_BOX.starts_with("/var/lib/sgbox/"), "kept on the box, outside the data the snapshot restores");
         assert!(!back.finished());
     }
 

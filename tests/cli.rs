@@ -213,3 +213,28 @@ fn completions_and_help() {
     let o = run(sgbox(tmp.path()).args(["render", "--help"]));
     assert!(text(&o.stdout).contains("--registry-mirror"));
 }
+
+#[test]
+fn history_reads_the_record_and_names_a_missing_deployment() {
+    let state = tempfile::tempdir().unwrap();
+    let out = common::run(common::sgbox(state.path()).args(["history", "--name", "ghost"]));
+    assert_eq!(out.status.code(), Some(2), "{}", common::text(&out.stderr));
+    assert!(common::text(&out.stderr).contains("ghost"));
+    let dir = state.path().join("box1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = serde_json::json!({
+        "format": 1, "name": "box1", "cloud": "local", "release": "7.5.4453", "settings": "cloud = \"local\"\n",
+        "created_at": "2026-11-21T01:00:00Z", "instance_id": null, "host_key": null, "url": null,
+        "history": [
+            {"at": "2026-11-21T01:05:00Z", "action": "up", "release": "7.4.0", "by": "root@ci"},
+            {"at": "2026-11-22T09:00:00Z", "action": "upgrade", "release": "7.5.4453", "from": "7.4.0", "by": "root@ci"}
+        ]
+    });
+    std::fs::write(dir.join("deployment.json"), rec.to_string()).unwrap();
+    let out = common::run(common::sgbox(state.path()).args(["history", "--name", "box1", "--output", "json"]));
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["history"].as_array().unwrap().len(), 2);
+    let out = common::run(common::sgbox(state.path()).args(["history", "--name", "box1"]));
+    assert!(common::text(&out.stdout).contains("upgrade  7.4.0 -> 7.5.4453  by root@ci"), "{}", common::text(&out.stdout));
+}

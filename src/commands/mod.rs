@@ -2,6 +2,7 @@
 
 mod boxctl;
 mod down;
+mod history;
 mod image;
 mod logs;
 mod plan;
@@ -95,6 +96,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ssh(a) => ssh::run(&ctx, a),
         Command::Logs(a) => logs::run(&ctx, a),
         Command::Image(a) => image::run(&ctx, a),
+        Command::History(a) => history::run(&ctx, a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sgbox", &mut std::io::stdout());
             Ok(())

@@ -1,0 +1,33 @@
+//! `sgbox history`: what the state folder records of a box: each `up` that reached a healthy
+//! release and each upgrade (when, from, to, by whom). Local only: it calls no cloud.
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::Context;
+use crate::cli::TargetArgs;
+use crate::error::UserError;
+use crate::settings::DEFAULT_NAME;
+use crate::state::{state_root, DeploymentDir};
+
+pub fn run(ctx: &Context, args: TargetArgs) -> Result<()> {
+    let name = args.name.clone().or_else(|| std::env::var("SGBOX_NAME").ok()).unwrap_or_else(|| DEFAULT_NAME.to_string());
+    let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &name);
+    let Some(r) = dir.record()? else {
+        return Err(UserError::field("name", format!("no deployment named \"{name}\" in {}", dir.path.display())).hint("check --name and --state-dir").into());
+    };
+    if ctx.json() {
+        return ctx.print_json(json!({ "name": r.name, "cloud": r.cloud, "release": r.release, "created_at": r.created_at, "history": r.history }));
+    }
+    println!("{} ({}), created {}, now at {}", r.name, r.cloud, r.created_at, r.release);
+    if r.history.is_empty() {
+        println!("  (no completed deployment yet)");
+    }
+    for h in &r.history {
+        match &h.from {
+            Some(f) => println!("  {}  {:<8} {f} -> {}  by {}", h.at, h.action, h.release, h.by),
+            None => println!("  {}  {:<8} {}  by {}", h.at, h.action, h.release, h.by),
+        }
+    }
+    Ok(())
+}
