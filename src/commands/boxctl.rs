@@ -13,7 +13,7 @@ use crate::hostkeys;
 use crate::provider::{self, Endpoint, Provider};
 use crate::settings::{Layer, Prompter, Settings, DEFAULT_NAME};
 use crate::ssh::{self, HostKeyPolicy, Ssh, SshError, Target};
-use crate::state::{cache_root, state_root, write_atomic, DeploymentDir, Record};
+use crate::state::{cache_root, write_atomic, DeploymentDir, Record};
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
@@ -31,8 +31,9 @@ pub struct Deployment {
     pub provider: Box<dyn Provider>,
 }
 
-/// The deployment `target` names. Its record's settings apply; flags fill in when it is lost.
-pub async fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
+/// What the user gave for `target` (flags > SGBOX_* > -f file), the deployment name it comes to,
+/// and that deployment's state folder.
+pub fn locate(ctx: &Context, target: &TargetArgs) -> Result<(Layer, String, DeploymentDir)> {
     let flags = Layer::from_flags(target.pairs());
     let env = Layer::from_env(|k| std::env::var(k).ok());
     let file = match &ctx.config {
@@ -41,7 +42,13 @@ pub async fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
     };
     let given = flags.over(env).over(file);
     let name = given.text("name").unwrap_or(DEFAULT_NAME).trim().to_string();
-    let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &name);
+    let dir = ctx.deployment_dir(&name)?;
+    Ok((given, name, dir))
+}
+
+/// The deployment `target` names. Its record's settings apply; flags fill in when it is lost.
+pub async fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
+    let (given, name, dir) = locate(ctx, target)?;
     let record = dir.record()?;
     let layer = match &record {
         Some(r) => given.over(Layer::parse_toml(&r.settings, &dir.path.join("deployment.json"))?),

@@ -7,12 +7,9 @@ use serde_json::json;
 use super::Context;
 use crate::cli::TargetArgs;
 use crate::error::UserError;
-use crate::settings::DEFAULT_NAME;
-use crate::state::{state_root, DeploymentDir};
 
 pub fn run(ctx: &Context, args: TargetArgs) -> Result<()> {
-    let name = args.name.clone().or_else(|| std::env::var("SGBOX_NAME").ok()).unwrap_or_else(|| DEFAULT_NAME.to_string());
-    let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &name);
+    let (_, name, dir) = super::boxctl::locate(ctx, &args)?;
     let Some(r) = dir.record()? else {
         return Err(UserError::field("name", format!("no deployment named \"{name}\" in {}", dir.path.display())).hint("check --name and --state-dir").into());
     };

@@ -49,6 +49,11 @@ impl Context {
         }
     }
 
+    /// The state folder of deployment `name` under the state root.
+    pub fn deployment_dir(&self, name: &str) -> Result<crate::state::DeploymentDir> {
+        Ok(crate::state::DeploymentDir::new(&crate::state::state_root(self.state_dir.as_deref())?, name))
+    }
+
     /// Resolve flags > SGBOX_* > sgbox.toml > prompt > defaults.
     pub fn settings(&self, args: &DeploymentArgs) -> Result<Settings> {
         let flags = Layer::from_flags(args.pairs());

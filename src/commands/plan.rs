@@ -75,7 +75,7 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
     };
     // The live view: only read calls (resources() lists by tag or by file).
     let live = if args.live {
-        let dir = crate::state::DeploymentDir::new(&crate::state::state_root(ctx.state_dir.as_deref())?, &s.name);
+        let dir = ctx.deployment_dir(&s.name)?;
         let found = super::boxctl::runtime()?.block_on(async {
             let p = crate::provider::for_deployment(&s, &dir, crate::state::cache_root()?).await?;
             anyhow::Ok(p.resources().await?)

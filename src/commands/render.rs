@@ -13,12 +13,12 @@ use super::Context;
 use crate::cli::RenderArgs;
 use crate::render::{self, Bundle, Inputs, TlsMaterial};
 use crate::settings::{Settings, Tls};
-use crate::state::{state_root, write_atomic, DeploymentDir};
+use crate::state::write_atomic;
 
 /// Render a deployment's files (creating its secrets and SSH key on first use).
 pub fn bundle_for(ctx: &Context, s: &Settings) -> Result<Bundle> {
     let release = s.release();
-    let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &s.name);
+    let dir = ctx.deployment_dir(&s.name)?;
     let secrets = dir.secrets()?;
     let ssh_public_key = dir.ssh_public_key()?;
     let tls = match &s.tls {

@@ -19,7 +19,7 @@ use crate::progress::Phase;
 use crate::provider::{self, InstanceSpec};
 use crate::readiness::{self, Deadline};
 use crate::ssh;
-use crate::state::{cache_root, now_rfc3339, state_root, whoami, DeploymentDir, HistoryEntry, Record};
+use crate::state::{cache_root, now_rfc3339, whoami, HistoryEntry, Record};
 
 pub fn run(ctx: &Context, args: UpArgs) -> Result<()> {
     if ctx.json() && !ctx.yes {
@@ -33,7 +33,7 @@ pub fn run(ctx: &Context, args: UpArgs) -> Result<()> {
 async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     let deadline = Deadline(started + timeout);
-    let dir = DeploymentDir::new(&state_root(ctx.state_dir.as_deref())?, &settings.name);
+    let dir = ctx.deployment_dir(&settings.name)?;
     let provider = provider::for_deployment(&settings, &dir, cache_root()?).await?;
     provider.preflight().await?;
 

@@ -252,11 +252,10 @@ impl Provider for Aws {
                     .send()
                     .await
                     .map_err(api("CreateSecurityGroup"))?;
-                let id = out.group_id().unwrap_or_default().to_string();
-                self.update(|r| r.security_group = Some(id.clone()))?;
-                id
+                out.group_id().unwrap_or_default().to_string()
             }
         };
+        // Recorded at once, found or just created.
         self.update(|r| r.security_group = Some(id.clone()))?;
         let rule = |port: i32, cidr: &str, what: &str| {
             IpPermission::builder()
@@ -380,10 +379,7 @@ impl Provider for Aws {
                     .send()
                     .await
                     .map_err(api("RunInstances"))?;
-                let i = out.instances().first().cloned().ok_or_else(|| failed("RunInstances", "no instance returned"))?;
-                let id = i.instance_id().unwrap_or_default().to_string();
-                self.update(|r| r.instance = Some(id))?;
-                i
+                out.instances().first().cloned().ok_or_else(|| failed("RunInstances", "no instance returned"))?
             }
         };
         let id = instance.instance_id().unwrap_or_default().to_string();

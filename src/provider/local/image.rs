@@ -77,6 +77,8 @@ pub struct ImageManifest {
 /// What QEMU boots.
 #[derive(Clone, Debug)]
 pub struct BootImage {
+    /// What `open` was given: the image folder or the disk file.
+    pub source: PathBuf,
     pub disk: PathBuf,
     pub format: String,
     /// Direct kernel boot (built images); `None` boots the disk's own bootloader.
@@ -108,6 +110,7 @@ pub fn open(path: &Path) -> Result<BootImage, UserError> {
             }
         }
         return Ok(BootImage {
+            source: path.to_path_buf(),
             disk,
             format: "qcow2".into(),
             kernel: Some(KernelBoot { vmlinuz, initrd, cmdline: m.cmdline.clone() }),
@@ -115,7 +118,7 @@ pub fn open(path: &Path) -> Result<BootImage, UserError> {
         });
     }
     let format = disk_format(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-    Ok(BootImage { disk: path.to_path_buf(), format, kernel: None, description: path.display().to_string() })
+    Ok(BootImage { source: path.to_path_buf(), disk: path.to_path_buf(), format, kernel: None, description: path.display().to_string() })
 }
 
 /// qcow2 or raw, read from the file's header (QEMU must be told; guessing raw is unsafe).

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use self::image::BootImage;
 use self::qemu::{Machine, Ports, VmFiles};
 use super::{failed, io_err, BaseImage, Endpoint, InstanceSpec, InstanceState, Provider, ProviderError, Resource, Result};
 use crate::error::UserError;
@@ -70,12 +69,6 @@ impl Local {
         qemu::find_vms(&self.files.overlay).into_iter().find(|p| qemu::alive(*p))
     }
 
-    fn boot_image(&self, note: &dyn Fn(&str)) -> anyhow::Result<BootImage> {
-        match &self.settings.local.base_image {
-            Some(p) => Ok(image::open(p)?),
-            None => image::default_image(&self.cache, note),
-        }
-    }
 
     fn pick_ports(&self, previous: Option<&VmRecord>) -> Result<Ports> {
         let l = &self.settings.local;
@@ -170,7 +163,7 @@ impl Provider for Local {
         if let Some(p) = &self.settings.local.base_image {
             image::open(p)?;
         }
-        if self.settings.local.accel == Accel::Kvm && fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        if self.settings.local.accel == Accel::Kvm && !qemu::kvm_device_usable() {
             return Err(UserError::field("accel", "kvm was asked for, but /dev/kvm is missing or not accessible").hint("use accel = auto or tcg").into());
         }
         // Ports the user chose must be free, unless our own VM already holds them.
@@ -200,14 +193,19 @@ impl Provider for Local {
     }
 
     async fn find_base_image(&self) -> Result<BaseImage> {
-        let img = self.boot_image(&|m| eprintln!("{m}")).map_err(|e| match e.downcast::<UserError>() {
+        let found = match &self.settings.local.base_image {
+            Some(p) => image::open(p).map_err(anyhow::Error::from),
+            None => image::default_image(&self.cache, &|m| eprintln!("{m}")),
+        };
+        let img = found.map_err(|e| match e.downcast::<UserError>() {
             Ok(u) => ProviderError::Input(u),
             Err(e) => failed("finding the base image", format!("{e:#}")),
         })?;
-        Ok(BaseImage { id: img.disk.display().to_string(), description: img.description })
+        // The id is what `open` takes again in create_instance: the folder or the disk file.
+        Ok(BaseImage { id: img.source.display().to_string(), description: img.description })
     }
 
-    async fn create_instance(&self, _base: &BaseImage, spec: &InstanceSpec<'_>) -> Result<String> {
+    async fn create_instance(&self, base: &BaseImage, spec: &InstanceSpec<'_>) -> Result<String> {
         let previous = self.record();
         if let (Some(pid), Some(r)) = (self.running_pid(), &previous) {
             let mut r = r.clone();
@@ -215,7 +213,7 @@ impl Provider for Local {
             self.save(&r)?;
             return Ok(r.instance_id);
         }
-        let img = self.boot_image(&|m| eprintln!("{m}")).map_err(|e| failed("opening the base image", format!("{e:#}")))?;
+        let img = image::open(Path::new(&base.id))?;
         fs::create_dir_all(&self.dir).map_err(io_err("creating the VM folder"))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the VM folder"))?;
 

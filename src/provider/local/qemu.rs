@@ -218,10 +218,14 @@ struct ProbeCache {
     detail: String,
 }
 
+/// /dev/kvm exists and we may open it (whether it can boot a stock kernel is the probe's question).
+pub fn kvm_device_usable() -> bool {
+    fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
 /// What to run the VM with, and a note for the user when KVM was wanted but cannot be used.
 pub fn choose_accel(wanted: Accel, image: &BootImage, cache: &Path) -> Result<(Accel, Option<String>), String> {
-    let kvm_dev = Path::new("/dev/kvm");
-    let usable = fs::OpenOptions::new().read(true).write(true).open(kvm_dev).is_ok();
+    let usable = kvm_device_usable();
     match wanted {
         Accel::Tcg => return Ok((Accel::Tcg, None)),
         Accel::Kvm if !usable => return Err("KVM was asked for (accel = kvm) but /dev/kvm is missing or not accessible".into()),
@@ -317,6 +321,7 @@ mod tests {
     fn command_line_pins_devices_ports_and_console() {
         let f = VmFiles::in_dir(Path::new("/s/box/local"));
         let img = BootImage {
+            source: "/img".into(),
             disk: "/img/base.qcow2".into(),
             format: "qcow2".into(),
             kernel: Some(KernelBoot { vmlinuz: "/img/vmlinuz".into(), initrd: "/img/initrd.img".into(), cmdline: "root=LABEL=rootfs rw".into() }),
