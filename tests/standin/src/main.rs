@@ -24,8 +24,10 @@
 //! `nameserver` of /etc/resolv.conf (Docker's 127.0.0.11). Invoked as `curl` (via a symlink) it is a
 //! minimal curl; `standin liveness` is the DB health probe behind /liveness.sh.
 //! Env knobs for tests: `SGBOX_STANDIN_PORTS=a,b` (listen ports), `SGBOX_STANDIN_CADDYFILE`,
-//! `SGBOX_STANDIN_FAIL` (contains `migrator` → migrator fails), `SGBOX_STANDIN_WAIT_SECS` (migrator's
-//! DB wait, default 120).
+//! `SGBOX_STANDIN_FAIL` (comma-separated: `migrator` fails before changing anything,
+//! `migrator-dirty` fails after moving the first database's schema, as a migration dying half-way
+//! leaves it; either may end in `@VERSION` to fail only the migrator of that release),
+//! `SGBOX_STANDIN_WAIT_SECS` (migrator's DB wait, default 120).
 
 use std::collections::BTreeMap;
 use std::env;
@@ -222,6 +224,9 @@ fn last_minor(major: u32) -> Option<u32> {
 fn up_policy(stored: Option<&str>, own: &str) -> Result<String, String> {
     let o = parse_ver(own).ok_or_else(|| format!("migrator up: cannot parse own version {own}"))?;
     let Some(stored) = stored else { return Ok(own.to_string()) };
+    if stored.ends_with("-dirty") {
+        return Err(format!("migrator up: the database is dirty ({stored}): a migration failed half-way; restore a backup"));
+    }
     let s = parse_ver(stored).ok_or_else(|| format!("migrator up: cannot parse stored schema version {stored}"))?;
     if mm(s) == mm(o) {
         return Ok(own.to_string());
@@ -249,7 +254,12 @@ fn upgrade_plan(stored: Option<&str>, from: &str, to: &str, own: &str) -> Result
     let o = parse_ver(own).ok_or_else(|| bad("own", own))?;
     let Some(stored) = stored else { return Err("migrator upgrade: database has no schema yet (fresh install: use `up`)".into()) };
     let s = parse_ver(stored).ok_or_else(|| bad("stored schema", stored))?;
-    if mm(s) != mm(f) {
+    if stored.ends_with("-dirty") {
+        return Err(format!("migrator upgrade: the database is dirty ({stored}): a migration failed half-way; restore a backup"));
+    }
+    // Like the real migrator, migrations already applied are skipped: a re-run of an interrupted
+    // upgrade continues from where the schema is.
+    if mm(s) < mm(f) || mm(s) > mm(t).max(mm(f)) {
         return Err(format!("migrator upgrade: --from {from} does not match the schema in the database ({stored})"));
     }
     if t > o {
@@ -259,7 +269,7 @@ fn upgrade_plan(stored: Option<&str>, from: &str, to: &str, own: &str) -> Result
         return Err(format!("migrator upgrade: --to {to} is older than --from {from} (use downgrade)"));
     }
     let mut steps = Vec::new();
-    let mut cur = mm(f);
+    let mut cur = mm(s);
     while cur < mm(t) && steps.len() < 1000 {
         cur = if cur.0 < t.major && last_minor(cur.0).is_none_or(|l| cur.1 >= l) { (cur.0 + 1, 0) } else { (cur.0, cur.1 + 1) };
         steps.push(format!("{}.{}", cur.0, cur.1));
@@ -862,6 +872,29 @@ fn liveness() -> i32 {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fail {
+    Clean,
+    Dirty,
+}
+
+/// Which failure `SGBOX_STANDIN_FAIL` asks of the migrator of release `own`, if any.
+fn failure_mode(spec: &str, own: &str) -> Option<Fail> {
+    let mut found = None;
+    for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (what, only) = item.split_once('@').map_or((item, None), |(w, v)| (w, Some(v)));
+        if only.is_some_and(|v| v.trim_start_matches('v') != own.trim_start_matches('v')) {
+            continue;
+        }
+        match what {
+            "migrator" => found = found.or(Some(Fail::Clean)),
+            "migrator-dirty" => found = Some(Fail::Dirty),
+            _ => {}
+        }
+    }
+    found
+}
+
 fn pg_port(var: &str) -> u16 {
     env::var(var).ok().and_then(|p| p.trim().parse().ok()).unwrap_or(5432)
 }
@@ -930,8 +963,9 @@ fn migrator_main(image: &str, own: &str, args: &[String]) -> i32 {
         log(image, "ERROR: no database configured (set PGHOST, CODEINTEL_PGHOST and/or CODEINSIGHTS_PGHOST)");
         return 1;
     }
-    if env::var("SGBOX_STANDIN_FAIL").is_ok_and(|f| f.contains("migrator")) {
-        log(image, "ERROR: failing on purpose (SGBOX_STANDIN_FAIL contains migrator); nothing was changed");
+    let fail = failure_mode(&env::var("SGBOX_STANDIN_FAIL").unwrap_or_default(), own);
+    if fail == Some(Fail::Clean) {
+        log(image, "ERROR: failing on purpose (SGBOX_STANDIN_FAIL); nothing was changed");
         return 1;
     }
     // Decide for every DB first, so a refusal leaves all of them untouched.
@@ -958,6 +992,11 @@ fn migrator_main(image: &str, own: &str, args: &[String]) -> i32 {
         }
     }
     for ((label, c), (stored, target, steps)) in dbs.iter_mut().zip(plans) {
+        if fail == Some(Fail::Dirty) && stored.as_deref() != Some(target.as_str()) {
+            let _ = c.cmd(&format!("SET_SCHEMA {target}-dirty"));
+            log(image, &format!("ERROR: {label}: failing on purpose half-way (SGBOX_STANDIN_FAIL); schema left dirty at {target}-dirty"));
+            return 1;
+        }
         for s in &steps {
             log(image, &format!("{label}: migrating schema to {s}"));
         }
@@ -994,6 +1033,9 @@ fn frontend_handle(req: &Request, own: &str) -> (u16, String) {
             let schema = DbClient::open(&host, port, 2, Duration::from_secs(2)).and_then(|mut c| c.schema());
             match (schema, parse_ver(own)) {
                 (Ok(Some(s)), Some(o)) if parse_ver(&s).map(mm) == Some(mm(o)) => (200, "ok".into()),
+                // Sourcegraph keeps migrations backward compatible for one standard step, so the
+                // old frontend keeps serving while the new release's migrator has run.
+                (Ok(Some(s)), Some(_)) if !s.ends_with("-dirty") && up_policy(Some(own), &s).is_ok() => (200, "ok (schema one step ahead)".into()),
                 (Ok(Some(s)), _) => (503, format!("schema version {s} does not match frontend {own} (run the migrator)")),
                 (Ok(None), _) => (503, "database has no schema yet (run the migrator)".into()),
                 (Err(e), _) => (503, format!("database {host}:{port} unavailable: {e}")),
@@ -1043,9 +1085,38 @@ fn caddy_upstream(caddyfile: &str, get: &dyn Fn(&str) -> Option<String>) -> Opti
 
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding"];
 
-fn proxy(client: &mut TcpStream, upstream: &(String, u16)) -> Result<(), (u16, String)> {
+/// `lb_try_duration` and `lb_try_interval` of the Caddyfile: how long to keep retrying an
+/// upstream that does not answer (Caddy holds the request meanwhile), and how often.
+fn caddy_retry(caddyfile: &str) -> (Duration, Duration) {
+    let dur = |key: &str| {
+        caddyfile.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(key)).then(|| w.next()).flatten().and_then(parse_duration)
+        })
+    };
+    (dur("lb_try_duration").unwrap_or(Duration::ZERO), dur("lb_try_interval").unwrap_or(Duration::from_millis(250)))
+}
+
+fn parse_duration(s: &str) -> Option<Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    if let Some(m) = s.strip_suffix('m') {
+        return m.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60));
+    }
+    s.strip_suffix('s').and_then(|x| x.parse::<f64>().ok()).map(Duration::from_secs_f64)
+}
+
+fn proxy(client: &mut TcpStream, upstream: &(String, u16), retry: (Duration, Duration)) -> Result<(), (u16, String)> {
     let req = read_request(client).map_err(|e| if e.kind() == io::ErrorKind::InvalidData { (400, e.to_string()) } else { (0, e.to_string()) })?;
-    let mut up = connect(&upstream.0, upstream.1, 2, Duration::from_secs(5)).map_err(|e| (502, e))?;
+    let until = Instant::now() + retry.0;
+    let mut up = loop {
+        match connect(&upstream.0, upstream.1, 1, Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() + retry.1 < until => thread::sleep(retry.1),
+            Err(e) => return Err((502, e)),
+        }
+    };
     let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
     for (k, v) in req.headers.iter().filter(|(k, _)| !HOP_BY_HOP.contains(&k.to_ascii_lowercase().as_str())) {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -1098,9 +1169,10 @@ fn caddy_main(image: &str, ports: &[u16]) {
         exit(1)
     };
     log(image, &format!("reverse-proxying to {}:{} (from {path})", upstream.0, upstream.1));
+    let retry = caddy_retry(&text);
     let upstream = Arc::new(upstream);
     listen(image, ports, Arc::new(move |mut s: TcpStream| {
-        if let Err((status, msg)) = proxy(&mut s, &upstream) {
+        if let Err((status, msg)) = proxy(&mut s, &upstream, retry) {
             if status != 0 {
                 let _ = respond(&mut s, status, "text/plain; charset=utf-8", format!("{msg}\n").as_bytes(), false);
             }
@@ -1222,6 +1294,22 @@ mod tests {
         assert!(upgrade_plan(Some("5.9.0"), "5.9.0", "7.6.0", "7.5.4453").is_err());
         assert!(upgrade_plan(None, "5.9.0", "7.5.0", "7.5.4453").is_err());
         assert_eq!(upgrade_plan(Some("7.5.1"), "7.5.0", "7.5.4453", "7.5.4453"), Ok(vec![]));
+        // A re-run after an interruption continues from the schema the database has.
+        assert_eq!(upgrade_plan(Some("5.11.6271"), "5.9.17785", "6.1.0", "7.5.4453"), Ok(vec!["6.0".to_string(), "6.1".to_string()]));
+        assert!(upgrade_plan(Some("7.4.0-dirty"), "7.4.0", "7.5.0", "7.5.4453").is_err(), "a dirty database is refused");
+        assert!(up_policy(Some("7.5.4453-dirty"), "7.5.4453").is_err());
+    }
+
+    #[test]
+    fn failure_knob_can_target_one_release() {
+        assert_eq!(failure_mode("migrator", "7.5.4453"), Some(Fail::Clean));
+        assert_eq!(failure_mode("migrator-dirty@7.5.4453", "7.5.4453"), Some(Fail::Dirty));
+        assert_eq!(failure_mode("migrator-dirty@7.5.4453", "7.4.0"), None);
+        assert_eq!(failure_mode("frontend, migrator@v7.4.0", "7.4.0"), Some(Fail::Clean));
+        assert_eq!(failure_mode("", "7.4.0"), None);
+        let cf = "reverse_proxy {$X} {\n\tlb_try_duration 60s\n\tlb_try_interval 250ms\n}\n";
+        assert_eq!(caddy_retry(cf), (Duration::from_secs(60), Duration::from_millis(250)));
+        assert_eq!(caddy_retry("reverse_proxy a:1"), (Duration::ZERO, Duration::from_millis(250)));
         assert_eq!(parse_ver("v5.9.17785"), Some(Ver { major: 5, minor: 9, patch: 17785 }));
         assert_eq!(parse_ver("6.0"), Some(Ver { major: 6, minor: 0, patch: 0 }));
         assert_eq!(parse_ver("insiders"), None);
