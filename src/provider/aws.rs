@@ -489,6 +489,65 @@ impl Provider for Aws {
         Ok(out.snapshot_id().unwrap_or_default().to_string())
     }
 
+    async fn restore_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()> {
+        // EBS cannot roll a volume back: a new volume is made from the snapshot and swapped in
+        // while the instance is stopped. The replaced volume is kept (role data-before-restore).
+        let inst = self.live_instances().await?.into_iter().next().ok_or_else(|| failed("restoring the data disk", "no instance"))?;
+        let iid = inst.instance_id().unwrap_or_default().to_string();
+        let az = inst.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string();
+        if inst.state().and_then(|s| s.name()) != Some(&InstanceStateName::Stopped) {
+            self.ec2.stop_instances().instance_ids(&iid).send().await.map_err(api("StopInstances"))?;
+            self.wait("the instance to stop", timeout, || self.instance_stopped(&iid)).await?;
+        }
+        let source = Filter::builder().name("tag:sgbox:restored-from").values(snapshot).build();
+        let mut f = self.ours();
+        f.push(source);
+        let found = self.ec2.describe_volumes().set_filters(Some(f)).send().await.map_err(api("DescribeVolumes"))?;
+        let restored = match found.volumes().iter().find(|v| v.state().is_some_and(|s| s.as_str() != "deleting" && s.as_str() != "deleted")) {
+            Some(v) => v.volume_id().unwrap_or_default().to_string(),
+            None => {
+                let base = self.tags(ResourceType::Volume, "data-restoring");
+                let tags = TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(base.tags().iter().cloned().chain([Tag::builder().key("sgbox:restored-from").value(snapshot).build()]).collect()))
+                    .build();
+                let v = self
+                    .ec2
+                    .create_volume()
+                    .availability_zone(&az)
+                    .snapshot_id(snapshot)
+                    .volume_type(VolumeType::Gp3)
+                    .encrypted(true)
+                    .tag_specifications(tags)
+                    .send()
+                    .await
+                    .map_err(api("CreateVolume"))?;
+                v.volume_id().unwrap_or_default().to_string()
+            }
+        };
+        self.wait("the restored volume to be available", timeout, || async {
+            let o = self.ec2.describe_volumes().volume_ids(&restored).send().await.map_err(api("DescribeVolumes"))?;
+            Ok(o.volumes().first().and_then(|v| v.state()).is_some_and(|s| s.as_str() == "available" || s.as_str() == "in-use"))
+        })
+        .await?;
+        if let Some(old) = self.data_volume().await?.filter(|v| v.volume_id() != Some(restored.as_str())) {
+            let oid = old.volume_id().unwrap_or_default().to_string();
+            if !old.attachments().is_empty() {
+                self.ec2.detach_volume().volume_id(&oid).send().await.map_err(api("DetachVolume"))?;
+                self.wait("the old data volume to detach", timeout, || self.volume_available(&oid)).await?;
+            }
+            self.retag_role(&oid, "data-before-restore").await?;
+        }
+        self.retag_role(&restored, "data").await?;
+        self.update(|r| r.data_volume = Some(restored.clone()))?;
+        let o = self.ec2.describe_volumes().volume_ids(&restored).send().await.map_err(api("DescribeVolumes"))?;
+        if !o.volumes().first().is_some_and(|v| v.attachments().iter().any(|a| a.instance_id() == Some(iid.as_str()))) {
+            self.ec2.attach_volume().volume_id(&restored).instance_id(&iid).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
+        }
+        self.ec2.start_instances().instance_ids(&iid).send().await.map_err(api("StartInstances"))?;
+        self.wait("the instance to be running", timeout, || self.instance_running(&iid)).await
+    }
+
     async fn resources(&self) -> Result<Vec<Resource>> {
         let r = |kind: &str, id: &str, kept: bool| Resource { kind: kind.into(), id: id.into(), kept_by_default: kept };
         let mut out = Vec::new();
@@ -507,6 +566,12 @@ impl Provider for Aws {
         }
         if let Some(sg) = self.find_security_group().await? {
             out.push(r("security group", &sg, false));
+        }
+        for v in self.volumes_with_role("data-before-restore").await? {
+            out.push(r("replaced data volume", &v, true));
+        }
+        for sn in self.snapshots().await? {
+            out.push(r("data snapshot", &sn, true));
         }
         Ok(out)
     }
@@ -529,6 +594,13 @@ impl Provider for Aws {
                 let vid = v.volume_id().unwrap_or_default().to_string();
                 self.wait("the data volume to detach", timeout, || self.volume_available(&vid)).await?;
                 self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
+            }
+            for vid in self.volumes_with_role("data-before-restore").await?.into_iter().chain(self.volumes_with_role("data-restoring").await?) {
+                self.wait("a replaced data volume to detach", timeout, || self.volume_available(&vid)).await?;
+                self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
+            }
+            for sn in self.snapshots().await? {
+                self.ec2.delete_snapshot().snapshot_id(&sn).send().await.map_err(api("DeleteSnapshot"))?;
             }
         }
         let keys = self.ec2.describe_key_pairs().set_filters(Some(self.role("key"))).send().await.map_err(api("DescribeKeyPairs"))?;
@@ -579,6 +651,39 @@ impl Aws {
     async fn volume_available(&self, id: &str) -> Result<bool> {
         let o = self.ec2.describe_volumes().volume_ids(id).send().await.map_err(api("DescribeVolumes"))?;
         Ok(o.volumes().first().and_then(|v| v.state()).is_none_or(|s| s.as_str() == "available"))
+    }
+
+    async fn instance_stopped(&self, id: &str) -> Result<bool> {
+        let o = self.ec2.describe_instances().instance_ids(id).send().await.map_err(api("DescribeInstances"))?;
+        let state = o.reservations().iter().flat_map(|r| r.instances()).find_map(|i| i.state().and_then(|s| s.name()).cloned());
+        Ok(matches!(state, Some(InstanceStateName::Stopped) | None))
+    }
+
+    async fn volumes_with_role(&self, role: &str) -> Result<Vec<String>> {
+        let out = self.ec2.describe_volumes().set_filters(Some(self.role(role))).send().await.map_err(api("DescribeVolumes"))?;
+        Ok(out
+            .volumes()
+            .iter()
+            .filter(|v| v.state().is_some_and(|s| s.as_str() != "deleting" && s.as_str() != "deleted"))
+            .filter_map(|v| v.volume_id().map(str::to_string))
+            .collect())
+    }
+
+    async fn snapshots(&self) -> Result<Vec<String>> {
+        let out = self.ec2.describe_snapshots().owner_ids("self").set_filters(Some(self.role("snapshot"))).send().await.map_err(api("DescribeSnapshots"))?;
+        Ok(out.snapshots().iter().filter_map(|s| s.snapshot_id().map(str::to_string)).collect())
+    }
+
+    async fn retag_role(&self, id: &str, role: &str) -> Result<()> {
+        self.ec2
+            .create_tags()
+            .resources(id)
+            .tags(Tag::builder().key(TAG_ROLE).value(role).build())
+            .tags(Tag::builder().key("Name").value(self.name(role)).build())
+            .send()
+            .await
+            .map_err(api("CreateTags"))?;
+        Ok(())
     }
 
     async fn instance_running(&self, id: &str) -> Result<bool> {

@@ -131,9 +131,14 @@ pub trait Provider: Send + Sync {
     /// The serial console text so far: the only channel the host key can be pinned from.
     async fn console_output(&self) -> Result<String>;
 
-    /// Snapshot the data disk; returns the snapshot's id. (`sgbox upgrade` takes one first.)
-    #[allow(dead_code)]
+    /// Snapshot the data disk; returns the snapshot's id. (`sgbox upgrade` takes one first, with
+    /// the data filesystem frozen.)
     async fn snapshot_data_disk(&self, label: &str) -> Result<String>;
+
+    /// Put the data disk back to a snapshot `snapshot_data_disk` took. The box is stopped for it
+    /// and started again; returns once it runs. The disk it replaces is kept where the cloud
+    /// cannot swap in place (AWS: tagged `data-before-restore`).
+    async fn restore_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()>;
 
     /// Everything the deployment owns, found by the cloud's own records (tags, files).
     async fn resources(&self) -> Result<Vec<Resource>>;

@@ -93,6 +93,82 @@ impl Local {
         Ok(Ports { ssh, http, https })
     }
 
+    /// Start the VM (or find it running): overlay and data disk made once, the seed rewritten when
+    /// `user_data` is given (a restart keeps the one the box was created with).
+    fn start(&self, base: &BaseImage, user_data: Option<&str>) -> Result<String> {
+        let previous = self.record();
+        if let (Some(pid), Some(r)) = (self.running_pid(), &previous) {
+            let mut r = r.clone();
+            r.pid = Some(pid);
+            self.save(&r)?;
+            return Ok(r.instance_id);
+        }
+        let img = image::open(Path::new(&base.id))?;
+        fs::create_dir_all(&self.dir).map_err(io_err("creating the VM folder"))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the VM folder"))?;
+
+        let instance_id = previous.as_ref().map(|r| r.instance_id.clone()).unwrap_or_else(|| format!("sgbox-{}-{}", self.settings.name, random_suffix()));
+        if !self.files.overlay.exists() {
+            let base = fs::canonicalize(&img.disk).map_err(io_err("resolving the base image"))?;
+            let tmp = self.dir.join(".overlay.qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", "-F", &img.format, "-b", &base.display().to_string(), &tmp.display().to_string(), &format!("{ROOT_DISK_GB}G")])?;
+            fs::rename(&tmp, &self.files.overlay).map_err(io_err("placing the overlay"))?;
+        }
+        if !self.files.data.exists() {
+            let tmp = self.dir.join(".data.qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &format!("{}G", self.settings.data_disk_gb)])?;
+            fs::rename(&tmp, &self.files.data).map_err(io_err("placing the data disk"))?;
+        }
+        if let Some(user_data) = user_data {
+            self.write_seed(&instance_id, user_data)?;
+        } else if !self.files.seed.exists() {
+            return Err(failed("starting the VM", "its seed ISO is missing; run `sgbox up` again"));
+        }
+
+        let (accel, note) = qemu::choose_accel(self.settings.local.accel, &img, &self.cache).map_err(|m| ProviderError::Input(UserError::field("accel", m).hint("use accel = auto or tcg")))?;
+        if let Some(n) = note {
+            eprintln!("note: {n}");
+        }
+        let machine = self.settings.machine();
+        let m = Machine {
+            name: self.settings.name.clone(),
+            vcpus: machine.vcpus.unwrap_or(2),
+            memory_mib: u64::from(machine.memory_gib.unwrap_or(4)) * 1024,
+            accel,
+        };
+        let auto_ports = self.settings.local.ssh_port.is_none() || self.settings.local.http_port.is_none() || self.settings.local.https_port.is_none();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let ports = self.pick_ports(previous.as_ref())?;
+            let mut rec = VmRecord {
+                instance_id: instance_id.clone(),
+                base_image: img.disk.display().to_string(),
+                accel: accel.to_string(),
+                ssh_port: ports.ssh,
+                http_port: ports.http,
+                https_port: ports.https,
+                pid: None,
+            };
+            self.save(&rec)?;
+            let _ = fs::remove_file(&self.files.pidfile);
+            match qemu::start(&qemu::args(&m, &img, &self.files, &ports)) {
+                Ok(pid) => {
+                    rec.pid = Some(pid);
+                    self.save(&rec)?;
+                    return Ok(instance_id);
+                }
+                Err(qemu::StartError::PortTaken(msg)) if auto_ports && attempts < 4 => {
+                    eprintln!("note: a forwarded port was taken meanwhile ({msg}); picking others");
+                }
+                Err(qemu::StartError::PortTaken(msg)) => {
+                    return Err(UserError::field("ssh-port", format!("QEMU could not forward a port: {msg}")).hint("pick other ports, or omit them to use free ones").into())
+                }
+                Err(qemu::StartError::Failed(msg)) => return Err(failed("starting QEMU", msg)),
+            }
+        }
+    }
+
     fn write_seed(&self, instance_id: &str, user_data: &str) -> Result<()> {
         let tmp = self.dir.join(".seed");
         let _ = fs::remove_dir_all(&tmp);
@@ -206,73 +282,22 @@ impl Provider for Local {
     }
 
     async fn create_instance(&self, base: &BaseImage, spec: &InstanceSpec<'_>) -> Result<String> {
-        let previous = self.record();
-        if let (Some(pid), Some(r)) = (self.running_pid(), &previous) {
-            let mut r = r.clone();
-            r.pid = Some(pid);
-            self.save(&r)?;
-            return Ok(r.instance_id);
-        }
-        let img = image::open(Path::new(&base.id))?;
-        fs::create_dir_all(&self.dir).map_err(io_err("creating the VM folder"))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the VM folder"))?;
+        self.start(base, Some(spec.user_data))
+    }
 
-        let instance_id = previous.as_ref().map(|r| r.instance_id.clone()).unwrap_or_else(|| format!("sgbox-{}-{}", self.settings.name, random_suffix()));
-        if !self.files.overlay.exists() {
-            let base = fs::canonicalize(&img.disk).map_err(io_err("resolving the base image"))?;
-            let tmp = self.dir.join(".overlay.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", "-F", &img.format, "-b", &base.display().to_string(), &tmp.display().to_string(), &format!("{ROOT_DISK_GB}G")])?;
-            fs::rename(&tmp, &self.files.overlay).map_err(io_err("placing the overlay"))?;
+    async fn restore_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()> {
+        // An internal qcow2 snapshot can only be applied while nothing has the disk open.
+        let pids = qemu::find_vms(&self.files.overlay);
+        let qmp = self.files.qmp.clone();
+        let grace = timeout.min(Duration::from_secs(120));
+        let stopped = tokio::task::spawn_blocking(move || pids.into_iter().all(|pid| qemu::stop(pid, &qmp, grace))).await.expect("stop task");
+        if !stopped || self.running_pid().is_some() {
+            return Err(failed("stopping the VM to restore its data disk", "QEMU did not stop"));
         }
-        if !self.files.data.exists() {
-            let tmp = self.dir.join(".data.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &format!("{}G", self.settings.data_disk_gb)])?;
-            fs::rename(&tmp, &self.files.data).map_err(io_err("placing the data disk"))?;
-        }
-        self.write_seed(&instance_id, spec.user_data)?;
-
-        let (accel, note) = qemu::choose_accel(self.settings.local.accel, &img, &self.cache).map_err(|m| ProviderError::Input(UserError::field("accel", m).hint("use accel = auto or tcg")))?;
-        if let Some(n) = note {
-            eprintln!("note: {n}");
-        }
-        let machine = self.settings.machine();
-        let m = Machine {
-            name: self.settings.name.clone(),
-            vcpus: machine.vcpus.unwrap_or(2),
-            memory_mib: u64::from(machine.memory_gib.unwrap_or(4)) * 1024,
-            accel,
-        };
-        let auto_ports = self.settings.local.ssh_port.is_none() || self.settings.local.http_port.is_none() || self.settings.local.https_port.is_none();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let ports = self.pick_ports(previous.as_ref())?;
-            let mut rec = VmRecord {
-                instance_id: instance_id.clone(),
-                base_image: img.disk.display().to_string(),
-                accel: accel.to_string(),
-                ssh_port: ports.ssh,
-                http_port: ports.http,
-                https_port: ports.https,
-                pid: None,
-            };
-            self.save(&rec)?;
-            let _ = fs::remove_file(&self.files.pidfile);
-            match qemu::start(&qemu::args(&m, &img, &self.files, &ports)) {
-                Ok(pid) => {
-                    rec.pid = Some(pid);
-                    self.save(&rec)?;
-                    return Ok(instance_id);
-                }
-                Err(qemu::StartError::PortTaken(msg)) if auto_ports && attempts < 4 => {
-                    eprintln!("note: a forwarded port was taken meanwhile ({msg}); picking others");
-                }
-                Err(qemu::StartError::PortTaken(msg)) => {
-                    return Err(UserError::field("ssh-port", format!("QEMU could not forward a port: {msg}")).hint("pick other ports, or omit them to use free ones").into())
-                }
-                Err(qemu::StartError::Failed(msg)) => return Err(failed("starting QEMU", msg)),
-            }
-        }
+        qemu_img(&["snapshot", "-a", snapshot, &self.files.data.display().to_string()])?;
+        let base = self.find_base_image().await?;
+        self.start(&base, None)?;
+        self.wait_running(timeout).await.map(|_| ())
     }
 
     async fn wait_running(&self, timeout: Duration) -> Result<Endpoint> {
