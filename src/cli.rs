@@ -64,6 +64,11 @@ pub enum Command {
     Logs(LogsArgs),
     /// Build machine images.
     Image(ImageArgs),
+    /// Upgrade the box in place to another release: standard or multi-version in one command,
+    /// with a data-disk snapshot first and an automatic rollback. A re-run resumes.
+    Upgrade(UpgradeArgs),
+    /// Put the box back to the release and data of before its last upgrade (its snapshot).
+    Rollback(RollbackArgs),
     /// The deployments and upgrades of a box: when, from, to, by whom.
     History(TargetArgs),
     /// Print a shell completion script.
@@ -230,6 +235,35 @@ impl TargetArgs {
     pub fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
         vec![("name", self.name.clone()), ("cloud", self.cloud.clone()), ("region", self.region.clone())]
     }
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The release to go to: X.Y.Z, X.Y (its newest patch) or latest [default: latest; an
+    /// interrupted upgrade resumes to its own target].
+    #[arg(long, value_name = "VERSION")]
+    pub to: Option<String>,
+    /// Print the plan (steps, downtime, snapshot, disk needed) and the preflight checks; change
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Allow going to an older release (migrator downgrade). Never across the Postgres 16 line.
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// How long each long step (pull, migrations, start) and each wait may take.
+    #[arg(long, value_name = "DURATION", default_value = "60m")]
+    pub timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// How long the restore and each wait may take.
+    #[arg(long, value_name = "DURATION", default_value = "30m")]
+    pub timeout: String,
 }
 
 #[derive(Debug, Args)]

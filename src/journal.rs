@@ -6,9 +6,6 @@
 //! Rollback depends on how far it got: before anything changed, nothing to undo; once the compose
 //! files were swapped, restore the previous ones; once a migrator ran (a standard upgrade's
 //! `migrator up` included), the databases changed too, so the data-disk snapshot comes back.
-// The upgrade command (issue 5) drives it; until then only its tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use serde::{Deserialize, Serialize};
 
 use crate::planner::{UpgradeKind, UpgradePlan};
@@ -79,6 +76,13 @@ pub struct Journal {
     pub steps: Vec<Entry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    #[serde(default)]
+    pub started_at: String,
+    #[serde(default)]
+    pub started_by: String,
+    /// Set once it is over: `done`, or `rolled-back` (automatically or by `sgbox rollback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 /// What a rollback has to do, in order.
@@ -87,18 +91,18 @@ pub struct Journal {
 pub enum Undo {
     /// Stop the stack (so the data disk is quiet before a restore).
     StopStack,
-    /// Put the data disk back to the pre-upgrade snapshot.
-    RestoreSnapshot(String),
-    /// Put the previous release's compose files back and bring it up.
+    /// Put the previous release's compose files back (before any restart can start the new one).
     RestorePrevious(Version),
-    /// `/__version` answers the previous release again.
+    /// Put the data disk back to the pre-upgrade snapshot (the box restarts).
+    RestoreSnapshot(String),
+    /// Start the previous release; every service healthy and `/__version` answers it again.
     VerifyPrevious(Version),
 }
 
 impl Journal {
     pub fn new(id: impl Into<String>, plan: &UpgradePlan) -> Journal {
         let mut steps = vec![Step::Preflight, Step::Snapshot, Step::Pull];
-        if plan.kind == UpgradeKind::MultiVersion {
+        if matches!(plan.kind, UpgradeKind::MultiVersion | UpgradeKind::Downgrade) {
             steps.push(Step::StopApplication);
             steps.extend(plan.hops.iter().map(|h| Step::Migrate { from: h.from, to: h.to, migrator: h.migrator }));
         }
@@ -111,7 +115,15 @@ impl Journal {
             kind: plan.kind,
             steps: steps.into_iter().map(|step| Entry { step, status: Status::Pending, at: None, detail: None }).collect(),
             snapshot: None,
+            started_at: String::new(),
+            started_by: String::new(),
+            outcome: None,
         }
+    }
+
+    /// Still to be driven: neither finished nor rolled back.
+    pub fn open(&self) -> bool {
+        self.outcome.is_none()
     }
 
     /// The first step not done: where a (re-)run continues. A step that was started but not
@@ -120,6 +132,7 @@ impl Journal {
         self.steps.iter().enumerate().find(|(_, e)| e.status != Status::Done).map(|(i, e)| (i, &e.step))
     }
 
+    #[cfg(test)]
     pub fn finished(&self) -> bool {
         self.next().is_none()
     }
@@ -146,12 +159,12 @@ impl Journal {
             return undo;
         }
         undo.push(Undo::StopStack);
+        undo.push(Undo::RestorePrevious(self.from));
         if data {
             if let Some(s) = &self.snapshot {
                 undo.push(Undo::RestoreSnapshot(s.clone()));
             }
         }
-        undo.push(Undo::RestorePrevious(self.from));
         undo.push(Undo::VerifyPrevious(self.from));
         undo
     }
@@ -232,7 +245,8 @@ mod tests {
         let from = v("7.4.0");
         assert_eq!(
             j.undo_plan(),
-            vec![Undo::StopStack, Undo::RestoreSnapshot("snap-1".into()), Undo::RestorePrevious(from), Undo::VerifyPrevious(from)]
+            vec![Undo::StopStack, Undo::RestorePrevious(from), Undo::RestoreSnapshot("snap-1".into()), Undo::VerifyPrevious(from)],
+            "the old files go back before the restore restarts the box, so it boots the old release"
         );
         j.snapshot = None;
         assert!(j.data_at_risk(), "migrations ran without a snapshot");

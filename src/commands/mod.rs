@@ -10,6 +10,7 @@ mod render;
 mod ssh;
 mod status;
 mod up;
+mod upgrade;
 mod versions;
 
 use std::io::Write;
@@ -101,6 +102,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ssh(a) => ssh::run(&ctx, a),
         Command::Logs(a) => logs::run(&ctx, a),
         Command::Image(a) => image::run(&ctx, a),
+        Command::Upgrade(a) => upgrade::run(&ctx, a),
+        Command::Rollback(a) => upgrade::rollback(&ctx, a),
         Command::History(a) => history::run(&ctx, a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sgbox", &mut std::io::stdout());

@@ -4,6 +4,8 @@
 
 mod compose;
 
+pub use compose::image_ref;
+
 use std::io::Write;
 
 use anyhow::{Context, Result};
