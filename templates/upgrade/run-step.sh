@@ -9,17 +9,25 @@ name=$1
 max=${2:-7200}
 dir=/var/lib/sgbox/steps
 unit="sgbox-step-$name"
-if systemctl is-active --quiet "$unit"; then
+running() {
+  case "$(systemctl show -p ActiveState --value "$unit" 2>/dev/null)" in
+    active|activating|deactivating|reloading) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+if running; then
   echo "sgbox: step $name is still running from an earlier connection; waiting for it" >>"$dir/$name.log"
 else
   rm -f "$dir/$name.rc"
   echo "=== $(date -u +%FT%TZ) step $name" >>"$dir/$name.log"
   systemctl reset-failed "$unit" >/dev/null 2>&1 || true
-  systemd-run --quiet --collect --unit "$unit" -p RuntimeMaxSec="$max" \
+  # --wait: this client waits, but the unit does not depend on it (a dropped connection kills
+  # the client, not the step).
+  systemd-run --quiet --collect --wait --unit "$unit" -p RuntimeMaxSec="$max" \
     -p StandardOutput="append:$dir/$name.log" -p StandardError="append:$dir/$name.log" \
-    /bin/sh -c 'sh "$0"; echo $? >"$0.rc.tmp"; mv "$0.rc.tmp" "${0%.sh}.rc"' "$dir/$name.sh" || exit 125
+    /bin/sh -c 'sh "$0"; echo $? >"$0.rc.tmp"; mv "$0.rc.tmp" "${0%.sh}.rc"' "$dir/$name.sh" >/dev/null 2>&1
 fi
-while systemctl is-active --quiet "$unit"; do sleep 1; done
+while running; do sleep 1; done
 if [ -f "$dir/$name.rc" ]; then exit "$(cat "$dir/$name.rc")"; fi
 echo "sgbox: step $name ended without an exit status (stopped, or the box restarted)" >>"$dir/$name.log"
 exit 124

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): downtime of a standard upgrade (7.4.0 -> 7.5.4453) on one local box, in
+# the same run: `sgbox upgrade` against the naive documented procedure (put the new compose file
+# in place, `docker compose pull`, then `docker compose up -d`). A client polls /__version every
+# 100 ms through the box's public port during each; failed requests and the seconds without an
+# answer are printed side by side, with the ratio. Between the two, `sgbox rollback` puts the box
+# back to 7.4.0 and its data. Needs what the local-box test needs (bash .ci/setup, root).
+#
+#   bash bench/local-upgrade.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FROM=7.4.0
+TO=7.5.4453
+cargo build -q --release --locked
+SGBOX=$PWD/target/release/sgbox
+WORK=$(mktemp -d /tmp/sgbox-bench-upg.XXXXXX)
+S=(--state-dir "$WORK/state")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  "$SGBOX" "${S[@]}" down --name bench-upg --cloud local --delete-data --yes >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+REG=$(free_port)
+mkdir -p "$WORK/registry"
+printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: "127.0.0.1:%s"}\n' "$WORK/registry" "$REG" > "$WORK/registry.yml"
+docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$REG/v2/" >/dev/null && break; sleep 0.1; done
+python3 tests/harness/standins.py push --build --registry "127.0.0.1:$REG" --catalog data/sourcegraph-compose-releases.json --release "$FROM" --release "$TO" >&2
+COMMON=(--cloud local --registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only --base-image "$IMAGE" --accel tcg)
+URL=$("$SGBOX" "${S[@]}" up --name bench-upg --version "$FROM" "${COMMON[@]}" --yes --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')
+
+# poll OUT: GET /__version every 100 ms until the file $WORK/stop exists; one line per request.
+poll() {
+  python3 - "$URL" "$1" "$WORK/stop" <<'PY'
+import os, sys, time, urllib.request
+url, out, stop = sys.argv[1:]
+with open(out, "w") as f:
+    while not os.path.exists(stop):
+        t = time.time()
+        try:
+            v = urllib.request.urlopen(url + "/__version", timeout=5).read().decode().strip()
+        except Exception:
+            v = "FAIL"
+        f.write(f"{t:.3f} {v}\n"); f.flush()
+        time.sleep(max(0.0, 0.1 - (time.time() - t)))
+PY
+}
+# measure NAME CMD...: run CMD while polling; prints "requests failed outage_seconds".
+measure() {
+  local name=$1; shift
+  rm -f "$WORK/stop"
+  poll "$WORK/$name.log" & local p=$!
+  sleep 1
+  "$@" >"$WORK/$name.out" 2>&1
+  until [ "$(curl -fs -m 5 "$URL/__version")" = "$TO" ]; do sleep 0.1; done
+  sleep 1; touch "$WORK/stop"; wait "$p"
+  python3 - "$WORK/$name.log" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+failed = sum(1 for r in rows if r[1] == "FAIL")
+outage, start = 0.0, None
+for t, v in ((float(r[0]), r[1]) for r in rows):
+    if v == "FAIL" and start is None:
+        start = t
+    elif v != "FAIL" and start is not None:
+        outage += t - start; start = None
+print(len(rows), failed, f"{outage:.1f}")
+PY
+}
+
+read -r n1 f1 o1 < <(measure sgbox "$SGBOX" "${S[@]}" upgrade --name bench-upg --to "$TO" --yes)
+"$SGBOX" "${S[@]}" rollback --name bench-upg --yes >/dev/null
+"$SGBOX" "${S[@]}" render --name bench-upg --version "$TO" "${COMMON[@]}" --out "$WORK/render" >/dev/null 2>&1
+naive() {
+  "$SGBOX" "${S[@]}" ssh --name bench-upg -- "sudo tee /opt/sgbox/docker-compose.yaml >/dev/null" < "$WORK/render/box/opt/sgbox/docker-compose.yaml"
+  "$SGBOX" "${S[@]}" ssh --name bench-upg -- "cd /opt/sgbox && sudo docker compose pull --quiet && sudo docker compose up -d"
+}
+read -r n2 f2 o2 < <(measure naive naive)
+
+echo "standard upgrade $FROM -> $TO, /__version polled every 100 ms (same box, same run):"
+printf '  %-34s %6s requests %5s failed %6ss without an answer\n' "naive: compose pull; up -d" "$n2" "$f2" "$o2"
+printf '  %-34s %6s requests %5s failed %6ss without an answer\n' "sgbox upgrade" "$n1" "$f1" "$o1"
+python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'  outage ratio sgbox/naive: {a/b:.2f}' if b else '  naive had no outage')" "$o1" "$o2"
