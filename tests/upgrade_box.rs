@@ -77,6 +77,15 @@ fn fingerprint(st: &Path) -> String {
     format!("{}{}", ssh(st, "cat /etc/sgbox/deployment.json; sha256sum /opt/sgbox/docker-compose.yaml; sudo cat /var/lib/sgbox/upgrade.json 2>/dev/null || true"), snapshots(st))
 }
 
+/// Deletes the box when the test ends, failed or not: a VM left running would slow every later test.
+struct Teardown<'a>(&'a Path);
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = run(sgbox(self.0).args(["down", "--name", NAME, "--cloud", "local", "--delete-data", "--yes"]));
+    }
+}
+
 #[test]
 fn upgrade_lifecycle() {
     let image = base_image();
@@ -84,6 +93,7 @@ fn upgrade_lifecycle() {
     registry.push_standins(&[OLD, WAYPOINT, MID, NEW]);
     let state = tempfile::tempdir().unwrap();
     let st = state.path();
+    let _teardown = Teardown(st);
 
     let out = run(sgbox(st).args(["up", "--cloud", "local", "--name", NAME, "--version", OLD, "--registry-mirror", &registry.mirror_for_guest(), "--mirror-mode", "tags-only"])
         .args(["--base-image", image.to_str().unwrap(), "--yes", "--output", "json", "--timeout", "25m"]));

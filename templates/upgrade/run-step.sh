@@ -23,9 +23,11 @@ else
   systemctl reset-failed "$unit" >/dev/null 2>&1 || true
   # --wait: this client waits, but the unit does not depend on it (a dropped connection kills
   # the client, not the step).
+  # The wrapper is a file: systemd-run would expand any $ on its own command line.
+  printf 'sh %s\necho $? >%s\nmv %s %s\n' "$dir/$name.sh" "$dir/$name.rc.tmp" "$dir/$name.rc.tmp" "$dir/$name.rc" >"$dir/$name.run"
   systemd-run --quiet --collect --wait --unit "$unit" -p RuntimeMaxSec="$max" \
     -p StandardOutput="append:$dir/$name.log" -p StandardError="append:$dir/$name.log" \
-    /bin/sh -c 'sh "$0"; echo $? >"$0.rc.tmp"; mv "$0.rc.tmp" "${0%.sh}.rc"' "$dir/$name.sh" >/dev/null 2>&1
+    /bin/sh "$dir/$name.run" >/dev/null 2>&1
 fi
 while running; do sleep 1; done
 if [ -f "$dir/$name.rc" ]; then exit "$(cat "$dir/$name.rc")"; fi
