@@ -22,16 +22,10 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 
 IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
-REG=$(free_port)
-mkdir -p "$WORK/registry"
-printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: "127.0.0.1:%s"}\n' "$WORK/registry" "$REG" > "$WORK/registry.yml"
-docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$REG/v2/" >/dev/null && break; sleep 0.1; done
-python3 tests/harness/standins.py push --build --registry "127.0.0.1:$REG" --catalog data/sourcegraph-compose-releases.json --release "$FROM" --release "$TO" >&2
+start_registry "$FROM" "$TO"
 COMMON=(--cloud local --registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only --base-image "$IMAGE" --accel tcg)
 URL=$("$SGBOX" "${S[@]}" up --name bench-upg --version "$FROM" "${COMMON[@]}" --yes --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')
 

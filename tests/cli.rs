@@ -238,3 +238,21 @@ fn history_reads_the_record_and_names_a_missing_deployment() {
     let out = common::run(common::sgbox(state.path()).args(["history", "--name", "box1"]));
     assert!(common::text(&out.stdout).contains("upgrade  7.4.0 -> 7.5.4453  by root@ci"), "{}", common::text(&out.stdout));
 }
+
+#[test]
+fn upgrade_and_rollback_refuse_bad_input_before_reaching_any_box() {
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let check = |args: &[&str], field: &str| {
+        let out = run(sgbox(st).args(args));
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(field) && err.contains("fix:"), "{args:?} names {field} and a fix: {err}");
+        assert!(std::fs::read_dir(st).unwrap().next().is_none(), "{args:?} wrote state");
+    };
+    check(&["upgrade", "--name", "nobox", "--to", "banana", "--yes"], "to");
+    check(&["upgrade", "--name", "nobox", "--to", "7.5", "--timeout", "soon", "--yes"], "timeout");
+    check(&["upgrade", "--name", "nobox", "--to", "7.5", "--output", "json"], "--yes");
+    check(&["upgrade", "--name", "nobox", "--to", "7.5", "--yes"], "nobox");
+    check(&["rollback", "--name", "nobox", "--yes"], "nobox");
+}

@@ -1,6 +1,7 @@
 //! What the commands that reach an existing box share: finding the deployment (its record, or
 //! flags when the record is lost), its provider, and an SSH session with the host key pinned.
 
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -125,4 +126,21 @@ pub async fn stream(ctx: &Context, d: &mut Deployment, insecure: bool, cmd: Stri
         .await
         .expect("ssh task")
         .context("running the command on the box")
+}
+
+/// Ask "Proceed? [y/N]" on the terminal after `explain` was printed; without a terminal, refuse
+/// with `needs` (exit 2: pass --yes). `cancelled` ends the message when the answer is no.
+pub fn confirm(needs: UserError, explain: impl FnOnce(), cancelled: &str) -> Result<()> {
+    if !std::io::stdin().is_terminal() {
+        return Err(needs.into());
+    }
+    explain();
+    eprint!("Proceed? [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).ok();
+    if !matches!(line.trim(), "y" | "Y" | "yes") {
+        bail!("cancelled; {cancelled}");
+    }
+    Ok(())
 }

@@ -3,7 +3,6 @@
 //! is kept unless `--delete-data`; with it kept, the deployment's secrets stay too, since the
 //! databases on that disk use them.
 
-use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
@@ -30,25 +29,19 @@ pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
             return Ok(());
         }
         if !ctx.yes {
-            if !std::io::stdin().is_terminal() {
-                return Err(UserError::new(format!("`down` deletes the box \"{}\" and needs confirmation", d.settings.name))
-                    .hint("pass --yes to confirm without a terminal")
-                    .into());
-            }
-            eprintln!("This deletes the box \"{}\" ({}):", d.settings.name, d.settings.cloud);
-            for r in &doomed {
-                eprintln!("  delete {:<14} {}", r.kind, r.id);
-            }
-            for r in &kept {
-                eprintln!("  keep   {:<14} {}  (pass --delete-data to delete it)", r.kind, r.id);
-            }
-            eprint!("Proceed? [y/N] ");
-            std::io::stderr().flush().ok();
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line).ok();
-            if !matches!(line.trim(), "y" | "Y" | "yes") {
-                bail!("cancelled; nothing was deleted");
-            }
+            boxctl::confirm(
+                UserError::new(format!("`down` deletes the box \"{}\" and needs confirmation", d.settings.name)).hint("pass --yes to confirm without a terminal"),
+                || {
+                    eprintln!("This deletes the box \"{}\" ({}):", d.settings.name, d.settings.cloud);
+                    for r in &doomed {
+                        eprintln!("  delete {:<14} {}", r.kind, r.id);
+                    }
+                    for r in &kept {
+                        eprintln!("  keep   {:<14} {}  (pass --delete-data to delete it)", r.kind, r.id);
+                    }
+                },
+                "nothing was deleted",
+            )?;
         }
         let remaining = d.provider.destroy(args.delete_data, timeout).await?;
         if remaining.is_empty() {

@@ -13,7 +13,6 @@
 //! migrator's `upgrade --from --to` per hop on the hop's database images) → verify → record. Any
 //! failure rolls back: the old files, the snapshot if migrations ran, the old release verified.
 
-use std::io::{BufRead, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -475,20 +474,13 @@ fn confirm(ctx: &Context, s: &Session<'_>, plan: &UpgradePlan) -> Result<()> {
     if ctx.yes {
         return Ok(());
     }
-    if !std::io::stdin().is_terminal() {
-        return Err(UserError::new(format!("`upgrade` changes the box \"{}\" and needs confirmation", s.d.settings.name))
-            .hint("pass --yes to confirm without a terminal (see the plan with --dry-run)")
-            .into());
-    }
-    eprintln!("Upgrade \"{}\" from {} to {} ({}). Downtime: {}.", s.d.settings.name, plan.from, plan.to, serde_json::to_value(plan.kind)?.as_str().unwrap_or(""), plan.downtime);
-    eprint!("Proceed? [y/N] ");
-    std::io::stderr().flush().ok();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).ok();
-    if !matches!(line.trim(), "y" | "Y" | "yes") {
-        bail!("cancelled; nothing was changed");
-    }
-    Ok(())
+    let kind = serde_json::to_value(plan.kind)?.as_str().unwrap_or("").to_string();
+    boxctl::confirm(
+        UserError::new(format!("`upgrade` changes the box \"{}\" and needs confirmation", s.d.settings.name))
+            .hint("pass --yes to confirm without a terminal (see the plan with --dry-run)"),
+        || eprintln!("Upgrade \"{}\" from {} to {} ({kind}). Downtime: {}.", s.d.settings.name, plan.from, plan.to, plan.downtime),
+        "nothing was changed",
+    )
 }
 
 /// Run the journal's remaining steps; on failure, roll back and report.
@@ -762,17 +754,11 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
             return Err(UserError::new(format!("the upgrade {} -> {} has no snapshot to restore", j.from, j.to)).into());
         }
         if !ctx.yes {
-            if !std::io::stdin().is_terminal() {
-                return Err(UserError::new("`rollback` replaces the box's data with its pre-upgrade snapshot and needs confirmation").hint("pass --yes to confirm without a terminal").into());
-            }
-            eprintln!("Roll \"{}\" back from {} to {}: the data disk returns to snapshot {} (changes since are lost).", s.d.settings.name, j.to, j.from, j.snapshot.as_deref().unwrap_or(""));
-            eprint!("Proceed? [y/N] ");
-            std::io::stderr().flush().ok();
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line).ok();
-            if !matches!(line.trim(), "y" | "Y" | "yes") {
-                bail!("cancelled; nothing was changed");
-            }
+            boxctl::confirm(
+                UserError::new("`rollback` replaces the box's data with its pre-upgrade snapshot and needs confirmation").hint("pass --yes to confirm without a terminal"),
+                || eprintln!("Roll \"{}\" back from {} to {}: the data disk returns to snapshot {} (changes since are lost).", s.d.settings.name, j.to, j.from, j.snapshot.as_deref().unwrap_or("")),
+                "nothing was changed",
+            )?;
         }
         let undo = j.undo_plan();
         undo_steps(&mut s, &j, &undo).await?;

@@ -1,0 +1,16 @@
+# Shared by the local benchmarks (sourced): a free port, and a docker-registry on 127.0.0.1
+# holding the stand-in images of the given releases. Needs $WORK and the pids array.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_registry RELEASE...: sets REG (its port).
+start_registry() {
+  REG=$(free_port)
+  mkdir -p "$WORK/registry"
+  printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: "127.0.0.1:%s"}\n' "$WORK/registry" "$REG" > "$WORK/registry.yml"
+  docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$REG/v2/" >/dev/null && break; sleep 0.1; done
+  local args=()
+  for r in "$@"; do args+=(--release "$r"); done
+  python3 tests/harness/standins.py push --build --registry "127.0.0.1:$REG" --catalog data/sourcegraph-compose-releases.json "${args[@]}" >&2
+}
