@@ -2,7 +2,7 @@
 # Benchmark (not a test): downtime of a standard upgrade (7.4.0 -> 7.5.4453) on one local box, in
 # the same run: `sgbox upgrade` against the naive documented procedure (put the new compose file
 # in place, `docker compose pull`, then `docker compose up -d`). A client polls /__version every
-# 100 ms through the box's public port during each; failed requests and the seconds without an
+# 100 ms (5 s client timeout) through the box's public port during each; failed requests and the seconds without an
 # answer are printed side by side, with the ratio. Between the two, `sgbox rollback` puts the box
 # back to 7.4.0 and its data. Needs what the local-box test needs (bash .ci/setup, root).
 #
@@ -58,26 +58,27 @@ measure() {
 import sys
 rows = [l.split() for l in open(sys.argv[1])]
 failed = sum(1 for r in rows if r[1] == "FAIL")
-outage, start = 0.0, None
+outage, start, longest = 0.0, None, 0.0
 for t, v in ((float(r[0]), r[1]) for r in rows):
     if v == "FAIL" and start is None:
         start = t
     elif v != "FAIL" and start is not None:
-        outage += t - start; start = None
-print(len(rows), failed, f"{outage:.1f}")
+        outage += t - start; longest = max(longest, t - start); start = None
+print(len(rows), failed, f"{outage:.1f}", f"{longest:.1f}")
 PY
 }
 
-read -r n1 f1 o1 < <(measure sgbox "$SGBOX" "${S[@]}" upgrade --name bench-upg --to "$TO" --yes)
+read -r n1 f1 o1 l1 < <(measure sgbox "$SGBOX" "${S[@]}" upgrade --name bench-upg --to "$TO" --yes)
 "$SGBOX" "${S[@]}" rollback --name bench-upg --yes >/dev/null
 "$SGBOX" "${S[@]}" render --name bench-upg --version "$TO" "${COMMON[@]}" --out "$WORK/render" >/dev/null 2>&1
 naive() {
-  "$SGBOX" "${S[@]}" ssh --name bench-upg -- "sudo tee /opt/sgbox/docker-compose.yaml >/dev/null" < "$WORK/render/box/opt/sgbox/docker-compose.yaml"
+  # `sgbox ssh -- CMD` passes no stdin: the file travels inside the command.
+  "$SGBOX" "${S[@]}" ssh --name bench-upg -- "echo $(base64 -w0 < "$WORK/render/box/opt/sgbox/docker-compose.yaml") | base64 -d | sudo tee /opt/sgbox/docker-compose.yaml >/dev/null"
   "$SGBOX" "${S[@]}" ssh --name bench-upg -- "cd /opt/sgbox && sudo docker compose pull --quiet && sudo docker compose up -d"
 }
-read -r n2 f2 o2 < <(measure naive naive)
+read -r n2 f2 o2 l2 < <(measure naive naive)
 
 echo "standard upgrade $FROM -> $TO, /__version polled every 100 ms (same box, same run):"
-printf '  %-34s %6s requests %5s failed %6ss without an answer\n' "naive: compose pull; up -d" "$n2" "$f2" "$o2"
-printf '  %-34s %6s requests %5s failed %6ss without an answer\n' "sgbox upgrade" "$n1" "$f1" "$o1"
+printf '  %-30s %6s requests %5s failed %6ss without an answer (longest %ss)\n' "naive: compose pull; up -d" "$n2" "$f2" "$o2" "$l2"
+printf '  %-30s %6s requests %5s failed %6ss without an answer (longest %ss)\n' "sgbox upgrade" "$n1" "$f1" "$o1" "$l1"
 python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'  outage ratio sgbox/naive: {a/b:.2f}' if b else '  naive had no outage')" "$o1" "$o2"
