@@ -86,12 +86,7 @@ impl Session<'_> {
     /// Write a file on the box atomically (as root).
     async fn put(&self, path: &str, content: &str, mode: u32) -> Result<()> {
         let dir = path.rsplit_once('/').map_or("/", |(d, _)| d);
-        self.sh(&format!(
-            "sudo install -d -m 0755 {dir} && echo {} | base64 -d | sudo tee {path}.sgbox-tmp >/dev/null && sudo chmod {mode:o} {path}.sgbox-tmp && sudo mv {path}.sgbox-tmp {path}",
-            b64(content)
-        ))
-        .await
-        .map(|_| ())
+        self.sh(&format!("sudo install -d -m 0755 {dir} && {}", put_cmd(path, content, mode))).await.map(|_| ())
     }
 
     async fn read_journal(&self) -> Result<Option<Journal>> {
@@ -127,7 +122,7 @@ impl Session<'_> {
         let mut cmd = format!("sudo install -d -m 0755 {dir}");
         for f in bundle.files.iter() {
             if let Some(name) = staged_name(&f.path) {
-                cmd.push_str(&format!(" && echo {} | base64 -d | sudo tee {dir}/{name}.sgbox-tmp >/dev/null && sudo chmod {:o} {dir}/{name}.sgbox-tmp && sudo mv {dir}/{name}.sgbox-tmp {dir}/{name}", b64(&f.content), f.mode));
+                cmd.push_str(&format!(" && {}", put_cmd(&format!("{dir}/{name}"), &f.content, f.mode)));
             }
         }
         self.sh(&cmd).await.map(|_| ())
@@ -177,6 +172,11 @@ impl Session<'_> {
         self.ssh = boxctl::connect(self.ctx, &mut self.d, &self.ep, false, Instant::now() + self.timeout).await?;
         Ok(())
     }
+}
+
+/// Shell that writes `content` to `path` atomically as root (its folder must exist).
+fn put_cmd(path: &str, content: &str, mode: u32) -> String {
+    format!("echo {} | base64 -d | sudo tee {path}.sgbox-tmp >/dev/null && sudo chmod {mode:o} {path}.sgbox-tmp && sudo mv {path}.sgbox-tmp {path}", b64(content))
 }
 
 /// The staged file name of a rendered box file, for the files an upgrade replaces.
@@ -498,7 +498,7 @@ async fn drive(s: &mut Session<'_>, mut j: Journal) -> Result<()> {
         s.save_journal(&j).await?;
         let label = describe(&step, &plan);
         let p = Phase::start(label.clone(), s.ctx.quiet);
-        let result = run_step(s, &mut j, i, &step, &plan).await;
+        let result = run_step(s, &mut j, &step, &plan).await;
         match result {
             Ok(detail) => {
                 p.done();
@@ -535,7 +535,7 @@ async fn drive(s: &mut Session<'_>, mut j: Journal) -> Result<()> {
     Ok(())
 }
 
-async fn run_step(s: &mut Session<'_>, j: &mut Journal, _i: usize, step: &Step, plan: &UpgradePlan) -> Result<Option<String>> {
+async fn run_step(s: &mut Session<'_>, j: &mut Journal, step: &Step, plan: &UpgradePlan) -> Result<Option<String>> {
     let to = j.to;
     match step {
         // Preflight is done before the journal is created; a resumed journal never has it pending.
@@ -670,17 +670,13 @@ async fn roll_back(s: &mut Session<'_>, j: &mut Journal, outcome: &str, cause: a
         eprintln!("warning: migrations ran but there is no snapshot to restore; the previous release may not start on this data");
     }
     eprintln!("rolling back to {}{}", j.from, if undo.iter().any(|u| matches!(u, Undo::RestoreSnapshot(_))) { " (migrations ran: restoring the data-disk snapshot)" } else { "" });
-    match undo_steps(s, j, &undo).await {
+    match undo_steps(s, &undo).await {
         Ok(()) => {
             j.outcome = Some(outcome.into());
             s.save_journal(j).await?;
+            // The recorded release never left `from`: record() only adds the history entry.
             let entry = HistoryEntry { at: now_rfc3339(), action: "rollback".into(), release: j.from.to_string(), from: Some(j.to.to_string()), by: whoami() };
-            let line = serde_json::to_string(&entry)?;
-            s.sh(&format!("echo {} | base64 -d | sudo tee -a /etc/sgbox/history.jsonl >/dev/null", b64(&(line + "\n")))).await?;
-            if let Some(rec) = s.d.record.as_mut() {
-                rec.history.push(entry);
-                s.d.dir.save_record(rec)?;
-            }
+            record(s, entry, j.from).await?;
             Err(cause.context(format!(
                 "rolled back: {} serves again and is verified. Step logs on the box: `sgbox ssh --name {} -- sudo tail -n 100 {STEPS}/*.log`",
                 j.from, s.d.settings.name
@@ -695,7 +691,7 @@ async fn roll_back(s: &mut Session<'_>, j: &mut Journal, outcome: &str, cause: a
     }
 }
 
-async fn undo_steps(s: &mut Session<'_>, j: &Journal, undo: &[Undo]) -> Result<()> {
+async fn undo_steps(s: &mut Session<'_>, undo: &[Undo]) -> Result<()> {
     for u in undo {
         match u {
             Undo::StopStack => {
@@ -726,7 +722,6 @@ async fn undo_steps(s: &mut Session<'_>, j: &Journal, undo: &[Undo]) -> Result<(
             }
         }
     }
-    let _ = j;
     Ok(())
 }
 
@@ -761,7 +756,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
             )?;
         }
         let undo = j.undo_plan();
-        undo_steps(&mut s, &j, &undo).await?;
+        undo_steps(&mut s, &undo).await?;
         j.outcome = Some("rolled-back".into());
         s.save_journal(&j).await?;
         let entry = HistoryEntry { at: now_rfc3339(), action: "rollback".into(), release: j.from.to_string(), from: Some(j.to.to_string()), by: whoami() };
@@ -803,6 +798,24 @@ mod tests {
         assert!(refs.contains(&"10.0.2.2:5000/postgresql-16:5.11.6271"), "the waypoint's databases convert to Postgres 16: {refs:?}");
         assert!(refs.contains(&"10.0.2.2:5000/frontend:7.4.0"));
         assert!(!refs.iter().any(|r| r.contains("5.9.17785")), "nothing of the running release is pulled again");
+    }
+
+    #[test]
+    fn put_cmd_writes_the_file_atomically_with_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // The box runs it through sudo; here a shim that just runs the command.
+        let shim = dir.path().join("sudo");
+        std::fs::write(&shim, "#!/bin/sh\nexec \"$@\"\n").unwrap();
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let target = dir.path().join("a.env").display().to_string();
+        let content = "PGSQL_PASSWORD='x y'\n$HOME `id`\n";
+        let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+        let st = std::process::Command::new("sh").arg("-c").arg(put_cmd(&target, content, 0o600)).env("PATH", path).status().unwrap();
+        assert!(st.success());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), content, "bytes arrive unchanged, nothing expanded");
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!std::path::Path::new(&format!("{target}.sgbox-tmp")).exists(), "no temporary file left");
     }
 
     #[test]
