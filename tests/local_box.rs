@@ -1,95 +1,201 @@
-//! End-to-end: `sgbox up --cloud local` boots a real QEMU VM (Debian 13 built with debootstrap,
-//! real cloud-init, sshd, Docker and Compose v2), which pulls stand-in Sourcegraph images from a
-//! real registry on this machine and must come up healthy at the release. One box is shared by
-//! the scenarios (a boot takes minutes under TCG): idempotent re-run, reboot recovery, a changed
-//! host key refused, and `down` (data disk kept, then deleted).
+//! End-to-end on one real local box: `sgbox up --cloud local` boots a QEMU VM (Debian 13 built
+//! with debootstrap, real cloud-init, sshd, Docker and Compose v2), which pulls stand-in
+//! Sourcegraph images of four releases from a real registry on this machine. Under emulation a
+//! boot and a stack start take minutes, so ONE box goes through every scenario, in the order that
+//! needs the fewest restarts (the two snapshot restores restart it; the reboot is a scenario):
 //!
+//!  1. `up` at 5.9: healthy at the release (by our own GET and by `status`), the data disk and
+//!     Docker's root on it, sshd restricted; a re-run of `up` changes nothing; no password printed;
+//!  2. `upgrade` refusals with nothing changed: a downgrade (exit 2), `--dry-run` of 5.9 → 7.4,
+//!     a full data disk (exit 2);
+//!  3. the multi-version upgrade 5.9 → 7.4 across the Postgres 16 waypoint 5.11, with sgbox
+//!     killed during a migrator hop and a re-run that completes from the journal on the box;
+//!  4. 7.4 → 7.5 with the 7.5 migrator failing half-way (dirty schema): automatic rollback, 7.4
+//!     serving again, the database's data checksum and schema as before;
+//!  5. the standard upgrade 7.4 → 7.5 with `/__version` polled every 100 ms and failures counted;
+//!  6. `sgbox rollback` to 7.4 and its snapshot; `sgbox history` shows all of it;
+//!  7. a reboot of the VM brings the stack back by itself;
+//!  8. a changed host key is refused;
+//!  9. `down` leaves no process and no overlay but keeps the data disk; `--delete-data` removes it.
+//!
+//! Each scenario's duration is printed (`e2e: ...`), so a slow machine shows where it hurts.
 //! Needs qemu-system-x86, qemu-utils, debootstrap, genisoimage, docker-registry, busybox-static
 //! and root (debootstrap): `bash .ci/setup`. Missing tools fail the test; nothing is skipped.
 
 mod common;
 
+use std::io::BufRead;
 use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::localbox::{base_image, free_port, http_get, qemu_pids, Registry};
 use common::{run, sgbox, text};
 use serde_json::Value;
 
-const RELEASE: &str = "7.5.4453";
+const OLD: &str = "5.9.17785";
+const WAYPOINT: &str = "5.11.6271";
+const MID: &str = "7.4.0";
+const NEW: &str = "7.5.4453";
+const NAME: &str = "e2e";
 
 fn json_of(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", text(&out.stdout), text(&out.stderr)))
 }
 
-fn console_tail(state: &Path, name: &str) -> String {
-    let log = std::fs::read_to_string(state.join(name).join("local/console.log")).unwrap_or_default();
+fn console_tail(st: &Path) -> String {
+    let log = std::fs::read_to_string(st.join(NAME).join("local/console.log")).unwrap_or_default();
     log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
-fn ssh(state: &Path, name: &str, cmd: &str) -> std::process::Output {
-    run(sgbox(state).args(["ssh", "--name", name, "--", cmd]))
+/// `sgbox ssh -- cmd`, whatever its outcome.
+fn ssh_out(st: &Path, cmd: &str) -> std::process::Output {
+    run(sgbox(st).args(["ssh", "--name", NAME, "--", cmd]))
 }
 
-fn wait_healthy(state: &Path, name: &str, within: Duration) -> Value {
+/// `sgbox ssh -- cmd`, which must succeed; its stdout.
+fn ssh(st: &Path, cmd: &str) -> String {
+    let out = ssh_out(st, cmd);
+    assert!(out.status.success(), "`{cmd}` on the box: {}\n{}", text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn wait_healthy(st: &Path, within: Duration) -> Value {
     let until = Instant::now() + within;
     loop {
-        let out = run(sgbox(state).args(["status", "--name", name, "--output", "json"]));
+        let out = run(sgbox(st).args(["status", "--name", NAME, "--output", "json"]));
         if out.status.success() {
             let v = json_of(&out);
             if v["healthy"] == Value::Bool(true) {
                 return v;
             }
             if Instant::now() > until {
-                panic!("not healthy within {within:?}: {v:#}\nconsole:\n{}", console_tail(state, name));
+                panic!("not healthy within {within:?}: {v:#}\nconsole:\n{}", console_tail(st));
             }
         }
         std::thread::sleep(Duration::from_secs(5));
     }
 }
 
+/// Talk to the stand-in pgsql's line protocol from inside its container.
+fn db(st: &Path, lines: &str) -> String {
+    ssh(st, &format!("sudo docker exec pgsql sh -c 'printf \"{}\" | nc -w 3 127.0.0.1 5432'", lines.replace('\n', "\\n")))
+}
+
+fn db_state(st: &Path) -> (String, String) {
+    let out = db(st, "CHECKSUM\nINFO\n");
+    let sum = out.lines().find_map(|l| l.strip_prefix("CHECKSUM ")).unwrap_or_else(|| panic!("no checksum in {out:?}")).to_string();
+    let info = out.lines().find(|l| l.starts_with("INFO ")).unwrap_or_else(|| panic!("no info in {out:?}")).to_string();
+    (sum, info)
+}
+
+fn version(url: &str) -> Option<String> {
+    http_get(&format!("{url}/__version")).map(|s| s.trim().to_string())
+}
+
+fn journal(st: &Path) -> Value {
+    let t = ssh(st, "sudo cat /var/lib/sgbox/upgrade.json 2>/dev/null || echo null");
+    serde_json::from_str(&t).unwrap_or(Value::Null)
+}
+
+fn snapshots(st: &Path) -> String {
+    let data = st.join(NAME).join("local/data.qcow2");
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-l", "-U"]).arg(&data).output().unwrap();
+    text(&out.stdout)
+}
+
+fn upgrade(st: &Path, extra: &[&str]) -> std::process::Output {
+    run(sgbox(st).args(["upgrade", "--name", NAME, "--yes", "--timeout", "20m"]).args(extra))
+}
+
+/// Everything an unchanged box shows: release file, compose file, journal and snapshots.
+fn fingerprint(st: &Path) -> String {
+    format!("{}{}", ssh(st, "cat /etc/sgbox/deployment.json; sha256sum /opt/sgbox/docker-compose.yaml; sudo cat /var/lib/sgbox/upgrade.json 2>/dev/null || true"), snapshots(st))
+}
+
+/// Scenario durations, printed as they end and once more as a table at the end.
+struct Clock {
+    last: Instant,
+    laps: Vec<(String, f64)>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock { last: Instant::now(), laps: Vec::new() }
+    }
+
+    fn lap(&mut self, what: &str) {
+        let secs = self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        eprintln!("e2e: {what}: {secs:.0} s");
+        self.laps.push((what.to_string(), secs));
+    }
+
+    fn table(&self) {
+        let total: f64 = self.laps.iter().map(|(_, s)| s).sum();
+        eprintln!("e2e: scenarios of the shared local box (seconds):");
+        for (w, s) in &self.laps {
+            eprintln!("e2e:   {s:6.0}  {w}");
+        }
+        eprintln!("e2e:   {total:6.0}  total");
+    }
+}
+
+/// Deletes the box when the test ends, failed or not: a VM left running would slow every later test.
+struct Teardown<'a>(&'a Path);
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = run(sgbox(self.0).args(["down", "--name", NAME, "--cloud", "local", "--delete-data", "--yes"]));
+    }
+}
+
 #[test]
 fn local_box_lifecycle() {
+    let mut clock = Clock::new();
     let image = base_image();
+    clock.lap("base image (built once, then cached)");
     let registry = Registry::start();
-    registry.push_standins(&[RELEASE]);
+    registry.push_standins(&[OLD, WAYPOINT, MID, NEW]);
+    clock.lap("registry with the stand-ins of 4 releases");
     let state = tempfile::tempdir().unwrap();
     let st = state.path();
-    let name = "e2e";
-    let up_args = |extra: &[&str]| {
-        let mut a: Vec<String> = ["up", "--cloud", "local", "--name", name, "--version", RELEASE, "--registry-mirror"].iter().map(|s| s.to_string()).collect();
+    let _teardown = Teardown(st);
+    let up_args = || -> Vec<String> {
+        let mut a: Vec<String> = ["up", "--cloud", "local", "--name", NAME, "--version", OLD, "--registry-mirror"].iter().map(|s| s.to_string()).collect();
         a.push(registry.mirror_for_guest());
         a.extend(["--mirror-mode", "tags-only", "--base-image"].iter().map(|s| s.to_string()));
         a.push(image.display().to_string());
         a.extend(["--yes", "--output", "json", "--timeout", "25m"].iter().map(|s| s.to_string()));
-        a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
 
     // 1. Up: healthy at the release, checked independently of sgbox's own wait.
-    let t0 = Instant::now();
-    let out = run(sgbox(st).args(up_args(&[])));
-    assert!(out.status.success(), "up failed: {}\nconsole:\n{}", text(&out.stderr), console_tail(st, name));
+    let out = run(sgbox(st).args(up_args()));
+    assert!(out.status.success(), "up failed: {}\nconsole:\n{}", text(&out.stderr), console_tail(st));
     let up = json_of(&out);
-    eprintln!("up took {:.0} s: {}", t0.elapsed().as_secs_f64(), up["timings"]);
-    assert_eq!(up["release"], RELEASE);
+    eprintln!("e2e: up phases (s): {}", up["timings"]);
+    assert_eq!(up["release"], OLD);
     let url = up["url"].as_str().unwrap().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    assert_eq!(http_get(&format!("{url}/__version")).as_deref().map(str::trim), Some(RELEASE));
+    assert_eq!(version(&url).as_deref(), Some(OLD));
     assert!(up["ssh"]["host_key_fingerprint"].as_str().unwrap_or("").starts_with("SHA256:"), "host key pinned: {up:#}");
-    let overlay = st.join(name).join("local/overlay.qcow2");
-    let data = st.join(name).join("local/data.qcow2");
+    let overlay = st.join(NAME).join("local/overlay.qcow2");
+    let data = st.join(NAME).join("local/data.qcow2");
     let pids = qemu_pids(&overlay.display().to_string());
     assert_eq!(pids.len(), 1, "one VM: {pids:?}");
     let mut stderr_all = text(&out.stderr);
+    clock.lap("up (boot, cloud-init, 27 services healthy)");
 
-    let status = wait_healthy(st, name, Duration::from_secs(60));
+    let status = wait_healthy(st, Duration::from_secs(60));
     let services = status["services"].as_array().unwrap();
     assert!(services.len() >= 20, "every compose service is reported: {status:#}");
     assert_eq!(status["unhealthy"], Value::Array(vec![]));
 
     // The box is the one rendered: data on the separate disk, Docker's root there, SSH only for sgbox.
-    let out = ssh(st, name, "findmnt -n -o SOURCE,FSTYPE /mnt/sgbox-data; sudo docker info --format '{{.DockerRootDir}}'; sudo sshd -T | grep -i '^allowusers'; cloud-init status");
+    let out = ssh_out(st, "findmnt -n -o SOURCE,FSTYPE /mnt/sgbox-data; sudo docker info --format '{{.DockerRootDir}}'; sudo sshd -T | grep -i '^allowusers'; cloud-init status");
     let o = text(&out.stdout);
     assert!(out.status.success(), "{o}\n{}", text(&out.stderr));
     assert!(o.contains("ext4"), "data disk mounted: {o}");
@@ -97,12 +203,12 @@ fn local_box_lifecycle() {
     assert!(o.contains("allowusers sgbox"), "sshd restricted: {o}");
     assert!(o.contains("status: done"), "{o}");
     // Secrets never leave the state folder through our output.
-    let secrets = std::fs::read_to_string(st.join(name).join("secrets.json")).unwrap();
+    let secrets = std::fs::read_to_string(st.join(NAME).join("secrets.json")).unwrap();
     let pw: Value = serde_json::from_str(&secrets).unwrap();
     stderr_all.push_str(&text(&out.stderr));
 
-    // 2. Re-running `up` on the running box changes nothing and answers at once.
-    let out = run(sgbox(st).args(up_args(&[])));
+    // Re-running `up` on the running box changes nothing and answers at once.
+    let out = run(sgbox(st).args(up_args()));
     assert!(out.status.success(), "re-run: {}", text(&out.stderr));
     let again = json_of(&out);
     assert_eq!(again["url"], up["url"], "same ports");
@@ -113,32 +219,187 @@ fn local_box_lifecycle() {
         let p = p.as_str().unwrap();
         assert!(!stderr_all.contains(p) && !text(&out.stdout).contains(p), "a password was printed");
     }
+    clock.lap("status, the box's disks and sshd, idempotent re-run of up");
 
-    // 3. A reboot of the VM brings the stack back by itself.
-    let boot_id = text(&ssh(st, name, "cat /proc/sys/kernel/random/boot_id").stdout).trim().to_string();
+    // User data in the database, which every upgrade and rollback must keep.
+    let put = db(st, "PUT repo github.com/sourcegraph/sourcegraph\nPUT saved-search lang:rust sgbox\n");
+    assert_eq!(put.matches("OK").count(), 2, "{put}");
+    let (sum0, info0) = db_state(st);
+    assert!(info0.contains("pg_major=12") && info0.contains(&format!("schema={OLD}")), "{info0}");
+    let before = fingerprint(st);
+
+    // 2a. A downgrade is a path Sourcegraph forbids without an explicit opt-in: refused, exit 2.
+    let out = upgrade(st, &["--to", "5.8"]);
+    assert_eq!(out.status.code(), Some(2), "downgrade must be refused: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("fix:"), "{}", text(&out.stderr));
+    assert_eq!(fingerprint(st), before, "a refused path changes nothing");
+
+    // 2b. Dry run: the plan through the waypoint and a passing preflight; nothing changed.
+    let out = run(sgbox(st).args(["upgrade", "--name", NAME, "--to", MID, "--dry-run", "--output", "json"]));
+    assert!(out.status.success(), "dry-run: {}", text(&out.stderr));
+    let plan = json_of(&out);
+    assert_eq!(plan["kind"], "multi-version");
+    let steps = plan["steps"].to_string();
+    assert!(steps.contains(&format!("migrator {WAYPOINT}: upgrade --from=v{OLD} --to=v{WAYPOINT}")), "{plan:#}");
+    assert!(steps.contains(&format!("migrator {NEW}: upgrade --from=v{WAYPOINT} --to=v{MID}")), "{plan:#}");
+    assert_eq!(plan["preflight"]["ok"], true, "{plan:#}");
+    assert_eq!(fingerprint(st), before, "a dry run changes nothing");
+
+    // 2c. Not enough disk: fill the data disk to 256 MiB free; refused in preflight, exit 2.
+    ssh(st, "sudo sh -c 'fallocate -l $(( $(df -B1 --output=avail /mnt/sgbox-data | tail -n 1) - 268435456 )) /mnt/sgbox-data/fill'");
+    let out = upgrade(st, &["--to", MID]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a full disk must be refused: {err}");
+    assert!(err.contains("disk") && err.contains("free") && err.contains("fix:"), "{err}");
+    ssh(st, "sudo rm /mnt/sgbox-data/fill");
+    assert_eq!(fingerprint(st), before, "a refused upgrade changes nothing");
+    clock.lap("upgrade refusals: downgrade, dry run, full disk");
+
+    // 3. Multi-version 5.9 → 7.4 in one command; sgbox is killed during a migrator hop and a
+    //    re-run finishes from the journal on the box. The hop's start is read from sgbox's own
+    //    progress lines (polling the box over SSH would slow the emulated box), then the hop's
+    //    systemd unit is seen running before the kill.
+    let mut child = sgbox(st).args(["upgrade", "--name", NAME, "--to", MID, "--yes", "--timeout", "20m"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(1200);
+    let mut progress = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                progress.push_str(&line);
+                progress.push('\n');
+                if line.starts_with("… migrator ") {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the upgrade ended ({:?}) before a migrator hop started:\n{progress}", child.wait()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        assert!(Instant::now() < until, "no migrator hop started:\n{progress}");
+    }
+    let unit_until = Instant::now() + Duration::from_secs(120);
+    while !ssh(st, "systemctl list-units 'sgbox-step-migrate-*' --state=active --no-legend --plain").contains("sgbox-step-migrate-") && Instant::now() < unit_until {
+        assert!(child.try_wait().unwrap().is_none(), "the upgrade ended before its migrator hop was seen running:\n{progress}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap();
+    let j = journal(st);
+    let killed_at = j["steps"].as_array().and_then(|s| s.iter().find(|e| e["step"] == "migrate" && e["status"] == "started").cloned());
+    let killed_at = killed_at.unwrap_or_else(|| panic!("sgbox was killed during a migrator hop: {j:#}"));
+    eprintln!("e2e: killed sgbox during hop {} -> {}", killed_at["from"], killed_at["to"]);
+    let out = upgrade(st, &["--output", "json"]);
+    assert!(out.status.success(), "the re-run must complete the upgrade: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("resuming"), "{}", text(&out.stderr));
+    let done = json_of(&out);
+    assert_eq!(done["to"], MID);
+    assert_eq!(version(&url).as_deref(), Some(MID));
+    let j = journal(st);
+    assert_eq!(j["outcome"], "done");
+    assert!(j["steps"].as_array().unwrap().iter().all(|e| e["status"] == "done"), "{j:#}");
+    let (sum1, info1) = db_state(st);
+    assert_eq!(sum1, sum0, "user data survived the multi-version upgrade");
+    assert!(info1.contains("pg_major=16") && info1.contains(&format!("schema={MID}")), "converted to Postgres 16 and migrated: {info1}");
+    assert!(ssh(st, "cat /etc/sgbox/deployment.json").contains(MID));
+    assert!(!snapshots(st).trim().is_empty(), "a snapshot was taken first");
+    clock.lap("multi-version upgrade 5.9 -> 7.4, killed and resumed");
+
+    // 4. The 7.5 migrator fails half-way (dirty schema): automatic rollback to 7.4 and its data.
+    let fail = "services:\n  migrator:\n    environment:\n      - SGBOX_STANDIN_FAIL=migrator-dirty@7.5.4453\n";
+    ssh(st, &format!("echo '{fail}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null"));
+    let out = upgrade(st, &["--to", NEW]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a failed migrator fails the upgrade: {err}");
+    assert!(err.contains("rolled back") && err.contains("migrator"), "{err}");
+    assert_eq!(version(&url).as_deref(), Some(MID), "7.4 serves again");
+    let (sum2, info2) = db_state(st);
+    assert_eq!(sum2, sum0, "data intact after the rollback");
+    assert!(info2.contains(&format!("schema={MID}")) && !info2.contains("dirty"), "the dirty schema was undone by the snapshot: {info2}");
+    assert_eq!(journal(st)["outcome"], "rolled-back");
+    ssh(st, "echo 'services: {}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null");
+    clock.lap("failed migrator: automatic rollback (restore restarts the box)");
+
+    // 5. Standard upgrade 7.4 → 7.5 while a client polls every 100 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let poller = {
+        let (stop, seen, url) = (stop.clone(), seen.clone(), url.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let v = version(&url);
+                seen.lock().unwrap().push(v);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let out = upgrade(st, &["--to", NEW, "--output", "json"]);
+    stop.store(true, Ordering::Relaxed);
+    poller.join().unwrap();
+    assert!(out.status.success(), "standard upgrade: {}", text(&out.stderr));
+    assert_eq!(version(&url).as_deref(), Some(NEW));
+    let seen = seen.lock().unwrap().clone();
+    let failed = seen.iter().filter(|v| v.is_none()).count();
+    let first_new = seen.iter().position(|v| v.as_deref() == Some(NEW)).expect("the poller saw the new release");
+    assert!(seen[..first_new].iter().flatten().all(|v| v == MID), "only the old release before the switch");
+    assert!(seen[first_new..].iter().flatten().all(|v| v == NEW), "never back to the old release after the switch");
+    eprintln!("e2e: standard upgrade {MID} -> {NEW}: {} requests every 100 ms, {failed} failed", seen.len());
+    assert!(failed * 10 < seen.len(), "the old release kept serving for most of the upgrade: {failed} of {} failed", seen.len());
+    let (sum3, info3) = db_state(st);
+    assert_eq!(sum3, sum0);
+    assert!(info3.contains(&format!("schema={NEW}")), "{info3}");
+    clock.lap("standard upgrade 7.4 -> 7.5 under a 100 ms poller");
+
+    // 6. `sgbox rollback`: back to 7.4 and the data of before the upgrade.
+    let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--output", "json", "--timeout", "20m"]));
+    assert!(out.status.success(), "rollback: {}", text(&out.stderr));
+    assert_eq!(json_of(&out)["release"], MID);
+    assert_eq!(version(&url).as_deref(), Some(MID));
+    let (sum4, info4) = db_state(st);
+    assert_eq!(sum4, sum0);
+    assert!(info4.contains(&format!("schema={MID}")), "{info4}");
+
+    let out = run(sgbox(st).args(["history", "--name", NAME, "--output", "json"]));
+    let h = json_of(&out);
+    assert_eq!(h["release"], MID);
+    let actions: Vec<String> = h["history"].as_array().unwrap().iter().map(|e| format!("{} {}", e["action"].as_str().unwrap(), e["release"].as_str().unwrap())).collect();
+    assert_eq!(actions, [format!("up {OLD}"), format!("upgrade {MID}"), format!("rollback {MID}"), format!("upgrade {NEW}"), format!("rollback {MID}")], "{h:#}");
+    let on_box = ssh(st, "cat /etc/sgbox/history.jsonl");
+    assert_eq!(on_box.lines().count(), 4, "the box keeps its own history: {on_box}");
+    clock.lap("sgbox rollback to 7.4 (restore restarts the box), history");
+
+    // 7. A reboot of the VM brings the stack back by itself.
+    let boot_id = ssh(st, "cat /proc/sys/kernel/random/boot_id").trim().to_string();
     assert_eq!(boot_id.len(), 36, "{boot_id}");
-    let _ = ssh(st, name, "sudo systemd-run --on-active=1 systemctl reboot");
+    let _ = ssh_out(st, "sudo systemd-run --on-active=1 systemctl reboot");
     let until = Instant::now() + Duration::from_secs(120);
-    while http_get(&format!("{url}/__version")).is_some() {
+    while version(&url).is_some() {
         assert!(Instant::now() < until, "the box never went down for the reboot");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let after = wait_healthy(st, name, Duration::from_secs(900));
-    assert_eq!(after["release"], RELEASE);
-    let boot_id2 = text(&ssh(st, name, "cat /proc/sys/kernel/random/boot_id").stdout).trim().to_string();
+    let after = wait_healthy(st, Duration::from_secs(900));
+    assert_eq!(after["release"], MID);
+    let boot_id2 = ssh(st, "cat /proc/sys/kernel/random/boot_id").trim().to_string();
     assert_ne!(boot_id, boot_id2, "the guest really rebooted");
-    assert_eq!(http_get(&format!("{url}/__version")).as_deref().map(str::trim), Some(RELEASE));
+    assert_eq!(version(&url).as_deref(), Some(MID));
+    clock.lap("reboot: the stack comes back by itself");
 
-    // 4. A changed host key is refused (the pinned one no longer matches).
-    let out = ssh(st, name, "sudo sh -c 'rm -f /etc/ssh/ssh_host_*_key* && ssh-keygen -q -A && systemctl restart ssh'");
+    // 8. A changed host key is refused (the pinned one no longer matches).
+    let out = ssh_out(st, "sudo sh -c 'rm -f /etc/ssh/ssh_host_*_key* && ssh-keygen -q -A && systemctl restart ssh'");
     assert!(out.status.success(), "regenerating host keys: {}", text(&out.stderr));
-    let out = ssh(st, name, "true");
+    let out = ssh_out(st, "true");
     assert_eq!(out.status.code(), Some(1), "must refuse: {}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("refusing") && err.contains("pinned"), "{err}");
 
-    // 5. Down: no process, no overlay; the data disk stays unless asked.
-    let out = run(sgbox(st).args(["down", "--name", name, "--yes", "--output", "json"]));
+    // 9. Down: no process, no overlay; the data disk stays unless asked.
+    let out = run(sgbox(st).args(["down", "--name", NAME, "--yes", "--output", "json"]));
     assert!(out.status.success(), "down: {}", text(&out.stderr));
     let down = json_of(&out);
     assert_eq!(down["remaining"], Value::Array(vec![]));
@@ -148,12 +409,14 @@ fn local_box_lifecycle() {
     }
     assert!(!overlay.exists(), "overlay left behind");
     assert!(data.exists(), "data disk must be kept");
-    assert!(st.join(name).join("secrets.json").exists(), "secrets kept with the data disk");
+    assert!(st.join(NAME).join("secrets.json").exists(), "secrets kept with the data disk");
 
-    let out = run(sgbox(st).args(["down", "--name", name, "--cloud", "local", "--delete-data", "--yes"]));
+    let out = run(sgbox(st).args(["down", "--name", NAME, "--cloud", "local", "--delete-data", "--yes"]));
     assert!(out.status.success(), "down --delete-data: {}", text(&out.stderr));
     assert!(!data.exists(), "data disk deleted on request");
-    assert!(!st.join(name).exists(), "nothing left in the state folder");
+    assert!(!st.join(NAME).exists(), "nothing left in the state folder");
+    clock.lap("changed host key refused, down, down --delete-data");
+    clock.table();
     drop(registry);
 }
 

@@ -27,9 +27,9 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     let mut ssh_error = None;
     if let (InstanceState::Running, Some(ep)) = (&state, &ep) {
         match boxctl::connect(ctx, &mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(8)).await {
-            Ok(s) => match s.exec(&readiness::compose_ps_cmd()).await {
-                Ok(o) if o.status == 0 => services = Some(readiness::parse_ps(&o.stdout)),
-                Ok(o) => ssh_error = Some(format!("docker compose ps: {}", o.stderr.trim())),
+            Ok(s) => match s.exec(&readiness::services_cmd()).await {
+                Ok(o) if o.status == 0 => services = Some(readiness::parse_services(&o.stdout)),
+                Ok(o) => ssh_error = Some(format!("listing the containers: {}", o.stderr.trim())),
                 Err(e) => ssh_error = Some(e.to_string()),
             },
             Err(e) => ssh_error = Some(format!("{e:#}")),

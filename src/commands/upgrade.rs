@@ -348,8 +348,8 @@ async fn preflight_checks(s: &Session<'_>, plan: &UpgradePlan, from: Version, p:
             .hint("check the box with `sgbox status -v`; nothing was changed")
             .into());
     }
-    let ps = s.sh(&readiness::compose_ps_cmd()).await?;
-    let missing = readiness::not_ready(&Session::release_services(from), &readiness::parse_ps(&ps));
+    let ps = s.sh(&readiness::services_cmd()).await?;
+    let missing = readiness::not_ready(&Session::release_services(from), &readiness::parse_services(&ps));
     if !missing.is_empty() {
         return Err(UserError::new(format!("the box is not healthy at {from}: {} not ready", missing.join(", ")))
             .hint("an upgrade starts only from a healthy box; see `sgbox status -v` and `sgbox logs SERVICE`. Nothing was changed")

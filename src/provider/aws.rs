@@ -75,7 +75,13 @@ fn code_of<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E, aws_sdk_
 
 impl Aws {
     pub async fn new(settings: Settings, deployment_dir: PathBuf) -> Aws {
+        // One HTTPS client for every AWS call (EC2, SSM, and the credential chain's STS/SSO):
+        // hyper 1 + rustls on ring. The SDK's default client would build aws-lc from C.
+        let https = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
+            .build_https();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(https)
             .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(8).with_initial_backoff(Duration::from_millis(200)));
         if let Some(r) = &settings.region {
             loader = loader.region(aws_config::Region::new(r.clone()));

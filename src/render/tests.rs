@@ -109,6 +109,11 @@ fn mirror_rewrites_images() {
     assert!(imgs.iter().all(|(_, i)| i.starts_with("10.0.2.2:5000/sg/") && !i.contains('@')), "{imgs:?}");
     let daemon = b.file("/etc/docker/daemon.json").unwrap();
     assert!(daemon.content.contains("\"insecure-registries\": [\n    \"10.0.2.2:5000\"\n  ]"), "{}", daemon.content);
+    assert!(daemon.content.contains("\"default-runtime\": \"crun\""), "the local box runs crun: {}", daemon.content);
+    assert!(b.user_data.contains("docker-compose crun curl"), "a box without crun installs it");
+    let aws = bundle(&settings(&[("cloud", "aws"), ("ssh-cidr", "203.0.113.7/32")]), r);
+    let daemon = aws.file("/etc/docker/daemon.json").unwrap();
+    assert!(!daemon.content.contains("crun") && !aws.user_data.contains("crun"), "cloud VMs keep runc: {}", daemon.content);
 }
 
 #[test]
@@ -158,4 +163,13 @@ fn metadata_records_release_and_hash() {
     assert_eq!(meta["release"], "7.5.4453");
     assert_eq!(meta["rendered_sha256"], b.rendered_sha256.as_str());
     assert_eq!(meta["compose_project"], "sourcegraph");
+}
+
+#[test]
+fn starting_services_are_probed_every_two_seconds() {
+    let r = catalog().latest();
+    let c = bundle(&settings(&[("cloud", "local")]), r).compose().to_string();
+    let periods = c.matches("start_period:").count();
+    assert!(periods >= 5, "{c}");
+    assert_eq!(c.matches("      start_interval: 2s\n").count(), periods, "every start period has a start interval");
 }

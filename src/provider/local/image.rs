@@ -39,6 +39,8 @@ const PACKAGES: &[&str] = &[
     "docker.io",
     "docker-cli",
     "docker-compose",
+    // The local box's container runtime (see render::uses_crun).
+    "crun",
     "apparmor",
     "sudo",
     "procps",
