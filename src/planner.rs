@@ -226,6 +226,7 @@ mod tests {
     fn table_of_cases() {
         use UpgradeKind::*;
         #[rustfmt::skip]
+        #[allow(clippy::type_complexity)]
         let cases: &[(&str, &str, UpgradeKind, &[(&str, &str, &str, bool)], bool)] = &[
             // same release, patch, one minor
             ("7.5.4453", "7.5.4453", None, &[], false),

@@ -39,9 +39,8 @@ impl Phase {
     fn end(self, mark: &str, detail: &str) -> f64 {
         let secs = self.started.elapsed().as_secs_f64();
         let line = format!("{mark} {} ({secs:.1} s){detail}", self.name);
-        match self.bar {
-            Some(b) => b.finish_and_clear(),
-            None => {}
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
         }
         if !self.quiet {
             eprintln!("{line}");

@@ -998,6 +998,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
+        #[allow(clippy::type_complexity)]
         let cases: &[(&[(&'static str, &str)], &str, &str)] = &[
             (&[("cloud", "azure")], "--cloud", "aws, gcp or local"),
             (&[("cloud", "aws"), ("size", "XXL")], "--size", "XS, S, M, L, XL"),

@@ -2,7 +2,8 @@
 //! with debootstrap, real cloud-init, sshd, Docker and Compose v2), which pulls stand-in
 //! Sourcegraph images of four releases from a real registry on this machine. Under emulation a
 //! boot and a stack start take minutes, so ONE box goes through every scenario, in the order that
-//! needs the fewest restarts (the two snapshot restores restart it; the reboot is a scenario):
+//! needs the fewest restarts (the snapshot restores swap the data disk while the VM runs; the
+//! reboot is a scenario of its own):
 //!
 //!  1. `up` at 5.9: healthy at the release (by our own GET and by `status`), the data disk and
 //!     Docker's root on it, sshd restricted; a re-run of `up` changes nothing; no password printed;
@@ -11,7 +12,8 @@
 //!  3. the multi-version upgrade 5.9 → 7.4 across the Postgres 16 waypoint 5.11, with sgbox
 //!     killed during a migrator hop and a re-run that completes from the journal on the box;
 //!  4. 7.4 → 7.5 with the 7.5 migrator failing half-way (dirty schema): automatic rollback, 7.4
-//!     serving again, the database's data checksum and schema as before;
+//!     serving again, the database's data checksum and schema as before, and the box not
+//!     restarted for it (the data disk is swapped back while the VM runs);
 //!  5. the standard upgrade 7.4 → 7.5 with `/__version` polled every 100 ms and failures counted;
 //!  6. `sgbox rollback` to 7.4 and its snapshot; `sgbox history` shows all of it;
 //!  7. a reboot of the VM brings the stack back by itself;
@@ -312,6 +314,7 @@ fn local_box_lifecycle() {
     clock.lap("multi-version upgrade 5.9 -> 7.4, killed and resumed");
 
     // 4. The 7.5 migrator fails half-way (dirty schema): automatic rollback to 7.4 and its data.
+    let boot_before = ssh(st, "cat /proc/sys/kernel/random/boot_id");
     let fail = "services:\n  migrator:\n    environment:\n      - SGBOX_STANDIN_FAIL=migrator-dirty@7.5.4453\n";
     ssh(st, &format!("echo '{fail}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null"));
     let out = upgrade(st, &["--to", NEW]);
@@ -323,8 +326,9 @@ fn local_box_lifecycle() {
     assert_eq!(sum2, sum0, "data intact after the rollback");
     assert!(info2.contains(&format!("schema={MID}")) && !info2.contains("dirty"), "the dirty schema was undone by the snapshot: {info2}");
     assert_eq!(journal(st)["outcome"], "rolled-back");
+    assert_eq!(ssh(st, "cat /proc/sys/kernel/random/boot_id"), boot_before, "the data disk was swapped back while the box ran, without a restart: {err}");
     ssh(st, "echo 'services: {}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null");
-    clock.lap("failed migrator: automatic rollback (restore restarts the box)");
+    clock.lap("failed migrator: automatic rollback (data disk swapped back)");
 
     // 5. Standard upgrade 7.4 → 7.5 while a client polls every 100 ms.
     let stop = Arc::new(AtomicBool::new(false));
@@ -357,6 +361,7 @@ fn local_box_lifecycle() {
     clock.lap("standard upgrade 7.4 -> 7.5 under a 100 ms poller");
 
     // 6. `sgbox rollback`: back to 7.4 and the data of before the upgrade.
+    let boot_before = ssh(st, "cat /proc/sys/kernel/random/boot_id");
     let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--output", "json", "--timeout", "20m"]));
     assert!(out.status.success(), "rollback: {}", text(&out.stderr));
     assert_eq!(json_of(&out)["release"], MID);
@@ -364,6 +369,7 @@ fn local_box_lifecycle() {
     let (sum4, info4) = db_state(st);
     assert_eq!(sum4, sum0);
     assert!(info4.contains(&format!("schema={MID}")), "{info4}");
+    assert_eq!(ssh(st, "cat /proc/sys/kernel/random/boot_id"), boot_before, "the snapshot was swapped in without a restart");
 
     let out = run(sgbox(st).args(["history", "--name", NAME, "--output", "json"]));
     let h = json_of(&out);
@@ -372,7 +378,7 @@ fn local_box_lifecycle() {
     assert_eq!(actions, [format!("up {OLD}"), format!("upgrade {MID}"), format!("rollback {MID}"), format!("upgrade {NEW}"), format!("rollback {MID}")], "{h:#}");
     let on_box = ssh(st, "cat /etc/sgbox/history.jsonl");
     assert_eq!(on_box.lines().count(), 4, "the box keeps its own history: {on_box}");
-    clock.lap("sgbox rollback to 7.4 (restore restarts the box), history");
+    clock.lap("sgbox rollback to 7.4 (data disk swapped back), history");
 
     // 7. A reboot of the VM brings the stack back by itself.
     let boot_id = ssh(st, "cat /proc/sys/kernel/random/boot_id").trim().to_string();

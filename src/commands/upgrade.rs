@@ -709,6 +709,19 @@ async fn undo_steps(s: &mut Session<'_>, undo: &[Undo]) -> Result<()> {
                 p.done();
             }
             Undo::RestoreSnapshot(snap) => {
+                if s.d.provider.can_swap_data_disk() {
+                    let p = Phase::start(format!("rollback: swap the data disk back to {snap}"), s.ctx.quiet);
+                    match swap_data_disk(s, snap).await {
+                        Ok(()) => {
+                            p.done();
+                            continue;
+                        }
+                        Err(e) => {
+                            p.fail();
+                            s.ctx.warn(format!("swapping the data disk while the box runs failed ({e:#}); restoring it with a restart instead"));
+                        }
+                    }
+                }
                 let p = Phase::start(format!("rollback: restore the data disk to {snap} (the box restarts)"), s.ctx.quiet);
                 s.d.provider.restore_data_disk(snap, s.timeout).await?;
                 s.reconnect().await?;
@@ -722,6 +735,21 @@ async fn undo_steps(s: &mut Session<'_>, undo: &[Undo]) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Restore the data disk while the box runs: Docker stopped and the disk unmounted on the box, the
+/// cloud swaps the disk to the snapshot, then the disk is mounted and the previous release's
+/// stack started as at boot (`sourcegraph.service`). Saves a shutdown and a boot, minutes under
+/// emulation. Any failure leaves the caller to restore with a restart, which starts clean.
+async fn swap_data_disk(s: &mut Session<'_>, snap: &str) -> Result<()> {
+    s.sh(&format!("sudo systemctl stop sourcegraph.service docker.socket docker.service containerd.service && sudo umount {DATA_MOUNT}")).await?;
+    s.d.provider.swap_data_disk(snap, s.timeout).await?;
+    let by_id = crate::render::data_disk_by_id(s.d.settings.cloud);
+    s.sh(&format!(
+        "i=0; while [ ! -e {by_id} ] && [ $i -lt 240 ]; do sleep 0.5; i=$((i+1)); done; sudo udevadm settle; sudo mount {DATA_MOUNT} && sudo systemctl start docker.service sourcegraph.service"
+    ))
+    .await?;
     Ok(())
 }
 

@@ -140,6 +140,18 @@ pub trait Provider: Send + Sync {
     /// cannot swap in place (AWS: tagged `data-before-restore`).
     async fn restore_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()>;
 
+    /// Whether [`Provider::swap_data_disk`] can put a snapshot back while the box runs.
+    fn can_swap_data_disk(&self) -> bool {
+        false
+    }
+
+    /// Put the data disk back to `snapshot` without restarting the box: the caller has stopped
+    /// everything that uses the disk and unmounted it, and mounts it again afterwards. An error
+    /// leaves the caller to fall back to [`Provider::restore_data_disk`].
+    async fn swap_data_disk(&self, _snapshot: &str, _timeout: Duration) -> Result<()> {
+        Err(failed("swapping the data disk", "this cloud restores by restarting the box"))
+    }
+
     /// Everything the deployment owns, found by the cloud's own records (tags, files).
     async fn resources(&self) -> Result<Vec<Resource>>;
 

@@ -134,7 +134,7 @@ pub fn uses_crun(cloud: Cloud) -> bool {
 }
 
 /// The stable device path of the data disk, where the cloud gives one.
-fn data_disk_by_id(cloud: Cloud) -> String {
+pub fn data_disk_by_id(cloud: Cloud) -> String {
     match cloud {
         Cloud::Local => format!("/dev/disk/by-id/virtio-{DATA_DISK_SERIAL}"),
         Cloud::Gcp => format!("/dev/disk/by-id/google-{DATA_DISK_SERIAL}"),

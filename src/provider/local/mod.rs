@@ -300,6 +300,56 @@ impl Provider for Local {
         self.wait_running(timeout).await.map(|_| ())
     }
 
+    fn can_swap_data_disk(&self) -> bool {
+        true
+    }
+
+    async fn swap_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()> {
+        // Hot-unplug the virtio disk (the guest acknowledges the ACPI eject, and QEMU then drops
+        // the drive and its lock on the file), apply the internal snapshot, plug it back with the
+        // same serial: the guest sees its data disk again, without a reboot under emulation.
+        if self.running_pid().is_none() {
+            return Err(failed("swapping the data disk", "the VM is not running"));
+        }
+        let qmp = self.files.qmp.clone();
+        let data = self.files.data.clone();
+        let until = Instant::now() + timeout.min(Duration::from_secs(120));
+        let unplug = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
+            qemu::qmp(&qmp, "device_del", Some(serde_json::json!({ "id": qemu::DATA_DEVICE })))?;
+            loop {
+                let blocks = qemu::qmp(&qmp, "query-block", None)?;
+                // Attached: the boot's `-drive` backend (named "data") or the device of an earlier
+                // swap (its backend is anonymous; its qdev path names the device).
+                let attached = blocks.as_array().is_some_and(|a| {
+                    a.iter().any(|b| b["device"] == qemu::DATA_NODE || b["qdev"].as_str().is_some_and(|q| q.contains(qemu::DATA_DEVICE)))
+                });
+                if !attached {
+                    // A `-drive` goes with its device; a node from an earlier swap stays until
+                    // deleted, holding the file open.
+                    let _ = qemu::qmp(&qmp, "blockdev-del", Some(serde_json::json!({ "node-name": qemu::DATA_NODE })));
+                    return Ok(());
+                }
+                if Instant::now() > until {
+                    return Err("the guest did not release the data disk (ACPI eject)".into());
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        unplug.await.expect("qmp task").map_err(|m| failed("unplugging the data disk", m))?;
+        qemu_img(&["snapshot", "-a", snapshot, &data.display().to_string()])?;
+        let qmp = self.files.qmp.clone();
+        let plug = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
+            let node = serde_json::json!({
+                "driver": "qcow2", "node-name": qemu::DATA_NODE, "discard": "unmap",
+                "file": { "driver": "file", "filename": data.display().to_string() },
+            });
+            qemu::qmp(&qmp, "blockdev-add", Some(node))?;
+            let dev = serde_json::json!({ "driver": "virtio-blk-pci", "drive": qemu::DATA_NODE, "serial": crate::render::DATA_DISK_SERIAL, "id": qemu::DATA_DEVICE });
+            qemu::qmp(&qmp, "device_add", Some(dev)).map(|_| ())
+        });
+        plug.await.expect("qmp task").map_err(|m| failed("plugging the data disk back", m))
+    }
+
     async fn wait_running(&self, timeout: Duration) -> Result<Endpoint> {
         let start = Instant::now();
         loop {
@@ -357,7 +407,7 @@ impl Provider for Local {
         let data = self.files.data.clone();
         if self.running_pid().is_some() {
             let qmp = self.files.qmp.clone();
-            let args = serde_json::json!({ "device": "data", "name": name });
+            let args = serde_json::json!({ "device": qemu::DATA_NODE, "name": name });
             tokio::task::spawn_blocking(move || qemu::qmp(&qmp, "blockdev-snapshot-internal-sync", Some(args)))
                 .await
                 .expect("qmp task")
