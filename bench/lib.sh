@@ -1,5 +1,20 @@
-# Shared by the local benchmarks (sourced): a free port, and a docker-registry on 127.0.0.1
-# holding the stand-in images of the given releases. Needs $WORK and the pids array.
+# Shared by the local benchmarks (sourced): a scratch folder that is cleaned up with the box, a
+# free port, and a docker-registry on 127.0.0.1 holding the stand-in images of the given releases.
+
+# bench_box NAME: $WORK (scratch), S (sgbox's --state-dir in it) and the pids array; on exit the
+# processes in pids are stopped, the box NAME deleted with its data, and $WORK removed. Needs $SGBOX.
+bench_box() {
+  BOX=$1
+  WORK=$(mktemp -d "/tmp/sgbox-$BOX.XXXXXX")
+  S=(--state-dir "$WORK/state")
+  pids=()
+  trap bench_cleanup EXIT
+}
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  "$SGBOX" "${S[@]}" down --name "$BOX" --cloud local --delete-data --yes >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # start_registry RELEASE...: sets REG (its port).

@@ -12,16 +12,8 @@ cd "$(dirname "$0")/.."
 REL=7.5.4453
 cargo build -q --locked
 SGBOX=$PWD/target/debug/sgbox
-WORK=$(mktemp -d /tmp/sgbox-bench-rt.XXXXXX)
-S=(--state-dir "$WORK/state")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  "$SGBOX" "${S[@]}" down --name bench-rt --cloud local --delete-data --yes >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 source bench/lib.sh
+bench_box bench-rt
 
 IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
 start_registry "$REL"

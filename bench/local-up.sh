@@ -11,16 +11,8 @@ RUNS=${1:-1}
 RELEASE=7.5.4453
 cargo build -q --release --locked
 SGBOX=$PWD/target/release/sgbox
-WORK=$(mktemp -d /tmp/sgbox-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  "$SGBOX" --state-dir "$WORK/state" down --name bench-sgbox --cloud local --delete-data --yes >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 source bench/lib.sh
+bench_box bench-sgbox
 now() { date +%s.%N; }
 
 IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')

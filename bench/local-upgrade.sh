@@ -13,16 +13,8 @@ FROM=7.4.0
 TO=7.5.4453
 cargo build -q --release --locked
 SGBOX=$PWD/target/release/sgbox
-WORK=$(mktemp -d /tmp/sgbox-bench-upg.XXXXXX)
-S=(--state-dir "$WORK/state")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  "$SGBOX" "${S[@]}" down --name bench-upg --cloud local --delete-data --yes >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 source bench/lib.sh
+bench_box bench-upg
 
 IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
 start_registry "$FROM" "$TO"
