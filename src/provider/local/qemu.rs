@@ -82,8 +82,8 @@ pub fn args(m: &Machine, image: &BootImage, f: &VmFiles, p: &Ports) -> Vec<Strin
     // Direct kernel boot claims boot index 0 itself; a disk image boots from its own loader.
     push(&["-device", if image.kernel.is_some() { "virtio-blk-pci,drive=root" } else { "virtio-blk-pci,drive=root,bootindex=0" }]);
     // The serial gives the data disk a stable /dev/disk/by-id/virtio-sgbox-data for the cloud-init.
-    push(&["-drive", &format!("file={},if=none,id=data,format=qcow2,discard=unmap", f.data.display())]);
-    push(&["-device", &format!("virtio-blk-pci,drive=data,serial={},id={DATA_DEVICE}", crate::render::DATA_DISK_SERIAL)]);
+    push(&["-drive", &format!("file={},if=none,id={DATA_NODE},format=qcow2,discard=unmap", f.data.display())]);
+    push(&["-device", &format!("virtio-blk-pci,drive={DATA_NODE},serial={},id={DATA_DEVICE}", crate::render::DATA_DISK_SERIAL)]);
     push(&["-drive", &format!("file={},if=none,id=seed,format=raw,readonly=on", f.seed.display())]);
     push(&["-device", "virtio-blk-pci,drive=seed"]);
     push(&[
@@ -335,7 +335,7 @@ mod tests {
         let a = args(&m, &img, &f, &Ports { ssh: 10022, http: 18080, https: 18443 }).join(" ");
         assert!(a.contains("-accel tcg -cpu max -smp 2 -m 4096"), "{a}");
         assert!(a.contains("hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:18080-:80,hostfwd=tcp:127.0.0.1:18443-:443"), "{a}");
-        assert!(a.contains("serial=sgbox-data,id=data-disk"), "{a}");
+        assert!(a.contains("id=data,format=qcow2") && a.contains("drive=data,serial=sgbox-data,id=data-disk"), "{a}");
         assert!(a.contains("append=on"), "{a}");
         assert!(a.contains("-append root=LABEL=rootfs rw panic=-1"), "{a}");
         assert!(a.contains("file=/s/box/local/seed.iso,if=none,id=seed,format=raw,readonly=on"), "{a}");
