@@ -41,13 +41,15 @@ wait_healthy() {
 }
 
 read -r busy_crun med_crun max_crun < <(sample)
+t0=$(date +%s)
 on_box 'sudo python3 -c "
 import json; p=\"/etc/docker/daemon.json\"; d=json.load(open(p)); d[\"default-runtime\"]=\"runc\"; json.dump(d, open(p, \"w\"), indent=2)
 " && sudo systemctl restart docker && cd /opt/sgbox && sudo docker compose -p sourcegraph -f docker-compose.yaml -f docker-compose.override.yaml up -d --force-recreate --quiet-pull >/dev/null 2>&1'
-runc_start=$(wait_healthy)
+wait_healthy >/dev/null
+runc_start=$(( $(date +%s) - t0 ))
 read -r busy_runc med_runc max_runc < <(sample)
 
 echo "the healthy $REL stand-in stack on a 2-vCPU TCG box, 60 s samples (same box, same run):"
 printf '  %-6s guest CPU busy %3s%%   health probe median %5ss  max %5ss\n' crun "$busy_crun" "$med_crun" "$max_crun" runc "$busy_runc" "$med_runc" "$max_runc"
-echo "  recreate + healthy again under runc: ${runc_start}s; \`sgbox up\` phases under crun: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings"])' "$WORK/up.json")"
+echo "  switching to runc (docker restart, every container recreated) until healthy: ${runc_start}s; \`sgbox up\` phases under crun: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings"])' "$WORK/up.json")"
 python3 -c "import sys; a,b,c,d=map(float,sys.argv[1:]); print(f'  ratio crun/runc: CPU {a/b:.2f}, probe median {c/d:.2f}')" "$busy_crun" "$busy_runc" "$med_crun" "$med_runc"
