@@ -1,23 +1,18 @@
 //! sgbox: Sourcegraph in a box. `main` parses the command line, runs the command and maps errors
 //! to exit codes: 2 for bad input (nothing was changed), 1 for everything else.
 
-mod catalog;
 mod cli;
+mod cloud;
 mod commands;
+mod deployment;
 mod error;
-mod hostkeys;
-mod journal;
-mod planner;
-mod pricing;
-mod progress;
-mod provider;
-mod readiness;
+mod onbox;
+mod output;
+mod release;
 mod render;
 mod settings;
-mod sizing;
-mod ssh;
+mod stack;
 mod state;
-mod version;
 
 use std::process::ExitCode;
 
@@ -26,8 +21,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let json = cli.output == cli::OutputFormat::Json;
+    output::init(output::Printer { json, quiet: cli.quiet, verbose: cli.verbose });
     match commands::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             let code = error::exit_code(&err);
             let msg = match err.chain().find_map(|c| c.downcast_ref::<error::UserError>()) {
@@ -36,7 +32,7 @@ fn main() -> ExitCode {
             };
             eprintln!("error: {msg}");
             if json {
-                println!("{}", serde_json::json!({ "format_version": 1, "error": msg, "exit_code": code }));
+                output::error_json(&mut std::io::stdout(), &msg, code);
             }
             ExitCode::from(code)
         }

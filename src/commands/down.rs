@@ -9,21 +9,22 @@ use serde_json::json;
 
 use super::boxctl::{self, parse_duration};
 use super::Context;
+use crate::output;
 use crate::cli::DownArgs;
 use crate::error::UserError;
 
 pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
-    if ctx.json() && !ctx.yes {
+    if output::json() && !ctx.yes {
         return Err(UserError::field("output", "json output never prompts, so `down` needs --yes with it").hint("add --yes").into());
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
     boxctl::runtime()?.block_on(async {
         let d = boxctl::open(ctx, &args.target).await?;
-        let found = d.provider.resources().await?;
+        let found = d.machine.resources().await?;
         let (doomed, kept): (Vec<_>, Vec<_>) = found.iter().partition(|r| args.delete_data || !r.kept_by_default);
         if found.is_empty() && d.record.is_none() {
-            if ctx.json() {
-                return ctx.print_json(json!({ "name": d.settings.name, "deleted": [], "kept": [], "remaining": [] }));
+            if output::json() {
+                return output::result_json(json!({ "name": d.settings.name, "deleted": [], "kept": [], "remaining": [] }));
             }
             println!("Nothing to delete for \"{}\".", d.settings.name);
             return Ok(());
@@ -43,7 +44,8 @@ pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
                 "nothing was deleted",
             )?;
         }
-        let remaining = d.provider.destroy(args.delete_data, timeout).await?;
+        let _lock = d.dir.lock("down")?;
+        let remaining = d.machine.destroy(args.delete_data, timeout).await?;
         if remaining.is_empty() {
             if args.delete_data {
                 std::fs::remove_dir_all(&d.dir.path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
@@ -52,8 +54,11 @@ pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
                 d.dir.remove_record()?;
             }
         }
-        if ctx.json() {
-            ctx.print_json(json!({ "name": d.settings.name, "deleted": doomed, "kept": kept, "remaining": remaining }))?;
+        let left = (!remaining.is_empty())
+            .then(|| format!("these still exist: {}", remaining.iter().map(|r| format!("{} {}", r.kind, r.id)).collect::<Vec<_>>().join(", ")));
+        if output::json() {
+            // One document: what was deleted, what remains, and the error if something does.
+            output::result_json(json!({ "name": d.settings.name, "deleted": doomed, "kept": kept, "remaining": remaining, "error": left }))?;
         } else {
             for r in &doomed {
                 println!("deleted {:<14} {}", r.kind, r.id);
@@ -62,11 +67,8 @@ pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
                 println!("kept    {:<14} {}", r.kind, r.id);
             }
         }
-        if !remaining.is_empty() {
-            bail!(
-                "these still exist: {}",
-                remaining.iter().map(|r| format!("{} {}", r.kind, r.id)).collect::<Vec<_>>().join(", ")
-            );
+        if let Some(left) = left {
+            bail!(left);
         }
         Ok(())
     })

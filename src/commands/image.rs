@@ -6,30 +6,22 @@ use serde_json::json;
 
 use super::Context;
 use crate::cli::{ImageArgs, ImageCommand};
+use crate::cloud::{self, local::image, local::image::Built};
 use crate::error::UserError;
-use crate::progress::Phase;
-use crate::provider::local::image::{self, BuildOptions, Built};
+use crate::output::{self, Phase};
 use crate::settings::Cloud;
 use crate::state::cache_root;
 
-pub fn run(ctx: &Context, args: ImageArgs) -> Result<()> {
+pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
     let ImageCommand::Build { cloud, out, mirror, force } = args.command;
     let cloud: Cloud = cloud.parse().map_err(|m| UserError::field("--cloud", m).hint("use aws, gcp or local"))?;
-    if cloud != Cloud::Local {
-        return Err(UserError::field("--cloud", format!("image build for {cloud} is not available in this build yet")).hint("use --cloud local").into());
-    }
     let out = match out {
         Some(o) => o,
         None => cache_root()?.join("images").join(image::IMAGE_DIR_NAME),
     };
-    let opts = BuildOptions { out: out.clone(), mirror: mirror.unwrap_or_else(image::host_mirror), force };
-    let p = Phase::start("local base image (Debian 13)", ctx.quiet);
-    let quiet = ctx.quiet;
-    let built = match image::build(&opts, &|m| {
-        if !quiet {
-            eprintln!("  {m}");
-        }
-    }) {
+    let builder = cloud::image_builder(cloud, out.clone(), mirror, force)?;
+    let p = Phase::start("local base image (Debian 13)");
+    let built = match builder.build(&|m| output::note(format!("  {m}"))) {
         Ok(b) => b,
         Err(e) => {
             p.fail();
@@ -41,8 +33,8 @@ pub fn run(ctx: &Context, args: ImageArgs) -> Result<()> {
         Built::Cached(m) => (m, true),
     };
     p.done_with(if cached { "already built (same recipe)" } else { "built" });
-    if ctx.json() {
-        return ctx.print_json(json!({ "cloud": "local", "dir": out, "cached": cached, "image": m }));
+    if output::json() {
+        return output::result_json(json!({ "cloud": "local", "dir": out, "cached": cached, "image": m }));
     }
     println!("Local base image: {}", out.display());
     println!("  disk {} ({} MB), kernel boot `{}`", m.disk, m.disk_bytes / 1_000_000, m.cmdline);

@@ -5,15 +5,16 @@ use anyhow::Result;
 use super::boxctl;
 use super::Context;
 use crate::cli::LogsArgs;
+use crate::onbox;
 use crate::error::UserError;
-use crate::readiness::PROJECT;
+use crate::render::PROJECT;
 
-pub fn run(ctx: &Context, args: LogsArgs) -> Result<()> {
+pub fn run(ctx: &Context, args: LogsArgs) -> Result<u8> {
     let rt = boxctl::runtime()?;
     let code = rt.block_on(async {
         let mut d = boxctl::open(ctx, &args.target).await?;
         let cmd = match args.service.as_deref() {
-            Some("cloud-init") => format!("sudo tail -n {} {} /var/log/cloud-init-output.log", args.tail, if args.follow { "-f" } else { "" }),
+            Some("cloud-init") => format!("sudo tail -n {}{} /var/log/cloud-init-output.log", args.tail, if args.follow { " -f" } else { "" }),
             other => {
                 if let Some(s) = other {
                     if !d.settings.release().services.contains_key(s) {
@@ -27,15 +28,11 @@ pub fn run(ctx: &Context, args: LogsArgs) -> Result<()> {
                     "sudo docker compose --ansi never -p {PROJECT} logs --no-color --tail {}{} {}",
                     args.tail,
                     if args.follow { " --follow" } else { "" },
-                    other.unwrap_or("")
+                    other.map(onbox::quote).unwrap_or_default()
                 )
             }
         };
-        boxctl::stream(ctx, &mut d, args.target.reach.insecure_accept_host_key, cmd).await
+        boxctl::stream(&mut d, args.target.reach.insecure_accept_host_key, cmd).await
     })?;
-    drop(rt);
-    if code != 0 {
-        std::process::exit(code.clamp(1, 255));
-    }
-    Ok(())
+    Ok(code.clamp(0, 255) as u8)
 }

@@ -10,25 +10,15 @@ use anyhow::{Context as _, Result};
 use serde_json::json;
 
 use super::Context;
+use crate::output;
 use crate::cli::RenderArgs;
-use crate::render::{self, Bundle, Inputs, TlsMaterial};
-use crate::settings::{Settings, Tls};
+use crate::render::{self, Bundle};
+use crate::settings::Settings;
 use crate::state::write_atomic;
 
 /// Render a deployment's files (creating its secrets and SSH key on first use).
 pub fn bundle_for(ctx: &Context, s: &Settings) -> Result<Bundle> {
-    let release = s.release();
-    let dir = ctx.deployment_dir(&s.name)?;
-    let secrets = dir.secrets()?;
-    let ssh_public_key = dir.ssh_public_key()?;
-    let tls = match &s.tls {
-        Tls::Custom { cert, key } => Some(TlsMaterial {
-            cert_pem: fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?,
-            key_pem: fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
-        }),
-        _ => None,
-    };
-    render::render(&Inputs { settings: s, release, secrets: &secrets, ssh_public_key: &ssh_public_key, tls })
+    crate::deployment::bundle(&ctx.deployment_dir(&s.name)?, s)
 }
 
 pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
@@ -57,8 +47,8 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
         written.push((dest, f.secret));
     }
 
-    if ctx.json() {
-        return ctx.print_json(json!({
+    if output::json() {
+        return output::result_json(json!({
             "deployment": s.name,
             "release": s.version.to_string(),
             "out": out,
@@ -75,11 +65,11 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
     for p in &kept {
         println!("  kept  {} (yours; never overwritten)", p.display());
     }
-    if ctx.verbose > 0 {
-        ctx.note(format!("user-data: {} bytes; rendered files sha256 {}", b.user_data.len(), b.rendered_sha256));
+    if output::verbose() > 0 {
+        output::note(format!("user-data: {} bytes; rendered files sha256 {}", b.user_data.len(), b.rendered_sha256));
     }
     if b.user_data.len() > render::AWS_USER_DATA_LIMIT {
-        ctx.warn(format!("user-data is {} bytes, above the 16 KiB EC2 accepts", b.user_data.len()));
+        output::warn(format!("user-data is {} bytes, above the 16 KiB EC2 accepts", b.user_data.len()));
     }
     Ok(())
 }

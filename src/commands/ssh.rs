@@ -10,8 +10,9 @@ use anyhow::Result;
 use super::boxctl;
 use super::Context;
 use crate::cli::SshArgs;
+use crate::onbox;
 
-pub fn run(ctx: &Context, args: SshArgs) -> Result<()> {
+pub fn run(ctx: &Context, args: SshArgs) -> Result<u8> {
     let rt = boxctl::runtime()?;
     let code = rt.block_on(async {
         let mut d = boxctl::open(ctx, &args.target).await?;
@@ -19,7 +20,7 @@ pub fn run(ctx: &Context, args: SshArgs) -> Result<()> {
         if args.command.is_empty() {
             // Check (and pin) the host key ourselves first; OpenSSH then trusts only that key.
             let ep = boxctl::running_endpoint(&d).await?;
-            boxctl::connect(ctx, &mut d, &ep, insecure, Instant::now() + Duration::from_secs(30)).await?;
+            boxctl::connect(&mut d, &ep, insecure, Instant::now() + Duration::from_secs(30)).await?;
             let key = d.dir.ssh_private_key_path();
             let err = std::process::Command::new("ssh")
                 .arg("-i")
@@ -27,41 +28,11 @@ pub fn run(ctx: &Context, args: SshArgs) -> Result<()> {
                 .args(["-p", &ep.ssh_port.to_string(), "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"])
                 .arg("-o")
                 .arg(format!("UserKnownHostsFile={}", d.dir.known_hosts_path().display()))
-                .arg(format!("{}@{}", crate::ssh::USER, ep.host))
+                .arg(format!("{}@{}", crate::onbox::ssh::USER, ep.host))
                 .exec();
             return Err(anyhow::Error::new(err).context("running ssh (install openssh-client, or pass a command after --)"));
         }
-        boxctl::stream(ctx, &mut d, insecure, shell_join(&args.command)).await
+        boxctl::stream(&mut d, insecure, onbox::join(&args.command)).await
     })?;
-    drop(rt);
-    std::process::exit(code.clamp(0, 255));
-}
-
-/// Quote words for the remote shell, so `sgbox ssh -- echo "a b"` prints `a b`.
-fn shell_join(words: &[String]) -> String {
-    if words.len() == 1 {
-        // One word is a whole command line, as with OpenSSH.
-        return words[0].clone();
-    }
-    words
-        .iter()
-        .map(|w| {
-            if !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b)) {
-                w.clone()
-            } else {
-                format!("'{}'", w.replace('\'', "'\\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn words_are_quoted_for_the_remote_shell() {
-        let w = |xs: &[&str]| super::shell_join(&xs.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert_eq!(w(&["docker ps -a"]), "docker ps -a");
-        assert_eq!(w(&["echo", "a b", "it's"]), "echo 'a b' 'it'\\''s'");
-    }
+    Ok(code.clamp(0, 255) as u8)
 }

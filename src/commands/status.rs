@@ -8,9 +8,10 @@ use serde_json::json;
 
 use super::boxctl;
 use super::Context;
+use crate::output;
 use crate::cli::TargetArgs;
-use crate::provider::InstanceState;
-use crate::readiness;
+use crate::cloud::InstanceState;
+use crate::stack::readiness;
 
 pub fn run(ctx: &Context, args: TargetArgs) -> Result<()> {
     boxctl::runtime()?.block_on(status(ctx, args))
@@ -18,15 +19,15 @@ pub fn run(ctx: &Context, args: TargetArgs) -> Result<()> {
 
 async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     let mut d = boxctl::open(ctx, &args).await?;
-    let state = d.provider.state().await?;
-    let resources = d.provider.resources().await?;
-    let ep = d.provider.endpoint().await?;
-    let release = d.record.as_ref().map(|r| r.release.clone());
+    let state = d.machine.state().await?;
+    let resources = d.machine.resources().await?;
+    let ep = d.machine.endpoint().await?;
+    let release = d.record.as_ref().map(|r| r.release.to_string());
     let mut services = None;
     let mut answers = None;
     let mut ssh_error = None;
     if let (InstanceState::Running, Some(ep)) = (&state, &ep) {
-        match boxctl::connect(ctx, &mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(8)).await {
+        match boxctl::connect(&mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(8)).await {
             Ok(s) => match s.exec(&readiness::services_cmd()).await {
                 Ok(o) if o.status == 0 => services = Some(readiness::parse_services(&o.stdout)),
                 Ok(o) => ssh_error = Some(format!("listing the containers: {}", o.stderr.trim())),
@@ -40,8 +41,8 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     let unhealthy = services.as_ref().map(|s| readiness::not_ready(&expected, s));
     let healthy = matches!(&answers, Some(Ok(v)) if Some(v) == release.as_ref()) && unhealthy.as_ref().is_some_and(|u| u.is_empty());
 
-    if ctx.json() {
-        return ctx.print_json(json!({
+    if output::json() {
+        return output::result_json(json!({
             "name": d.settings.name,
             "cloud": d.settings.cloud.to_string(),
             "state": state,
@@ -63,7 +64,7 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     }
     if let Some(ep) = &ep {
         println!("  url:      {}", ep.url());
-        println!("  ssh:      sgbox ssh --name {}  (127.0.0.1:{})", d.settings.name, ep.ssh_port);
+        println!("  ssh:      sgbox ssh --name {}  ({}:{})", d.settings.name, ep.host, ep.ssh_port);
     }
     match &answers {
         Some(Ok(v)) => println!("  /__version: {v}"),
@@ -73,7 +74,7 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     if let Some(s) = &services {
         let bad = unhealthy.clone().unwrap_or_default();
         println!("  services: {}/{} healthy{}", expected.len() - bad.len(), expected.len(), if bad.is_empty() { String::new() } else { format!("; not healthy: {}", bad.join(", ")) });
-        if ctx.verbose > 0 {
+        if output::verbose() > 0 {
             for x in s {
                 println!("    {:<36} {:<10} {}", x.service, x.state, x.health);
             }

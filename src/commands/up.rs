@@ -15,14 +15,14 @@ use super::render::bundle_for;
 use super::Context;
 use crate::cli::UpArgs;
 use crate::error::UserError;
-use crate::progress::Phase;
-use crate::provider::{self, InstanceSpec};
-use crate::readiness::{self, Deadline};
-use crate::ssh;
+use crate::cloud::{self, InstanceSpec, Spec};
+use crate::output::{self, Phase};
+use crate::stack::readiness::{self, Deadline};
+use crate::onbox::ssh;
 use crate::state::{cache_root, now_rfc3339, whoami, HistoryEntry, Record};
 
 pub fn run(ctx: &Context, args: UpArgs) -> Result<()> {
-    if ctx.json() && !ctx.yes {
+    if output::json() && !ctx.yes {
         return Err(UserError::field("output", "json output never prompts, so `up` needs --yes with it").hint("add --yes").into());
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
@@ -34,17 +34,18 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
     let started = Instant::now();
     let deadline = Deadline(started + timeout);
     let dir = ctx.deployment_dir(&settings.name)?;
-    let provider = provider::for_deployment(&settings, &dir, cache_root()?).await?;
-    provider.preflight().await?;
+    let machine = cloud::machine(&Spec::of(&settings), &dir.path, cache_root()?).await?;
+    machine.preflight().await?;
+    let _lock = dir.lock("up")?;
 
     let existing = dir.record()?;
     if let Some(r) = &existing {
-        if r.cloud != settings.cloud.to_string() {
+        if r.cloud != settings.cloud {
             return Err(UserError::field("cloud", format!("\"{}\" is already a {} deployment", settings.name, r.cloud))
                 .hint(format!("use --cloud {}, or another --name", r.cloud))
                 .into());
         }
-        if r.release != settings.version.to_string() {
+        if r.release != settings.version {
             return Err(UserError::field("version", format!("the box \"{}\" runs {}; `up` does not change releases", settings.name, r.release))
                 .hint(format!("run `sgbox upgrade --to {}`, or keep version = {}", settings.version, r.release))
                 .into());
@@ -57,8 +58,8 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
     let mut record = existing.unwrap_or_else(|| Record {
         format: 1,
         name: settings.name.clone(),
-        cloud: settings.cloud.to_string(),
-        release: settings.version.to_string(),
+        cloud: settings.cloud,
+        release: settings.version,
         settings: settings.to_toml(),
         created_at: now_rfc3339(),
         instance_id: None,
@@ -73,42 +74,42 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
         timings.insert(name.to_string(), json!((secs * 10.0).round() / 10.0));
     };
 
-    let p = Phase::start("network", ctx.quiet);
-    provider.ensure_network().await?;
+    let p = Phase::start("network");
+    machine.ensure_network().await?;
     step("network", p.done());
-    let p = Phase::start("ssh key", ctx.quiet);
-    provider.ensure_key(&public_key).await?;
+    let p = Phase::start("ssh key");
+    machine.ensure_key(&public_key).await?;
     step("key", p.done());
-    let p = Phase::start("base image", ctx.quiet);
-    let image = provider.find_base_image().await?;
+    let p = Phase::start("base image");
+    let image = machine.find_base_image().await?;
     step("image", p.done_with(&image.description));
 
-    let p = Phase::start("machine", ctx.quiet);
+    let p = Phase::start("machine");
     let spec = InstanceSpec { user_data: &bundle.user_data };
-    let id = provider.create_instance(&image, &spec).await?;
+    let id = machine.create_instance(&image, &spec).await?;
     record.instance_id = Some(id.clone());
     dir.save_record(&record)?;
-    let ep = provider.wait_running(timeout).await?;
+    let ep = machine.wait_running(timeout).await?;
     record.url = Some(ep.url());
     dir.save_record(&record)?;
     step("machine", p.done_with(&id));
 
-    let mut d = Deployment { settings, dir, record: Some(record), provider };
+    let mut d = Deployment { settings, dir, record: Some(record), machine };
     let target = ssh::Target { host: ep.host.clone(), port: ep.ssh_port, key: d.dir.ssh_private_key_path() };
     let ssh_cmd = ssh::command_line(&target, &d.dir.known_hosts_path());
 
     if !args.no_wait {
-        let p = Phase::start("ssh (host key checked against the console)", ctx.quiet);
-        let box_ssh = match boxctl::connect(ctx, &mut d, &ep, args.reach.insecure_accept_host_key, deadline.0).await {
+        let p = Phase::start("ssh (host key checked against the console)");
+        let box_ssh = match boxctl::connect(&mut d, &ep, args.reach.insecure_accept_host_key, deadline.0).await {
             Ok(s) => s,
             Err(e) => {
                 p.fail();
-                return Err(e.context(format!("console log: {}", d.dir.path.join("local/console.log").display())));
+                return Err(e.context(d.machine.console_hint()));
             }
         };
         step("ssh", p.done());
 
-        let p = Phase::start("cloud-init", ctx.quiet);
+        let p = Phase::start("cloud-init");
         if let Err(e) = readiness::cloud_init(&box_ssh, &deadline, &p).await {
             p.fail();
             eprint!("{}", readiness::diagnostics(&box_ssh, &[]).await);
@@ -118,7 +119,7 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
 
         let release = d.settings.release();
         let expected: Vec<String> = release.services.keys().cloned().collect();
-        let p = Phase::start("services", ctx.quiet);
+        let p = Phase::start("services");
         if let Err((msg, failing)) = readiness::services(&box_ssh, &expected, &deadline, &p).await {
             p.fail();
             eprint!("{}", readiness::diagnostics(&box_ssh, &failing).await);
@@ -126,7 +127,7 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
         }
         step("services", p.done_with(&format!("{} services healthy", expected.len())));
 
-        let p = Phase::start("sourcegraph answers", ctx.quiet);
+        let p = Phase::start("sourcegraph answers");
         if let Err(e) = readiness::answers(&ep.url(), &d.settings.version.to_string(), &deadline, &p).await {
             p.fail();
             eprint!("{}", readiness::diagnostics(&box_ssh, &["caddy".into(), "sourcegraph-frontend-0".into()]).await);
@@ -136,16 +137,16 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
 
         let rec = d.record.as_mut().expect("record saved above");
         if rec.history.is_empty() {
-            rec.history.push(HistoryEntry { at: now_rfc3339(), action: "up".into(), release: rec.release.clone(), from: None, by: whoami() });
+            rec.history.push(HistoryEntry { at: now_rfc3339(), action: "up".into(), release: rec.release, from: None, by: whoami() });
             d.dir.save_record(rec)?;
         }
     }
 
     let total = started.elapsed().as_secs_f64();
     let rec = d.record.as_ref().expect("record");
-    let fingerprint = rec.host_key.as_deref().and_then(|k| crate::hostkeys::fingerprint(k).ok());
-    if ctx.json() {
-        return ctx.print_json(json!({
+    let fingerprint = rec.host_key.as_deref().and_then(|k| crate::onbox::hostkeys::fingerprint(k).ok());
+    if output::json() {
+        return output::result_json(json!({
             "name": d.settings.name,
             "cloud": d.settings.cloud.to_string(),
             "release": rec.release,
@@ -169,6 +170,6 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
     if let Some(fp) = fingerprint {
         println!("  host key: {fp} (pinned from the console)");
     }
-    ctx.note(format!("took {}", humantime::format_duration(Duration::from_secs(total as u64))));
+    output::note(format!("took {}", humantime::format_duration(Duration::from_secs(total as u64))));
     Ok(())
 }

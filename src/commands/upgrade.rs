@@ -1,476 +1,182 @@
-//! `sgbox upgrade` and `sgbox rollback`: move a running box to another release in place.
-//!
-//! The steps come from the planner through the journal (`crate::journal`), which lives on the box
-//! (`/var/lib/sgbox/upgrade.json`) and is saved before and after every step, so a re-run after a
-//! dropped connection or a crash continues at the first unfinished step. Long steps run on the box
-//! as transient systemd units (`templates/upgrade/run-step.sh`): they keep going when the SSH
-//! connection drops, and a re-run waits for a step still running instead of starting it twice.
-//!
-//! Order: preflight (healthy at the recorded release, legal path, disk, Docker/Compose, registry)
-//! → snapshot of the data disk (filesystem frozen) → pull while the old release serves → either
-//! the standard switch (databases, the new migrator's `up`, backends, then the frontend while
-//! Caddy holds requests, then Caddy) or the multi-version path (application stopped, the newest
-//! migrator's `upgrade --from --to` per hop on the hop's database images) → verify → record. Any
-//! failure rolls back: the old files, the snapshot if migrations ran, the old release verified.
+//! `sgbox upgrade` and `sgbox rollback`: parse, open the deployment (its record is the truth),
+//! reach the box, confirm, print. The work itself is the stack's upgrade engine
+//! ([`crate::stack::upgrade`]), which the journal on the box drives.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
-use base64::Engine;
+use anyhow::Result;
 use serde_json::{json, Value};
 
-use super::boxctl::{self, parse_duration, Deployment};
-use super::render::bundle_for;
+use super::boxctl::{self, parse_duration};
 use super::Context;
-use crate::catalog::catalog;
 use crate::cli::{RollbackArgs, UpgradeArgs};
 use crate::error::UserError;
-use crate::journal::{Journal, Status, Step, Undo, PATH_ON_BOX};
-use crate::planner::{self, PlanRequest, UpgradeKind, UpgradePlan};
-use crate::progress::Phase;
-use crate::provider::Endpoint;
-use crate::readiness::{self, Deadline};
-use crate::render::{image_ref, BOX_DIR, DATA_MOUNT, PROJECT};
-use crate::settings::Settings;
-use crate::ssh::Ssh;
+use crate::output;
+use crate::release::catalog::catalog;
+use crate::release::planner::{self, PlanRequest, UpgradeKind, UpgradePlan};
+use crate::release::version::VersionSpec;
+use crate::stack::journal::{Journal, Status, PATH_ON_BOX};
+use crate::stack::upgrade::{self as engine, describe, disk_needed, gib, Probe, Upgrade};
 use crate::state::{now_rfc3339, whoami, HistoryEntry};
-use crate::version::{Version, VersionSpec};
 
-const RUN_STEP: &str = include_str!("../../templates/upgrade/run-step.sh");
-const PREFLIGHT: &str = include_str!("../../templates/upgrade/preflight.py");
-const LIB: &str = "/usr/local/lib/sgbox";
-const STEPS: &str = "/var/lib/sgbox/steps";
-const RELEASES: &str = "/var/lib/sgbox/releases";
-const OVERRIDE: &str = "/opt/sgbox/docker-compose.override.yaml";
-/// The built-in databases: they keep running (or start first) while the application is stopped.
-const DB_SERVICES: [&str; 3] = ["pgsql", "codeintel-db", "codeinsights-db"];
-/// Room Docker needs beyond the images themselves (extraction, logs, container layers).
-const HEADROOM_BYTES: u64 = 1 << 30;
-/// Unpacked layers take about this many times their compressed download size.
-const UNPACK_FACTOR: f64 = 2.5;
-const MIN_DOCKER: (u32, u32) = (20, 10);
-/// `up --wait` and `run -T` as used here.
-const MIN_COMPOSE: (u32, u32) = (2, 20);
-
-/// The box, reached: deployment, SSH session, endpoint, and the per-wait time limit.
-struct Session<'a> {
-    ctx: &'a Context,
-    d: Deployment,
-    ssh: Ssh,
-    ep: Endpoint,
-    timeout: Duration,
-}
-
-fn compose(file: &str) -> String {
-    format!("docker compose -p {PROJECT} --project-directory {BOX_DIR} --env-file {BOX_DIR}/.env -f {file} -f {OVERRIDE}")
-}
-
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
-}
-
-impl Session<'_> {
-    /// Run a command on the box; its stdout, or an error with its stderr.
-    async fn sh(&self, cmd: &str) -> Result<String> {
-        let out = self.ssh.exec(cmd).await.with_context(|| format!("running `{}` on the box", first_line(cmd)))?;
-        if out.status != 0 {
-            bail!("`{}` on the box exited {}: {}", first_line(cmd), out.status, out.stderr.trim());
-        }
-        Ok(out.stdout)
+/// Reach the box of the deployment `target` names, for an upgrade or a rollback.
+async fn reach(ctx: &Context, target: &crate::cli::TargetArgs, timeout: Duration, what: &str) -> Result<Upgrade> {
+    let mut d = boxctl::open(ctx, target).await?;
+    if d.record.is_none() {
+        return Err(UserError::field("name", format!("no deployment named \"{}\" to {what}", d.settings.name)).hint("check --name and --state-dir").into());
     }
-
-    /// Write a file on the box atomically (as root).
-    async fn put(&self, path: &str, content: &str, mode: u32) -> Result<()> {
-        let dir = path.rsplit_once('/').map_or("/", |(d, _)| d);
-        self.sh(&format!("sudo install -d -m 0755 {dir} && {}", put_cmd(path, content, mode))).await.map(|_| ())
-    }
-
-    async fn read_journal(&self) -> Result<Option<Journal>> {
-        let text = self.sh(&format!("sudo cat {PATH_ON_BOX} 2>/dev/null || true")).await?;
-        if text.trim().is_empty() {
-            return Ok(None);
-        }
-        serde_json::from_str(&text).map(Some).with_context(|| format!("reading {PATH_ON_BOX} on the box"))
-    }
-
-    async fn save_journal(&self, j: &Journal) -> Result<()> {
-        self.put(PATH_ON_BOX, &(serde_json::to_string_pretty(j)? + "\n"), 0o644).await
-    }
-
-    /// Run `script` as the step `name` through the runner; Ok(()) or the end of its log.
-    async fn step(&self, name: &str, script: &str) -> Result<()> {
-        self.put(&format!("{STEPS}/{name}.sh"), &format!("set -eu\n{script}\n"), 0o700).await?;
-        let max = self.timeout.as_secs().max(60);
-        let out = self.ssh.exec(&format!("sudo sh {LIB}/run-step {name} {max}")).await.with_context(|| format!("running step {name} on the box"))?;
-        if out.status == 0 {
-            return Ok(());
-        }
-        let log = self.sh(&format!("sudo tail -n 25 {STEPS}/{name}.log")).await.unwrap_or_default();
-        Err(anyhow!("step `{name}` exited {} on the box; the end of {STEPS}/{name}.log:\n{}", out.status, log.trim_end()))
-    }
-
-    /// The files of `release` for this deployment, staged on the box under RELEASES/<release>.
-    async fn stage(&self, release: Version) -> Result<()> {
-        let s = Settings { version: release, ..self.d.settings.clone() };
-        let bundle = bundle_for(self.ctx, &s)?;
-        // One round trip for all of them: under emulation every SSH command costs seconds.
-        let dir = format!("{RELEASES}/{release}");
-        let mut cmd = format!("sudo install -d -m 0755 {dir}");
-        for f in bundle.files.iter() {
-            if let Some(name) = staged_name(&f.path) {
-                cmd.push_str(&format!(" && {}", put_cmd(&format!("{dir}/{name}"), &f.content, f.mode)));
-            }
-        }
-        self.sh(&cmd).await.map(|_| ())
-    }
-
-    /// Shell lines that put a staged release's files in place.
-    fn install_lines(release: Version) -> String {
-        let src = format!("{RELEASES}/{release}");
-        format!(
-            "for f in docker-compose.yaml Caddyfile; do cp {src}/$f {BOX_DIR}/$f.sgbox-tmp && mv {BOX_DIR}/$f.sgbox-tmp {BOX_DIR}/$f; done\n\
-             cp {src}/sourcegraph.service /etc/systemd/system/sourcegraph.service.sgbox-tmp && mv /etc/systemd/system/sourcegraph.service.sgbox-tmp /etc/systemd/system/sourcegraph.service\n\
-             cp {src}/deployment.json /etc/sgbox/deployment.json.sgbox-tmp && mv /etc/sgbox/deployment.json.sgbox-tmp /etc/sgbox/deployment.json\n\
-             systemctl daemon-reload\n"
-        )
-    }
-
-    fn release_services(release: Version) -> Vec<String> {
-        catalog().get(release).map(|r| r.services.keys().cloned().collect()).unwrap_or_default()
-    }
-
-    fn dbs(release: Version) -> String {
-        DB_SERVICES.iter().filter(|s| catalog().get(release).is_some_and(|r| r.has(s))).copied().collect::<Vec<_>>().join(" ")
-    }
-
-    /// Every service healthy (the migrator exited 0) and `/__version` = `release`.
-    async fn verify(&self, release: Version, what: &str) -> Result<()> {
-        let deadline = Deadline(Instant::now() + self.timeout);
-        let expected = Self::release_services(release);
-        let p = Phase::start(format!("{what}: services"), self.ctx.quiet);
-        if let Err((msg, failing)) = readiness::services(&self.ssh, &expected, &deadline, &p).await {
-            p.fail();
-            eprint!("{}", readiness::diagnostics(&self.ssh, &failing).await);
-            bail!("{msg}: {}", failing.join(", "));
-        }
-        p.done_with(&format!("{} services healthy", expected.len()));
-        let p = Phase::start(format!("{what}: /__version"), self.ctx.quiet);
-        if let Err(e) = readiness::answers(&self.ep.url(), &release.to_string(), &deadline, &p).await {
-            p.fail();
-            return Err(e);
-        }
-        p.done_with(&format!("/__version = {release}"));
-        Ok(())
-    }
-
-    async fn reconnect(&mut self) -> Result<()> {
-        self.ep = boxctl::running_endpoint(&self.d).await?;
-        self.ssh = boxctl::connect(self.ctx, &mut self.d, &self.ep, false, Instant::now() + self.timeout).await?;
-        Ok(())
-    }
-}
-
-/// Shell that writes `content` to `path` atomically as root (its folder must exist).
-fn put_cmd(path: &str, content: &str, mode: u32) -> String {
-    format!("echo {} | base64 -d | sudo tee {path}.sgbox-tmp >/dev/null && sudo chmod {mode:o} {path}.sgbox-tmp && sudo mv {path}.sgbox-tmp {path}", b64(content))
-}
-
-/// The staged file name of a rendered box file, for the files an upgrade replaces.
-fn staged_name(path: &str) -> Option<&'static str> {
-    match path {
-        p if p == format!("{BOX_DIR}/docker-compose.yaml") => Some("docker-compose.yaml"),
-        p if p == format!("{BOX_DIR}/Caddyfile") => Some("Caddyfile"),
-        "/etc/systemd/system/sourcegraph.service" => Some("sourcegraph.service"),
-        "/etc/sgbox/deployment.json" => Some("deployment.json"),
-        _ => None,
-    }
-}
-
-fn first_line(cmd: &str) -> String {
-    let l = cmd.lines().next().unwrap_or("");
-    if l.len() > 80 {
-        format!("{}…", &l[..l.char_indices().nth(80).map_or(l.len(), |(i, _)| i)])
-    } else {
-        l.to_string()
-    }
-}
-
-fn parse_mm(text: &str) -> Option<(u32, u32)> {
-    let t = text.trim().trim_start_matches('v');
-    let mut it = t.split(['.', '-', '+']).map(|p| p.parse::<u32>());
-    Some((it.next()?.ok()?, it.next()?.ok()?))
-}
-
-/// What preflight found on the box.
-#[derive(Debug, Default)]
-struct Probe {
-    avail: u64,
-    image_bytes: u64,
-    images_missing: u64,
-    db_bytes: u64,
-    errors: Vec<String>,
-}
-
-/// Bytes the path needs free on the data disk: unpacked new images, a second copy of the
-/// databases when they convert to Postgres 16, and headroom.
-fn disk_needed(plan: &UpgradePlan, p: &Probe) -> u64 {
-    let images = (p.image_bytes as f64 * UNPACK_FACTOR) as u64;
-    let pg = if plan.postgres_upgrade { 2 * p.db_bytes } else { 0 };
-    images + pg + HEADROOM_BYTES
-}
-
-fn gib(b: u64) -> String {
-    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-}
-
-/// Every image the path pulls: the target release's, and for each hop its migrator and databases.
-fn path_images(settings: &Settings, plan: &UpgradePlan) -> Vec<Value> {
-    let insecure = settings.registry_mirror.as_ref().is_some_and(|m| m.insecure);
-    let mut refs: Vec<String> = Vec::new();
-    let cat = catalog();
-    if let Some(r) = cat.get(plan.to) {
-        refs.extend(r.services.values().map(|i| image_ref(i, settings)));
-    }
-    for h in &plan.hops {
-        if let Some(m) = cat.get(h.migrator).and_then(|r| r.services.get("migrator")) {
-            refs.push(image_ref(m, settings));
-        }
-        if let Some(r) = cat.get(h.db_images) {
-            refs.extend(DB_SERVICES.iter().filter_map(|s| r.services.get(*s)).map(|i| image_ref(i, settings)));
-        }
-    }
-    refs.sort();
-    refs.dedup();
-    refs.into_iter().map(|r| json!({ "ref": r, "insecure": insecure })).collect()
+    let insecure = target.reach.insecure_accept_host_key;
+    let ep = boxctl::running_endpoint(&d).await?;
+    let on = boxctl::connect(&mut d, &ep, insecure, Instant::now() + Duration::from_secs(60)).await?;
+    Ok(Upgrade { d, on, ep, timeout, insecure })
 }
 
 pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
-    if ctx.json() && !ctx.yes && !args.dry_run {
+    if output::json() && !ctx.yes && !args.dry_run {
         return Err(UserError::field("output", "json output never prompts, so `upgrade` needs --yes with it").hint("add --yes").into());
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
     let to_spec = match &args.to {
-        Some(t) => Some(t.parse::<VersionSpec>().map_err(|e| UserError::field("to", format!("'{t}' is not a release: {e}")).hint("write it like 7.5.4453, 7.5 or latest"))?),
+        Some(t) => Some(
+            t.parse::<VersionSpec>()
+                .map_err(|e| UserError::field("to", format!("'{t}' is not a release: {e}")).hint("write it like 7.5.4453, 7.5 or latest"))?,
+        ),
         None => None,
     };
     boxctl::runtime()?.block_on(async move {
-        let d = boxctl::open(ctx, &args.target).await?;
-        let Some(record) = d.record.clone() else {
-            return Err(UserError::field("name", format!("no deployment named \"{}\" to upgrade", d.settings.name)).hint("check --name and --state-dir").into());
-        };
-        let from: Version = record.release.parse().map_err(|e| anyhow!("the deployment record's release {}: {e}", record.release))?;
+        let mut s = reach(ctx, &args.target, timeout, "upgrade").await?;
+        let _lock = if args.dry_run { None } else { Some(s.d.dir.lock("upgrade")?) };
+        let from = s.d.record.as_ref().map(|r| r.release).expect("reach checks the record");
         let to = match to_spec {
-            Some(spec) => {
-                catalog().resolve(spec).map_err(|mut e| {
-                    e.field = Some("to".into());
-                    e
-                })?
-                .version
-            }
+            Some(spec) => catalog().resolve(spec).map_err(|e| UserError { field: Some("to".into()), ..e })?.version,
             None => catalog().latest().version,
         };
-        let plan = planner::plan(catalog(), PlanRequest { from, to, postgres_major: None, allow_downgrade: args.allow_downgrade })?;
 
-        let ep = boxctl::running_endpoint(&d).await?;
-        let mut d = d;
-        let ssh = boxctl::connect(ctx, &mut d, &ep, false, Instant::now() + Duration::from_secs(60)).await?;
-        let mut s = Session { ctx, d, ssh, ep, timeout };
-        let existing = s.read_journal().await?;
-        if let Some(j) = existing.filter(Journal::open) {
+        // An unfinished upgrade resumes as it was journaled, before anything is planned anew.
+        if let Some(j) = s.read_journal().await?.filter(Journal::open) {
             if args.to.is_some() && j.to != to {
                 return Err(UserError::field("to", format!("an upgrade {} -> {} is still in progress on this box", j.from, j.to))
                     .hint(format!("run `sgbox upgrade --name {}` to finish it, or `sgbox rollback` to undo it", s.d.settings.name))
                     .into());
             }
             if args.dry_run {
-                print_plan(ctx, &s, &planner::plan(catalog(), PlanRequest { from: j.from, to: j.to, postgres_major: None, allow_downgrade: true })?, None, Some(&j))?;
-                return Ok(());
+                let replanned = planner::plan(catalog(), PlanRequest { from: j.from, to: j.to, postgres_major: None, allow_downgrade: true }).ok();
+                return print_plan(&s.d.settings.name, &j, replanned.as_ref(), None, true);
             }
-            ctx.note(format!("resuming the upgrade {} -> {} started {} by {}", j.from, j.to, j.started_at, j.started_by));
-            return drive(&mut s, j).await;
+            output::note(format!("resuming the upgrade {} -> {} started {} by {}", j.from, j.to, j.started_at, j.started_by));
+            let started = Instant::now();
+            let j = engine::drive(&mut s, j).await?;
+            return print_done(&s, &j, started);
         }
+
+        let plan = planner::plan(catalog(), PlanRequest { from, to, postgres_major: None, allow_downgrade: args.allow_downgrade })?;
         if plan.kind == UpgradeKind::None {
-            if ctx.json() {
-                return ctx.print_json(json!({ "name": s.d.settings.name, "from": from.to_string(), "to": to.to_string(), "kind": "none", "changed": false }));
+            if output::json() {
+                return output::result_json(
+                    json!({ "name": s.d.settings.name, "from": from.to_string(), "to": to.to_string(), "kind": "none", "changed": false }),
+                );
             }
             println!("The box \"{}\" already runs {to}; nothing to do.", s.d.settings.name);
             return Ok(());
         }
 
-        let probe = preflight(&s, &plan, from).await;
+        let probe = engine::preflight(&s, &plan, from).await;
         if args.dry_run {
-            return print_plan(ctx, &s, &plan, Some(&probe), None);
+            return print_plan(&s.d.settings.name, &Journal::new("dry-run", &plan), Some(&plan), Some(&probe), false);
         }
         let probe = probe?;
         confirm(ctx, &s, &plan)?;
 
+        let started = Instant::now();
         let mut j = Journal::new(format!("{}-{}-{}", from, to, now_rfc3339().replace([':', '-'], "")), &plan);
         j.started_at = now_rfc3339();
         j.started_by = whoami();
         // Keep the previous upgrade's journal for the record.
-        s.sh(&format!("sudo sh -c 'test -f {PATH_ON_BOX} && install -d /var/lib/sgbox/upgrades && mv {PATH_ON_BOX} /var/lib/sgbox/upgrades/$(date -u +%Y%m%dT%H%M%SZ).json || true'")).await?;
+        s.on.run(&format!(
+            "sudo sh -c 'test -f {PATH_ON_BOX} && install -d /var/lib/sgbox/upgrades && mv {PATH_ON_BOX} /var/lib/sgbox/upgrades/$(date -u +%Y%m%dT%H%M%SZ).json || true'"
+        ))
+        .await?;
         j.mark(0, Status::Done, &now_rfc3339(), Some(format!("free {} of {} needed", gib(probe.avail), gib(disk_needed(&plan, &probe)))));
         s.save_journal(&j).await?;
-        drive(&mut s, j).await
+        let j = engine::drive(&mut s, j).await?;
+        print_done(&s, &j, started)
     })
 }
 
-/// Check everything before anything changes. Errors are the user's to fix (exit 2).
-async fn preflight(s: &Session<'_>, plan: &UpgradePlan, from: Version) -> Result<Probe> {
-    let p = Phase::start("preflight", s.ctx.quiet);
-    let r = preflight_checks(s, plan, from, &p).await;
-    match &r {
-        Ok(_) => {
-            p.done_with("healthy, path legal, disk and registry ok");
-        }
-        Err(_) => {
-            p.fail();
-        }
-    }
-    r
-}
-
-async fn preflight_checks(s: &Session<'_>, plan: &UpgradePlan, from: Version, p: &Phase) -> Result<Probe> {
-    let name = &s.d.settings.name;
-    // The helpers the steps use: installed (again) by every run, so they match this sgbox.
-    s.put(&format!("{LIB}/run-step"), RUN_STEP, 0o755).await?;
-    s.put(&format!("{LIB}/preflight.py"), PREFLIGHT, 0o755).await?;
-
-    p.set("box release and health");
-    let meta = s.sh("cat /etc/sgbox/deployment.json").await?;
-    let on_box = serde_json::from_str::<Value>(&meta).ok().and_then(|v| v["release"].as_str().map(str::to_string)).unwrap_or_default();
-    if on_box != from.to_string() {
-        return Err(UserError::new(format!("the box says it runs {on_box:?}, but the deployment record says {from}"))
-            .hint("check the box with `sgbox status -v`; nothing was changed")
-            .into());
-    }
-    let ps = s.sh(&readiness::services_cmd()).await?;
-    let missing = readiness::not_ready(&Session::release_services(from), &readiness::parse_services(&ps));
-    if !missing.is_empty() {
-        return Err(UserError::new(format!("the box is not healthy at {from}: {} not ready", missing.join(", ")))
-            .hint("an upgrade starts only from a healthy box; see `sgbox status -v` and `sgbox logs SERVICE`. Nothing was changed")
-            .into());
-    }
-    match readiness::version(&s.ep.url()).await {
-        Ok(v) if v == from.to_string() => {}
-        other => {
-            return Err(UserError::new(format!("{}/__version does not answer {from} ({other:?})", s.ep.url())).hint("check `sgbox status`; nothing was changed").into())
-        }
-    }
-
-    p.set("docker and compose versions");
-    let versions = s.sh("sudo docker version --format '{{.Server.Version}}'; sudo docker compose version --short").await?;
-    let mut lines = versions.lines();
-    let (dv, cv) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    if parse_mm(dv).is_none_or(|v| v < MIN_DOCKER) || parse_mm(cv).is_none_or(|v| v < MIN_COMPOSE) {
-        return Err(UserError::new(format!("the box has Docker {dv:?} and Compose {cv:?}; upgrades need Docker ≥ {}.{} and Compose ≥ {}.{}", MIN_DOCKER.0, MIN_DOCKER.1, MIN_COMPOSE.0, MIN_COMPOSE.1))
-            .hint("update them on the box (`sgbox ssh -- sudo apt-get install docker.io docker-compose`); nothing was changed")
-            .into());
-    }
-
-    p.set("registry and disk space");
-    let req = json!({ "images": path_images(&s.d.settings, plan), "volumes": DB_SERVICES.iter().map(|v| format!("{PROJECT}_{v}")).collect::<Vec<_>>(), "mount": DATA_MOUNT });
-    let out = s.sh(&format!("echo {} | base64 -d | sudo python3 {LIB}/preflight.py", b64(&req.to_string()))).await?;
-    let v: Value = serde_json::from_str(&out).with_context(|| format!("the preflight probe's answer: {out}"))?;
-    let probe = Probe {
-        avail: v["avail_bytes"].as_u64().unwrap_or(0),
-        image_bytes: v["image_bytes"].as_u64().unwrap_or(0),
-        images_missing: v["images_missing"].as_u64().unwrap_or(0),
-        db_bytes: v["db_bytes"].as_u64().unwrap_or(0),
-        errors: v["errors"].as_array().map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_string)).collect()).unwrap_or_default(),
-    };
-    if !probe.errors.is_empty() {
-        return Err(UserError::new(format!(
-            "the registry does not serve {} image(s) this upgrade needs:\n  {}",
-            probe.errors.len(),
-            probe.errors.iter().take(5).cloned().collect::<Vec<_>>().join("\n  ")
-        ))
-        .hint("check registry-mirror and the box's network; nothing was changed")
-        .into());
-    }
-    let need = disk_needed(plan, &probe);
-    if probe.avail < need {
-        let pg = if plan.postgres_upgrade { format!(", twice the databases' {} for the Postgres 16 conversion", gib(probe.db_bytes)) } else { String::new() };
-        return Err(UserError::field(
-            "disk",
-            format!(
-                "the data disk of \"{name}\" has {} free; this upgrade needs about {} ({} new images, {} unpacked{pg}, and {} headroom)",
-                gib(probe.avail),
-                gib(need),
-                probe.images_missing,
-                gib((probe.image_bytes as f64 * UNPACK_FACTOR) as u64),
-                gib(HEADROOM_BYTES)
-            ),
-        )
-        .hint("free space on the box (`sgbox ssh -- sudo docker image prune -a`) or grow the data disk; nothing was changed")
-        .into());
-    }
-    Ok(probe)
-}
-
-fn print_plan(ctx: &Context, s: &Session<'_>, plan: &UpgradePlan, probe: Option<&Result<Probe>>, resuming: Option<&Journal>) -> Result<()> {
-    let j = resuming.cloned().unwrap_or_else(|| Journal::new("dry-run", plan));
-    let steps: Vec<String> = j.steps.iter().map(|e| describe(&e.step, plan)).collect();
-    let check = match probe {
-        Some(Ok(p)) => json!({ "ok": true, "free_bytes": p.avail, "needed_bytes": disk_needed(plan, p), "new_images": p.images_missing, "database_bytes": p.db_bytes }),
-        Some(Err(e)) => json!({ "ok": false, "error": format!("{e:#}") }),
-        None => Value::Null,
-    };
-    if ctx.json() {
-        return ctx.print_json(json!({
-            "name": s.d.settings.name,
-            "dry_run": true,
-            "from": plan.from.to_string(),
-            "to": plan.to.to_string(),
-            "kind": plan.kind,
-            "downtime": plan.downtime,
-            "snapshot": "the data disk, before anything changes",
-            "steps": steps,
-            "resuming": resuming.map(|j| j.id.clone()),
-            "preflight": check,
-            "notes": plan.notes,
+fn print_done(s: &Upgrade, j: &Journal, started: Instant) -> Result<()> {
+    let secs = started.elapsed().as_secs_f64();
+    if output::json() {
+        return output::result_json(json!({
+            "name": s.d.settings.name, "from": j.from.to_string(), "to": j.to.to_string(), "kind": j.kind,
+            "snapshot": j.snapshot, "journal": j.id, "url": s.ep.url(), "seconds": (secs * 10.0).round() / 10.0,
         }));
     }
-    println!("Upgrade plan for \"{}\": {} -> {} ({})", s.d.settings.name, plan.from, plan.to, serde_json::to_value(plan.kind)?.as_str().unwrap_or(""));
-    println!("downtime: {}", plan.downtime);
-    println!("snapshot: the data disk, before anything changes (rollback restores it if migrations ran)");
-    for (i, (st, e)) in steps.iter().zip(&j.steps).enumerate() {
-        let done = if e.status == Status::Done { "  [done]" } else { "" };
-        println!("  {}. {st}{done}", i + 1);
+    println!("Sourcegraph {} -> {} on \"{}\": done and verified: {}", j.from, j.to, s.d.settings.name, s.ep.url());
+    if let Some(sn) = &j.snapshot {
+        println!("  pre-upgrade snapshot: {sn} (`sgbox rollback --name {}` restores it)", s.d.settings.name);
     }
-    for n in &plan.notes {
-        println!("note: {n}");
-    }
-    match probe {
-        Some(Ok(p)) => println!("preflight: ok ({} free, about {} needed, {} images to pull)", gib(p.avail), gib(disk_needed(plan, p)), p.images_missing),
-        Some(Err(e)) => println!("preflight: would refuse: {e:#}"),
-        None => {}
-    }
-    println!("Nothing was changed (--dry-run).");
+    output::note(format!("took {}", humantime::format_duration(Duration::from_secs(secs as u64))));
     Ok(())
 }
 
-fn describe(step: &Step, plan: &UpgradePlan) -> String {
-    match step {
-        Step::Preflight => "preflight: healthy at the recorded release, legal path, disk, Docker/Compose, registry".into(),
-        Step::Snapshot => "snapshot the data disk (filesystem frozen for the moment it takes)".into(),
-        Step::Pull => format!("pull the images of {} while {} serves", plan.to, plan.from),
-        Step::StopApplication => "stop the application; the databases stay".into(),
-        Step::Migrate { from, to, migrator } => format!("migrator {migrator}: upgrade --from=v{from} --to=v{to}"),
-        Step::Apply if plan.kind == UpgradeKind::Standard => {
-            format!("switch to {}: databases, its migrator `up`, backends, then the frontend (Caddy holds requests), then Caddy", plan.to)
-        }
-        Step::Apply => format!("start {} (its migrator `up` first)", plan.to),
-        Step::Verify => format!("verify: every service healthy, /__version = {}", plan.to),
-        Step::Record => "record the release in /etc/sgbox and the state folder, with a history entry".into(),
+/// `--dry-run`: the journal's steps (those done marked, when resuming), the plan's downtime and
+/// notes, and what preflight found.
+fn print_plan(name: &str, j: &Journal, plan: Option<&UpgradePlan>, probe: Option<&Result<Probe>>, resuming: bool) -> Result<()> {
+    let steps: Vec<String> = j.steps.iter().map(|e| describe(&e.step, j)).collect();
+    let downtime = plan.map(|p| p.downtime).unwrap_or("as planned when the upgrade started");
+    let notes: &[String] = plan.map(|p| p.notes.as_slice()).unwrap_or_default();
+    if output::json() {
+        let check = match (probe, plan) {
+            (Some(Ok(p)), Some(plan)) => json!({ "ok": true, "free_bytes": p.avail, "needed_bytes": disk_needed(plan, p), "new_images": p.images_missing, "database_bytes": p.db_bytes }),
+            (Some(Err(e)), _) => json!({ "ok": false, "error": format!("{e:#}") }),
+            _ => Value::Null,
+        };
+        return output::result_json(json!({
+            "name": name,
+            "dry_run": true,
+            "from": j.from.to_string(),
+            "to": j.to.to_string(),
+            "kind": j.kind,
+            "downtime": downtime,
+            "snapshot": "the data disk, before anything changes",
+            "steps": steps,
+            "resuming": resuming.then(|| j.id.clone()),
+            "preflight": check,
+            "notes": notes,
+        }));
     }
+    print!("{}", plan_text(name, j, downtime, notes, probe.zip(plan)));
+    Ok(())
 }
 
-fn confirm(ctx: &Context, s: &Session<'_>, plan: &UpgradePlan) -> Result<()> {
+fn plan_text(name: &str, j: &Journal, downtime: &str, notes: &[String], probe: Option<(&Result<Probe>, &UpgradePlan)>) -> String {
+    let mut out = String::new();
+    let kind = serde_json::to_value(j.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    out.push_str(&format!("Upgrade plan for \"{name}\": {} -> {} ({kind})\n", j.from, j.to));
+    out.push_str(&format!("downtime: {downtime}\n"));
+    out.push_str("snapshot: the data disk, before anything changes (rollback restores it if migrations ran)\n");
+    for (i, e) in j.steps.iter().enumerate() {
+        let done = if e.status == Status::Done { "  [done]" } else { "" };
+        out.push_str(&format!("  {}. {}{done}\n", i + 1, describe(&e.step, j)));
+    }
+    for n in notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    match probe {
+        Some((Ok(p), plan)) => out.push_str(&format!(
+            "preflight: ok ({} free, about {} needed, {} images to pull)\n",
+            gib(p.avail),
+            gib(disk_needed(plan, p)),
+            p.images_missing
+        )),
+        Some((Err(e), _)) => out.push_str(&format!("preflight: would refuse: {e:#}\n")),
+        None => {}
+    }
+    out.push_str("Nothing was changed (--dry-run).\n");
+    out
+}
+
+fn confirm(ctx: &Context, s: &Upgrade, plan: &UpgradePlan) -> Result<()> {
     if ctx.yes {
         return Ok(());
     }
@@ -483,290 +189,15 @@ fn confirm(ctx: &Context, s: &Session<'_>, plan: &UpgradePlan) -> Result<()> {
     )
 }
 
-/// Run the journal's remaining steps; on failure, roll back and report.
-async fn drive(s: &mut Session<'_>, mut j: Journal) -> Result<()> {
-    let started = Instant::now();
-    let plan = planner::plan(catalog(), PlanRequest { from: j.from, to: j.to, postgres_major: None, allow_downgrade: true })?;
-    if j.failed() {
-        // An earlier run failed and its rollback did not finish: finish it.
-        let why = j.steps.iter().find(|e| e.status == Status::Failed).and_then(|e| e.detail.clone()).unwrap_or_default();
-        return roll_back(s, &mut j, "rolled-back", anyhow!("an earlier run of this upgrade failed: {why}")).await;
-    }
-    while let Some((i, step)) = j.next() {
-        let step = step.clone();
-        j.mark(i, Status::Started, &now_rfc3339(), None);
-        s.save_journal(&j).await?;
-        let label = describe(&step, &plan);
-        let p = Phase::start(label.clone(), s.ctx.quiet);
-        let result = run_step(s, &mut j, &step, &plan).await;
-        match result {
-            Ok(detail) => {
-                p.done();
-                j.mark(i, Status::Done, &now_rfc3339(), detail);
-                s.save_journal(&j).await?;
-            }
-            Err(e) => {
-                p.fail();
-                j.mark(i, Status::Failed, &now_rfc3339(), Some(format!("{e:#}")));
-                s.save_journal(&j).await?;
-                let e = e.context(format!("the upgrade {} -> {} failed at: {label}", j.from, j.to));
-                if matches!(step, Step::Record) {
-                    // The new release runs and is verified; only the bookkeeping failed.
-                    return Err(e.context("the new release is verified and serving; re-run `sgbox upgrade` to record it"));
-                }
-                return roll_back(s, &mut j, "rolled-back", e).await;
-            }
-        }
-    }
-    j.outcome = Some("done".into());
-    s.save_journal(&j).await?;
-    let secs = started.elapsed().as_secs_f64();
-    if s.ctx.json() {
-        return s.ctx.print_json(json!({
-            "name": s.d.settings.name, "from": j.from.to_string(), "to": j.to.to_string(), "kind": j.kind,
-            "snapshot": j.snapshot, "journal": j.id, "url": s.ep.url(), "seconds": (secs * 10.0).round() / 10.0,
-        }));
-    }
-    println!("Sourcegraph {} -> {} on \"{}\": done and verified: {}", j.from, j.to, s.d.settings.name, s.ep.url());
-    if let Some(sn) = &j.snapshot {
-        println!("  pre-upgrade snapshot: {sn} (`sgbox rollback --name {}` restores it)", s.d.settings.name);
-    }
-    s.ctx.note(format!("took {}", humantime::format_duration(Duration::from_secs(secs as u64))));
-    Ok(())
-}
-
-async fn run_step(s: &mut Session<'_>, j: &mut Journal, step: &Step, plan: &UpgradePlan) -> Result<Option<String>> {
-    let to = j.to;
-    match step {
-        // Preflight is done before the journal is created; a resumed journal never has it pending.
-        Step::Preflight => Ok(None),
-        Step::Snapshot => {
-            // Freeze the data filesystem so the snapshot is consistent; a timer thaws it even if
-            // this connection dies while it is frozen.
-            s.sh(&format!("sudo systemd-run --quiet --collect --on-active=90 /sbin/fsfreeze -u {DATA_MOUNT} >/dev/null 2>&1 || true; sudo sync; sudo fsfreeze -f {DATA_MOUNT}")).await?;
-            let snap = s.d.provider.snapshot_data_disk(&format!("sgbox-pre-{to}")).await;
-            let thaw = s.sh(&format!("sudo fsfreeze -u {DATA_MOUNT}")).await;
-            let snap = snap?;
-            thaw?;
-            j.snapshot = Some(snap.clone());
-            Ok(Some(snap))
-        }
-        Step::Pull => {
-            let mut script = String::new();
-            s.stage(to).await?;
-            script.push_str(&format!("{} pull --quiet\n", compose(&format!("{RELEASES}/{to}/docker-compose.yaml"))));
-            for h in &plan.hops {
-                s.stage(h.db_images).await?;
-                let dbs = Session::dbs(h.db_images);
-                script.push_str(&format!("{} pull --quiet {dbs}\n", compose(&format!("{RELEASES}/{}/docker-compose.yaml", h.db_images))));
-                if let Some(m) = catalog().get(h.migrator).and_then(|r| r.services.get("migrator")) {
-                    script.push_str(&format!("docker pull --quiet {} >/dev/null\n", sh_quote(&image_ref(m, &s.d.settings))));
-                }
-            }
-            s.step("pull", &script).await?;
-            Ok(None)
-        }
-        Step::StopApplication => {
-            let apps: Vec<String> = Session::release_services(j.from).into_iter().filter(|x| !DB_SERVICES.contains(&x.as_str())).collect();
-            s.stage(j.from).await?;
-            s.step("stop-application", &format!("{} stop {}", compose(&format!("{RELEASES}/{}/docker-compose.yaml", j.from)), apps.join(" "))).await?;
-            Ok(None)
-        }
-        Step::Migrate { from, to: hop_to, migrator } => {
-            let hop = plan.hops.iter().find(|h| h.from == *from && h.to == *hop_to).ok_or_else(|| anyhow!("hop {from} -> {hop_to} is not in the plan"))?;
-            let m = catalog().get(*migrator).and_then(|r| r.services.get("migrator")).ok_or_else(|| anyhow!("no migrator image in {migrator}"))?;
-            let args = hop.migrator_args(j.kind == UpgradeKind::Downgrade);
-            let name = format!("migrate-{from}-{hop_to}");
-            let hop_file = format!("/var/lib/sgbox/upgrade/{name}.yaml");
-            let yaml = format!(
-                "# sgbox: hop {from} -> {hop_to} of the upgrade {}: the {migrator} migrator on the {} databases.\nservices:\n  migrator:\n    image: {}\n    command: [{}]\n    restart: \"no\"\n",
-                j.id,
-                hop.db_images,
-                serde_json::to_string(&image_ref(m, &s.d.settings))?,
-                args.iter().map(|a| serde_json::to_string(a).unwrap()).collect::<Vec<_>>().join(", ")
-            );
-            s.stage(hop.db_images).await?;
-            s.put(&hop_file, &yaml, 0o644).await?;
-            let c = format!("{} -f {hop_file}", compose(&format!("{RELEASES}/{}/docker-compose.yaml", hop.db_images)));
-            let dbs = Session::dbs(hop.db_images);
-            s.step(
-                &name,
-                &format!(
-                    "echo '== databases on {db} images'\n{c} up -d --wait --no-deps {dbs}\n\
-                     # A migrator left from an interrupted run finishes before another starts.\n\
-                     for id in $(docker ps -aq --filter label=com.docker.compose.project={PROJECT} --filter label=com.docker.compose.service=migrator --filter label=com.docker.compose.oneoff=True); do docker wait \"$id\" >/dev/null || true; docker rm -f \"$id\" >/dev/null; done\n\
-                     echo '== migrator {migrator}: {a}'\n{c} run --rm -T --no-deps migrator",
-                    db = hop.db_images,
-                    a = args.join(" "),
-                ),
-            )
-            .await?;
-            Ok(None)
-        }
-        Step::Apply => {
-            s.stage(to).await?;
-            let c = compose(&format!("{BOX_DIR}/docker-compose.yaml"));
-            let mut script = Session::install_lines(to);
-            if j.kind == UpgradeKind::Standard {
-                // The old frontend keeps serving until the new one is healthy: databases first
-                // (its queries pause briefly), the new migrator, the backends, then the frontend
-                // itself while Caddy holds requests (lb_try_duration), and Caddy last.
-                let dbs = Session::dbs(to);
-                let rest: Vec<String> = Session::release_services(to)
-                    .into_iter()
-                    .filter(|x| !DB_SERVICES.contains(&x.as_str()) && !["migrator", "sourcegraph-frontend-0", "caddy"].contains(&x.as_str()))
-                    .collect();
-                script.push_str(&format!("echo '== databases'\n{c} up -d --wait --no-deps {dbs}\necho '== migrator up'\n{c} run --rm -T --no-deps migrator\n"));
-                // (Named services only: `up` without names would take every service at once.)
-                if !rest.is_empty() {
-                    script.push_str(&format!("echo '== backends'\n{c} up -d --wait --no-deps {}\n", rest.join(" ")));
-                }
-                script.push_str(&format!(
-                    "echo '== frontend'\n{c} up -d --wait --no-deps sourcegraph-frontend-0\necho '== caddy'\n{c} up -d --no-deps caddy\n"
-                ));
-            }
-            script.push_str(&format!("echo '== all services'\n{c} up -d --remove-orphans\n"));
-            s.step("apply", &script).await?;
-            Ok(None)
-        }
-        Step::Verify => {
-            s.verify(to, "verify").await?;
-            Ok(None)
-        }
-        Step::Record => {
-            let entry = HistoryEntry { at: now_rfc3339(), action: "upgrade".into(), release: to.to_string(), from: Some(j.from.to_string()), by: j.started_by.clone() };
-            record(s, entry, to).await?;
-            Ok(None)
-        }
-    }
-}
-
-/// The box's release in /etc/sgbox (history line) and in the state folder's record.
-async fn record(s: &mut Session<'_>, entry: HistoryEntry, release: Version) -> Result<()> {
-    let line = serde_json::to_string(&entry)?;
-    s.sh(&format!("echo {} | base64 -d | sudo tee -a /etc/sgbox/history.jsonl >/dev/null", b64(&(line + "\n")))).await?;
-    let mut settings = s.d.settings.clone();
-    settings.version = release;
-    let rec = s.d.record.as_mut().ok_or_else(|| anyhow!("the deployment record vanished"))?;
-    rec.release = release.to_string();
-    rec.settings = settings.to_toml();
-    rec.history.push(entry);
-    s.d.dir.save_record(rec)?;
-    s.d.settings = settings;
-    Ok(())
-}
-
-/// Undo what the journal says happened, verify the previous release, and return `cause` (or the
-/// rollback's own failure) as the command's error.
-async fn roll_back(s: &mut Session<'_>, j: &mut Journal, outcome: &str, cause: anyhow::Error) -> Result<()> {
-    let undo = j.undo_plan();
-    if undo.is_empty() {
-        j.outcome = Some(outcome.into());
-        s.save_journal(j).await?;
-        return Err(cause.context(format!("nothing had changed on the box; it still runs {}", j.from)));
-    }
-    eprintln!("error: {cause:#}");
-    if j.data_at_risk() {
-        eprintln!("warning: migrations ran but there is no snapshot to restore; the previous release may not start on this data");
-    }
-    eprintln!("rolling back to {}{}", j.from, if undo.iter().any(|u| matches!(u, Undo::RestoreSnapshot(_))) { " (migrations ran: restoring the data-disk snapshot)" } else { "" });
-    match undo_steps(s, &undo).await {
-        Ok(()) => {
-            j.outcome = Some(outcome.into());
-            s.save_journal(j).await?;
-            // The recorded release never left `from`: record() only adds the history entry.
-            let entry = HistoryEntry { at: now_rfc3339(), action: "rollback".into(), release: j.from.to_string(), from: Some(j.to.to_string()), by: whoami() };
-            record(s, entry, j.from).await?;
-            Err(cause.context(format!(
-                "rolled back: {} serves again and is verified. Step logs on the box: `sgbox ssh --name {} -- sudo tail -n 100 {STEPS}/*.log`",
-                j.from, s.d.settings.name
-            )))
-        }
-        Err(e) => Err(e.context(format!(
-            "the rollback to {} did not finish either (the upgrade failed with: {cause:#}); the journal is {PATH_ON_BOX} on the box, the snapshot {}. Re-run `sgbox upgrade --name {}` to retry the rollback",
-            j.from,
-            j.snapshot.as_deref().unwrap_or("(none)"),
-            s.d.settings.name
-        ))),
-    }
-}
-
-async fn undo_steps(s: &mut Session<'_>, undo: &[Undo]) -> Result<()> {
-    for u in undo {
-        match u {
-            Undo::StopStack => {
-                let p = Phase::start("rollback: stop the stack", s.ctx.quiet);
-                s.sh(&format!(
-                    "sudo systemctl stop 'sgbox-step-*' 2>/dev/null; ids=$(sudo docker ps -q --filter label=com.docker.compose.project={PROJECT}); [ -z \"$ids\" ] || sudo docker stop -t 30 $ids >/dev/null"
-                ))
-                .await?;
-                p.done();
-            }
-            Undo::RestorePrevious(v) => {
-                let p = Phase::start(format!("rollback: the {v} files"), s.ctx.quiet);
-                s.stage(*v).await?;
-                s.sh(&format!("sudo sh -c {}", sh_quote(&Session::install_lines(*v)))).await?;
-                p.done();
-            }
-            Undo::RestoreSnapshot(snap) => {
-                if s.d.provider.can_swap_data_disk() {
-                    let p = Phase::start(format!("rollback: swap the data disk back to {snap}"), s.ctx.quiet);
-                    match swap_data_disk(s, snap).await {
-                        Ok(()) => {
-                            p.done();
-                            continue;
-                        }
-                        Err(e) => {
-                            p.fail();
-                            s.ctx.warn(format!("swapping the data disk while the box runs failed ({e:#}); restoring it with a restart instead"));
-                        }
-                    }
-                }
-                let p = Phase::start(format!("rollback: restore the data disk to {snap} (the box restarts)"), s.ctx.quiet);
-                s.d.provider.restore_data_disk(snap, s.timeout).await?;
-                s.reconnect().await?;
-                p.done();
-            }
-            Undo::VerifyPrevious(v) => {
-                let p = Phase::start(format!("rollback: start {v}"), s.ctx.quiet);
-                s.step("rollback-start", &format!("{} up -d --remove-orphans", compose(&format!("{BOX_DIR}/docker-compose.yaml")))).await?;
-                p.done();
-                s.verify(*v, "rollback").await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Restore the data disk while the box runs: Docker stopped and the disk unmounted on the box, the
-/// cloud swaps the disk to the snapshot, then the disk is mounted and the previous release's
-/// stack started as at boot (`sourcegraph.service`). Saves a shutdown and a boot, minutes under
-/// emulation. Any failure leaves the caller to restore with a restart, which starts clean.
-async fn swap_data_disk(s: &mut Session<'_>, snap: &str) -> Result<()> {
-    s.sh(&format!("sudo systemctl stop sourcegraph.service docker.socket docker.service containerd.service && sudo umount {DATA_MOUNT}")).await?;
-    s.d.provider.swap_data_disk(snap, s.timeout).await?;
-    let by_id = crate::render::data_disk_by_id(s.d.settings.cloud);
-    s.sh(&format!(
-        "i=0; while [ ! -e {by_id} ] && [ $i -lt 240 ]; do sleep 0.5; i=$((i+1)); done; sudo udevadm settle; sudo mount {DATA_MOUNT} && sudo systemctl start docker.service sourcegraph.service"
-    ))
-    .await?;
-    Ok(())
-}
-
 /// `sgbox rollback`: back to the release and data of before the last upgrade.
 pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
-    if ctx.json() && !ctx.yes {
+    if output::json() && !ctx.yes {
         return Err(UserError::field("output", "json output never prompts, so `rollback` needs --yes with it").hint("add --yes").into());
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
     boxctl::runtime()?.block_on(async move {
-        let mut d = boxctl::open(ctx, &args.target).await?;
-        if d.record.is_none() {
-            return Err(UserError::field("name", format!("no deployment named \"{}\"", d.settings.name)).hint("check --name and --state-dir").into());
-        }
-        let ep = boxctl::running_endpoint(&d).await?;
-        let ssh = boxctl::connect(ctx, &mut d, &ep, false, Instant::now() + Duration::from_secs(60)).await?;
-        let mut s = Session { ctx, d, ssh, ep, timeout };
+        let mut s = reach(ctx, &args.target, timeout, "roll back").await?;
+        let _lock = s.d.dir.lock("rollback")?;
         let Some(mut j) = s.read_journal().await? else {
             return Err(UserError::new(format!("the box \"{}\" has no upgrade to roll back", s.d.settings.name)).hint("see `sgbox history`").into());
         };
@@ -778,19 +209,30 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         }
         if !ctx.yes {
             boxctl::confirm(
-                UserError::new("`rollback` replaces the box's data with its pre-upgrade snapshot and needs confirmation").hint("pass --yes to confirm without a terminal"),
-                || eprintln!("Roll \"{}\" back from {} to {}: the data disk returns to snapshot {} (changes since are lost).", s.d.settings.name, j.to, j.from, j.snapshot.as_deref().unwrap_or("")),
+                UserError::new("`rollback` replaces the box's data with its pre-upgrade snapshot and needs confirmation")
+                    .hint("pass --yes to confirm without a terminal"),
+                || {
+                    eprintln!(
+                        "Roll \"{}\" back from {} to {}: the data disk returns to snapshot {} (changes since are lost).",
+                        s.d.settings.name,
+                        j.to,
+                        j.from,
+                        j.snapshot.as_deref().unwrap_or("")
+                    )
+                },
                 "nothing was changed",
             )?;
         }
         let undo = j.undo_plan();
-        undo_steps(&mut s, &undo).await?;
+        engine::undo_steps(&mut s, &undo).await?;
         j.outcome = Some("rolled-back".into());
         s.save_journal(&j).await?;
-        let entry = HistoryEntry { at: now_rfc3339(), action: "rollback".into(), release: j.from.to_string(), from: Some(j.to.to_string()), by: whoami() };
-        record(&mut s, entry, j.from).await?;
-        if ctx.json() {
-            return ctx.print_json(json!({ "name": s.d.settings.name, "release": j.from.to_string(), "from": j.to.to_string(), "snapshot": j.snapshot }));
+        let entry = HistoryEntry { at: now_rfc3339(), action: "rollback".into(), release: j.from, from: Some(j.to), by: whoami() };
+        engine::record(&mut s, entry, j.from).await?;
+        if output::json() {
+            return output::result_json(
+                json!({ "name": s.d.settings.name, "release": j.from.to_string(), "from": j.to.to_string(), "snapshot": j.snapshot }),
+            );
         }
         println!("\"{}\" is back at {} (snapshot {}), verified: {}", s.d.settings.name, j.from, j.snapshot.as_deref().unwrap_or(""), s.ep.url());
         Ok(())
@@ -801,59 +243,16 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn plan(from: &str, to: &str) -> UpgradePlan {
-        planner::plan(catalog(), PlanRequest { from: from.parse().unwrap(), to: to.parse().unwrap(), postgres_major: None, allow_downgrade: false }).unwrap()
-    }
-
     #[test]
-    fn disk_need_counts_unpacked_images_and_the_postgres_copy() {
-        let p = Probe { avail: 0, image_bytes: 4 << 30, images_missing: 20, db_bytes: 10 << 30, errors: vec![] };
-        let std = plan("7.4.0", "7.5.4453");
-        assert_eq!(disk_needed(&std, &p), (10u64 << 30) + HEADROOM_BYTES, "2.5 x 4 GiB of images, no database copy");
-        let mvu = plan("5.9.17785", "7.4.0");
-        assert!(mvu.postgres_upgrade);
-        assert_eq!(disk_needed(&mvu, &p), (10u64 << 30) + (20u64 << 30) + HEADROOM_BYTES, "plus twice the databases");
-    }
-
-    #[test]
-    fn the_path_pulls_the_target_and_each_hops_migrator_and_databases() {
-        let layer = crate::settings::Layer::from_flags([("cloud", Some("local".to_string())), ("registry-mirror", Some("http://10.0.2.2:5000".to_string())), ("mirror-mode", Some("tags-only".to_string()))]);
-        let s = Settings::resolve(&layer, &crate::settings::Prompter { interactive: false }).unwrap();
-        let imgs = path_images(&s, &plan("5.9.17785", "7.4.0"));
-        let refs: Vec<&str> = imgs.iter().map(|v| v["ref"].as_str().unwrap()).collect();
-        assert!(imgs.iter().all(|v| v["insecure"] == true));
-        assert!(refs.contains(&"10.0.2.2:5000/migrator:7.5.4453"), "the newest migrator runs the last hop: {refs:?}");
-        assert!(refs.contains(&"10.0.2.2:5000/postgresql-16:5.11.6271"), "the waypoint's databases convert to Postgres 16: {refs:?}");
-        assert!(refs.contains(&"10.0.2.2:5000/frontend:7.4.0"));
-        assert!(!refs.iter().any(|r| r.contains("5.9.17785")), "nothing of the running release is pulled again");
-    }
-
-    #[test]
-    fn put_cmd_writes_the_file_atomically_with_its_mode() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        // The box runs it through sudo; here a shim that just runs the command.
-        let shim = dir.path().join("sudo");
-        std::fs::write(&shim, "#!/bin/sh\nexec \"$@\"\n").unwrap();
-        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let target = dir.path().join("a.env").display().to_string();
-        let content = "PGSQL_PASSWORD='x y'\n$HOME `id`\n";
-        let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
-        let st = std::process::Command::new("sh").arg("-c").arg(put_cmd(&target, content, 0o600)).env("PATH", path).status().unwrap();
-        assert!(st.success());
-        assert_eq!(std::fs::read_to_string(&target).unwrap(), content, "bytes arrive unchanged, nothing expanded");
-        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(!std::path::Path::new(&format!("{target}.sgbox-tmp")).exists(), "no temporary file left");
-    }
-
-    #[test]
-    fn versions_and_staged_files() {
-        assert_eq!(parse_mm("26.1.5+dfsg1"), Some((26, 1)));
-        assert_eq!(parse_mm("v2.26.1"), Some((2, 26)));
-        assert!(parse_mm("").is_none());
-        assert_eq!(staged_name("/opt/sgbox/docker-compose.yaml"), Some("docker-compose.yaml"));
-        assert_eq!(staged_name("/opt/sgbox/docker-compose.override.yaml"), None, "the user's override is never replaced");
-        assert_eq!(staged_name("/opt/sgbox/.env"), None);
-        assert!(Session::install_lines("7.5.4453".parse().unwrap()).contains("/var/lib/sgbox/releases/7.5.4453/sourcegraph.service"));
+    fn dry_run_of_a_multi_version_upgrade_reads_as_reviewed() {
+        let plan = planner::plan(
+            catalog(),
+            PlanRequest { from: "5.9.17785".parse().unwrap(), to: "7.5.4453".parse().unwrap(), postgres_major: None, allow_downgrade: false },
+        )
+        .unwrap();
+        let mut j = Journal::new("dry-run", &plan);
+        j.mark(0, Status::Done, "2026-12-01T10:00:00Z", None);
+        let probe = Ok(Probe { avail: 40 << 30, image_bytes: 3 << 30, images_missing: 31, db_bytes: 1 << 30, errors: vec![] });
+        insta::assert_snapshot!(plan_text("eval", &j, plan.downtime, &plan.notes, Some((&probe, &plan))));
     }
 }

@@ -4,11 +4,12 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::Context;
-use crate::catalog::catalog;
+use crate::output;
+use crate::release::catalog::catalog;
 use crate::cli::{VersionsArgs, VersionsCommand};
 use crate::error::UserError;
-use crate::planner::{self, PlanRequest, UpgradeKind};
-use crate::version::{Version, VersionSpec};
+use crate::release::planner::{self, PlanRequest, UpgradeKind};
+use crate::release::version::{Version, VersionSpec};
 
 pub fn run(ctx: &Context, args: VersionsArgs) -> Result<()> {
     match args.command {
@@ -17,7 +18,7 @@ pub fn run(ctx: &Context, args: VersionsArgs) -> Result<()> {
     }
 }
 
-fn list(ctx: &Context) -> Result<()> {
+fn list(_ctx: &Context) -> Result<()> {
     let c = catalog();
     let rows: Vec<_> = c
         .all()
@@ -27,7 +28,7 @@ fn list(ctx: &Context) -> Result<()> {
             (r, newest, registries)
         })
         .collect();
-    if ctx.json() {
+    if output::json() {
         let releases: Vec<_> = rows
             .iter()
             .map(|(r, newest, regs)| {
@@ -40,7 +41,7 @@ fn list(ctx: &Context) -> Result<()> {
                 })
             })
             .collect();
-        return ctx.print_json(json!({ "latest": c.latest().version, "releases": releases }));
+        return output::result_json(json!({ "latest": c.latest().version, "releases": releases }));
     }
     println!("{:<12} {:>8} {:>8}  NOTES", "VERSION", "SERVICES", "POSTGRES");
     for (r, newest, regs) in rows.iter().rev() {
@@ -59,22 +60,22 @@ fn list(ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-fn path(ctx: &Context, from: &str, to: &str, postgres: Option<u32>, allow_downgrade: bool) -> Result<()> {
+fn path(_ctx: &Context, from: &str, to: &str, postgres: Option<u32>, allow_downgrade: bool) -> Result<()> {
     let c = catalog();
-    let from: Version = from.parse().map_err(|e: crate::version::ParseVersionError| {
+    let from: Version = from.parse().map_err(|e: crate::release::version::ParseVersionError| {
         UserError::field("--from", e.to_string()).hint("give the exact deployed release, e.g. --from 5.9.17785 (see `sgbox versions`)")
     })?;
-    let spec: VersionSpec = to.parse().map_err(|e: crate::version::ParseSpecError| UserError::field("--to", e.to_string()))?;
+    let spec: VersionSpec = to.parse().map_err(|e: crate::release::version::ParseSpecError| UserError::field("--to", e.to_string()))?;
     let to = c.resolve(spec).map_err(|e| UserError { field: Some("--to".into()), ..e })?.version;
     let plan = planner::plan(c, PlanRequest { from, to, postgres_major: postgres, allow_downgrade })?;
-    if ctx.json() {
+    if output::json() {
         let mut v = serde_json::to_value(&plan)?;
         if let Some(hops) = v.get_mut("hops").and_then(|h| h.as_array_mut()) {
             for (h, hop) in hops.iter_mut().zip(&plan.hops) {
                 h["migrator_args"] = json!(hop.migrator_args(plan.kind == UpgradeKind::Downgrade));
             }
         }
-        return ctx.print_json(v);
+        return output::result_json(v);
     }
     let kind = match plan.kind {
         UpgradeKind::None => "already there",

@@ -10,11 +10,11 @@ use anyhow::{bail, Context, Result};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{ImageRef, Release};
+use crate::release::catalog::{ImageRef, Release};
 use crate::settings::{MirrorMode, Settings, Tls};
-use crate::version::Version;
+use crate::release::version::Version;
 
-const SERVICES_TOML: &str = include_str!("../../templates/services.toml");
+const SERVICES_TOML: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/services.toml"));
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,7 @@ use base64::Engine;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::catalog::Release;
+use crate::release::catalog::Release;
 use crate::settings::{Cloud, Settings, Tls};
 use crate::state::Secrets;
 
@@ -28,12 +28,12 @@ pub const DATA_DISK_SERIAL: &str = "sgbox-data";
 /// AWS rejects user-data above 16 KiB.
 pub const AWS_USER_DATA_LIMIT: usize = 16 * 1024;
 
-const T_COMPOSE: &str = include_str!("../../templates/docker-compose.yaml.tera");
-const T_OVERRIDE: &str = include_str!("../../templates/docker-compose.override.yaml");
-const T_CADDY: &str = include_str!("../../templates/Caddyfile.tera");
-const T_UNIT: &str = include_str!("../../templates/sourcegraph.service.tera");
-const T_USER_DATA: &str = include_str!("../../cloud-init/user-data.yaml.tera");
-const T_DATA_DISK: &str = include_str!("../../cloud-init/data-disk.sh.tera");
+const T_COMPOSE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/docker-compose.yaml.tera"));
+const T_OVERRIDE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/docker-compose.override.yaml"));
+const T_CADDY: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/Caddyfile.tera"));
+const T_UNIT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/sourcegraph.service.tera"));
+const T_USER_DATA: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/user-data.yaml.tera"));
+const T_DATA_DISK: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/data-disk.sh.tera"));
 
 /// Key material for `tls = custom`, read from the user's files.
 pub struct TlsMaterial {

@@ -1,7 +1,7 @@
 use super::*;
-use crate::catalog::catalog;
+use crate::release::catalog::catalog;
 use crate::settings::{Layer, Prompter};
-use crate::sizing::ALL_SIZES;
+use crate::release::sizing::ALL_SIZES;
 
 fn settings(pairs: &[(&'static str, &str)]) -> Settings {
     Settings::resolve(&Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string())))), &Prompter { interactive: false }).unwrap()

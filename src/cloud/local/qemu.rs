@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use rustix::process::{Pid, Signal};
+
 use super::image::BootImage;
 use crate::settings::Accel;
 
@@ -24,6 +26,7 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const DATA_NODE: &str = "data";
 pub const DATA_DEVICE: &str = "data-disk";
 
+#[derive(Clone)]
 pub struct VmFiles {
     pub overlay: PathBuf,
     pub data: PathBuf,
@@ -52,7 +55,7 @@ pub struct Ports {
     pub https: u16,
 }
 
-pub struct Machine {
+pub struct Vm {
     pub name: String,
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -60,7 +63,7 @@ pub struct Machine {
 }
 
 /// The QEMU arguments of a box (without the program).
-pub fn args(m: &Machine, image: &BootImage, f: &VmFiles, p: &Ports) -> Vec<String> {
+pub fn args(m: &Vm, image: &BootImage, f: &VmFiles, p: &Ports) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     push(&["-name", &format!("sgbox-{}", m.name)]);
@@ -143,18 +146,12 @@ pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
 
-pub fn kill(pid: u32, signal: i32) {
-    extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    // SAFETY: plain syscall; pid comes from /proc matching our own VM.
-    unsafe {
-        kill(pid as i32, signal);
+/// Signal our VM's process (found in /proc by its overlay path); a gone process is fine.
+pub fn kill(pid: u32, signal: Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, signal);
     }
 }
-
-pub const SIGTERM: i32 = 15;
-pub const SIGKILL: i32 = 9;
 
 /// One QMP command on the VM's control socket.
 pub fn qmp(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value, String> {
@@ -189,7 +186,7 @@ pub fn qmp(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Val
     call(command, arguments)
 }
 
-/// Ask the guest to power off (ACPI button), wait, then escalate to QMP quit and SIGKILL.
+/// Ask the guest to power off (ACPI button), wait, then escalate to QMP quit and Signal::KILL.
 pub fn stop(pid: u32, qmp_socket: &Path, grace: Duration) -> bool {
     let wait = |d: Duration| {
         let until = Instant::now() + d;
@@ -207,11 +204,11 @@ pub fn stop(pid: u32, qmp_socket: &Path, grace: Duration) -> bool {
     if qmp(qmp_socket, "quit", None).is_ok() && wait(Duration::from_secs(10)) {
         return true;
     }
-    kill(pid, SIGTERM);
+    kill(pid, Signal::TERM);
     if wait(Duration::from_secs(10)) {
         return true;
     }
-    kill(pid, SIGKILL);
+    kill(pid, Signal::KILL);
     wait(Duration::from_secs(10))
 }
 
@@ -319,7 +316,7 @@ fn probe_kvm(image: &BootImage, scratch: &Path) -> (bool, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::local::image::KernelBoot;
+    use crate::cloud::local::image::KernelBoot;
 
     #[test]
     fn command_line_pins_devices_ports_and_console() {
@@ -331,7 +328,7 @@ mod tests {
             kernel: Some(KernelBoot { vmlinuz: "/img/vmlinuz".into(), initrd: "/img/initrd.img".into(), cmdline: "root=LABEL=rootfs rw".into() }),
             description: String::new(),
         };
-        let m = Machine { name: "box".into(), vcpus: 2, memory_mib: 4096, accel: Accel::Tcg };
+        let m = Vm { name: "box".into(), vcpus: 2, memory_mib: 4096, accel: Accel::Tcg };
         let a = args(&m, &img, &f, &Ports { ssh: 10022, http: 18080, https: 18443 }).join(" ");
         assert!(a.contains("-accel tcg -cpu max -smp 2 -m 4096"), "{a}");
         assert!(a.contains("hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:18080-:80,hostfwd=tcp:127.0.0.1:18443-:443"), "{a}");

@@ -11,9 +11,9 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 
 use crate::error::UserError;
-use crate::version::{Version, VersionSpec};
+use crate::release::version::{Version, VersionSpec};
 
-const CATALOG_JSON: &str = include_str!("../data/sourcegraph-compose-releases.json");
+const CATALOG_JSON: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/sourcegraph-compose-releases.json"));
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

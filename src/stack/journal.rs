@@ -8,8 +8,8 @@
 //! `migrator up` included), the databases changed too, so the data-disk snapshot comes back.
 use serde::{Deserialize, Serialize};
 
-use crate::planner::{UpgradeKind, UpgradePlan};
-use crate::version::Version;
+use crate::release::planner::{Hop, UpgradeKind, UpgradePlan};
+use crate::release::version::Version;
 
 pub const PATH_ON_BOX: &str = "/var/lib/sgbox/upgrade.json";
 
@@ -73,6 +73,10 @@ pub struct Journal {
     pub from: Version,
     pub to: Version,
     pub kind: UpgradeKind,
+    /// The migrator runs as planned when the upgrade started (format 2 on): a resume follows
+    /// them, not a new plan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<Hop>,
     pub steps: Vec<Entry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
@@ -108,11 +112,12 @@ impl Journal {
         }
         steps.extend([Step::Apply, Step::Verify, Step::Record]);
         Journal {
-            format: 1,
+            format: 2,
             id: id.into(),
             from: plan.from,
             to: plan.to,
             kind: plan.kind,
+            hops: plan.hops.clone(),
             steps: steps.into_iter().map(|step| Entry { step, status: Status::Pending, at: None, detail: None }).collect(),
             snapshot: None,
             started_at: String::new(),
@@ -178,8 +183,8 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::catalog;
-    use crate::planner::{plan, PlanRequest};
+    use crate::release::catalog::catalog;
+    use crate::release::planner::{plan, PlanRequest};
 
     fn v(s: &str) -> Version {
         s.parse().unwrap()

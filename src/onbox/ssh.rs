@@ -1,7 +1,7 @@
 //! SSH to the box with libssh2 (the ssh2 crate), run on tokio's blocking pool.
 //!
 //! Host keys are pinned, never trusted blindly: on first contact the key the box offers must be
-//! one whose fingerprint cloud-init printed on the serial console ([`crate::hostkeys`]); after
+//! one whose fingerprint cloud-init printed on the serial console ([`crate::onbox::hostkeys`]); after
 //! that it must equal the pinned key. `--insecure-accept-host-key` is the loud way out.
 
 use std::io::{Read, Write};
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::hostkeys::{self, ConsoleHostKeys, HostKeyError};
+use crate::onbox::hostkeys::{self, ConsoleHostKeys, HostKeyError};
 
 pub const USER: &str = "sgbox";
 

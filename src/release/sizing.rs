@@ -64,7 +64,7 @@ impl FromStr for Size {
 
 /// A machine: vCPUs and memory, whatever the cloud calls it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Machine {
+pub struct MachineType {
     pub instance_type: String,
     /// Known when the type is in our table (always for tiers and local); `None` for an override
     /// the cloud will check when the instance is created.

@@ -20,17 +20,18 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use self::qemu::{Machine, Ports, VmFiles};
-use super::{failed, io_err, BaseImage, Endpoint, InstanceSpec, InstanceState, Provider, ProviderError, Resource, Result};
+use self::qemu::{Ports, VmFiles};
+use super::{failed, io_err, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, Machine, Resource, Result, Spec};
 use crate::error::UserError;
-use crate::settings::{Accel, Settings};
+use crate::settings::Accel;
 use crate::state::write_atomic;
 
 /// Root disk size of the overlay; cloud-init grows the filesystem to it on first boot.
 const ROOT_DISK_GB: u32 = 16;
 
+#[derive(Clone)]
 pub struct Local {
-    settings: Settings,
+    spec: Spec,
     dir: PathBuf,
     cache: PathBuf,
     files: VmFiles,
@@ -49,10 +50,17 @@ pub struct VmRecord {
 }
 
 impl Local {
-    pub fn new(settings: Settings, deployment_dir: PathBuf, cache: PathBuf) -> Local {
+    pub fn new(spec: Spec, deployment_dir: PathBuf, cache: PathBuf) -> Local {
         let dir = deployment_dir.join("local");
         let files = VmFiles::in_dir(&dir);
-        Local { settings, dir, cache, files }
+        Local { spec, dir, cache, files }
+    }
+
+    /// Run blocking work (qemu-img, the KVM probe, QEMU's start, a download) on the blocking
+    /// pool, so the runtime's two workers keep serving timers and SSH meanwhile.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(Local) -> T + Send + 'static) -> T {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(me)).await.expect("blocking task")
     }
 
     fn record(&self) -> Option<VmRecord> {
@@ -71,7 +79,7 @@ impl Local {
 
 
     fn pick_ports(&self, previous: Option<&VmRecord>) -> Result<Ports> {
-        let l = &self.settings.local;
+        let l = &self.spec.local;
         let pick = |wanted: Option<u16>, prev: Option<u16>, taken: &[u16]| -> Result<u16> {
             if let Some(p) = wanted {
                 return Ok(p);
@@ -107,7 +115,7 @@ impl Local {
         fs::create_dir_all(&self.dir).map_err(io_err("creating the VM folder"))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the VM folder"))?;
 
-        let instance_id = previous.as_ref().map(|r| r.instance_id.clone()).unwrap_or_else(|| format!("sgbox-{}-{}", self.settings.name, random_suffix()));
+        let instance_id = previous.as_ref().map(|r| r.instance_id.clone()).unwrap_or_else(|| format!("sgbox-{}-{}", self.spec.name, random_suffix()));
         if !self.files.overlay.exists() {
             let base = fs::canonicalize(&img.disk).map_err(io_err("resolving the base image"))?;
             let tmp = self.dir.join(".overlay.qcow2");
@@ -116,7 +124,7 @@ impl Local {
         }
         if !self.files.data.exists() {
             let tmp = self.dir.join(".data.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &format!("{}G", self.settings.data_disk_gb)])?;
+            qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &format!("{}G", self.spec.data_disk_gb)])?;
             fs::rename(&tmp, &self.files.data).map_err(io_err("placing the data disk"))?;
         }
         if let Some(user_data) = user_data {
@@ -125,18 +133,18 @@ impl Local {
             return Err(failed("starting the VM", "its seed ISO is missing; run `sgbox up` again"));
         }
 
-        let (accel, note) = qemu::choose_accel(self.settings.local.accel, &img, &self.cache).map_err(|m| ProviderError::Input(UserError::field("accel", m).hint("use accel = auto or tcg")))?;
+        let (accel, note) = qemu::choose_accel(self.spec.local.accel, &img, &self.cache).map_err(|m| CloudError::Input(UserError::field("accel", m).hint("use accel = auto or tcg")))?;
         if let Some(n) = note {
-            eprintln!("note: {n}");
+            crate::output::note(format!("note: {n}"));
         }
-        let machine = self.settings.machine();
-        let m = Machine {
-            name: self.settings.name.clone(),
+        let machine = &self.spec.machine;
+        let m = qemu::Vm {
+            name: self.spec.name.clone(),
             vcpus: machine.vcpus.unwrap_or(2),
             memory_mib: u64::from(machine.memory_gib.unwrap_or(4)) * 1024,
             accel,
         };
-        let auto_ports = self.settings.local.ssh_port.is_none() || self.settings.local.http_port.is_none() || self.settings.local.https_port.is_none();
+        let auto_ports = self.spec.local.ssh_port.is_none() || self.spec.local.http_port.is_none() || self.spec.local.https_port.is_none();
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -159,7 +167,7 @@ impl Local {
                     return Ok(instance_id);
                 }
                 Err(qemu::StartError::PortTaken(msg)) if auto_ports && attempts < 4 => {
-                    eprintln!("note: a forwarded port was taken meanwhile ({msg}); picking others");
+                    crate::output::note(format!("note: a forwarded port was taken meanwhile ({msg}); picking others"));
                 }
                 Err(qemu::StartError::PortTaken(msg)) => {
                     return Err(UserError::field("ssh-port", format!("QEMU could not forward a port: {msg}")).hint("pick other ports, or omit them to use free ones").into())
@@ -174,7 +182,7 @@ impl Local {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(io_err("creating the seed folder"))?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the seed folder"))?;
-        let meta = format!("instance-id: {instance_id}\nlocal-hostname: {}\n", self.settings.name);
+        let meta = format!("instance-id: {instance_id}\nlocal-hostname: {}\n", self.spec.name);
         write_atomic(&tmp.join("user-data"), user_data.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
         write_atomic(&tmp.join("meta-data"), meta.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
         let tool = iso_tool().ok_or_else(|| failed("making the seed", "no genisoimage, mkisofs or xorriso"))?;
@@ -224,7 +232,7 @@ fn random_suffix() -> String {
 }
 
 #[async_trait]
-impl Provider for Local {
+impl Machine for Local {
     async fn preflight(&self) -> Result<()> {
         if image::which(qemu::QEMU).is_none() || image::which("qemu-img").is_none() {
             return Err(UserError::field("cloud", "QEMU is not installed (the local cloud runs the box as a QEMU VM)")
@@ -236,15 +244,15 @@ impl Provider for Local {
                 .hint("install one: apt-get install genisoimage (or xorriso)")
                 .into());
         }
-        if let Some(p) = &self.settings.local.base_image {
+        if let Some(p) = &self.spec.local.base_image {
             image::open(p)?;
         }
-        if self.settings.local.accel == Accel::Kvm && !qemu::kvm_device_usable() {
+        if self.spec.local.accel == Accel::Kvm && !qemu::kvm_device_usable() {
             return Err(UserError::field("accel", "kvm was asked for, but /dev/kvm is missing or not accessible").hint("use accel = auto or tcg").into());
         }
         // Ports the user chose must be free, unless our own VM already holds them.
         if self.running_pid().is_none() {
-            let l = &self.settings.local;
+            let l = &self.spec.local;
             for (key, port) in [("ssh-port", l.ssh_port), ("http-port", l.http_port), ("https-port", l.https_port)] {
                 if let Some(p) = port {
                     if !port_free(p) {
@@ -269,12 +277,14 @@ impl Provider for Local {
     }
 
     async fn find_base_image(&self) -> Result<BaseImage> {
-        let found = match &self.settings.local.base_image {
-            Some(p) => image::open(p).map_err(anyhow::Error::from),
-            None => image::default_image(&self.cache, &|m| eprintln!("{m}")),
-        };
+        let found = self
+            .blocking(|l| match &l.spec.local.base_image {
+                Some(p) => image::open(p).map_err(anyhow::Error::from),
+                None => image::default_image(&l.cache, &|m| crate::output::note(m)),
+            })
+            .await;
         let img = found.map_err(|e| match e.downcast::<UserError>() {
-            Ok(u) => ProviderError::Input(u),
+            Ok(u) => CloudError::Input(u),
             Err(e) => failed("finding the base image", format!("{e:#}")),
         })?;
         // The id is what `open` takes again in create_instance: the folder or the disk file.
@@ -282,7 +292,8 @@ impl Provider for Local {
     }
 
     async fn create_instance(&self, base: &BaseImage, spec: &InstanceSpec<'_>) -> Result<String> {
-        self.start(base, Some(spec.user_data))
+        let (base, user_data) = (base.clone(), spec.user_data.to_string());
+        self.blocking(move |l| l.start(&base, Some(&user_data))).await
     }
 
     async fn restore_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()> {
@@ -294,9 +305,10 @@ impl Provider for Local {
         if !stopped || self.running_pid().is_some() {
             return Err(failed("stopping the VM to restore its data disk", "QEMU did not stop"));
         }
-        qemu_img(&["snapshot", "-a", snapshot, &self.files.data.display().to_string()])?;
+        let (snapshot, data) = (snapshot.to_string(), self.files.data.display().to_string());
+        tokio::task::spawn_blocking(move || qemu_img(&["snapshot", "-a", &snapshot, &data])).await.expect("qemu-img task")?;
         let base = self.find_base_image().await?;
-        self.start(&base, None)?;
+        self.blocking(move |l| l.start(&base, None)).await?;
         self.wait_running(timeout).await.map(|_| ())
     }
 
@@ -336,7 +348,8 @@ impl Provider for Local {
             }
         });
         unplug.await.expect("qmp task").map_err(|m| failed("unplugging the data disk", m))?;
-        qemu_img(&["snapshot", "-a", snapshot, &data.display().to_string()])?;
+        let (snap, path) = (snapshot.to_string(), data.display().to_string());
+        tokio::task::spawn_blocking(move || qemu_img(&["snapshot", "-a", &snap, &path])).await.expect("qemu-img task")?;
         let qmp = self.files.qmp.clone();
         let plug = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
             let node = serde_json::json!({
@@ -369,7 +382,7 @@ impl Provider for Local {
                 return Err(failed("starting the VM", format!("QEMU is not running; see {}", self.files.console.display())));
             }
             if start.elapsed() > timeout {
-                return Err(ProviderError::Timeout { what: "the VM running".into(), waited: timeout });
+                return Err(CloudError::Timeout { what: "the VM running".into(), waited: timeout });
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -394,6 +407,10 @@ impl Provider for Local {
         }))
     }
 
+    fn console_hint(&self) -> String {
+        format!("the box's console log: {}", self.files.console.display())
+    }
+
     async fn console_output(&self) -> Result<String> {
         match fs::read(&self.files.console) {
             Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
@@ -413,7 +430,8 @@ impl Provider for Local {
                 .expect("qmp task")
                 .map_err(|m| failed("snapshotting the data disk", m))?;
         } else {
-            qemu_img(&["snapshot", "-c", &name, &data.display().to_string()])?;
+            let (n, path) = (name.clone(), data.display().to_string());
+            tokio::task::spawn_blocking(move || qemu_img(&["snapshot", "-c", &n, &path])).await.expect("qemu-img task")?;
         }
         Ok(name)
     }
@@ -472,8 +490,8 @@ mod tests {
 
     fn local(dir: &Path) -> Local {
         let layer = Layer::from_flags([("cloud", Some("local".to_string())), ("name", Some("snap".to_string()))]);
-        let s = Settings::resolve(&layer, &Prompter { interactive: false }).unwrap();
-        Local::new(s, dir.join("snap"), dir.join("cache"))
+        let s = crate::settings::Settings::resolve(&layer, &Prompter { interactive: false }).unwrap();
+        Local::new(Spec::of(&s), dir.join("snap"), dir.join("cache"))
     }
 
     #[tokio::test]
@@ -497,4 +515,43 @@ mod tests {
         assert!(l.destroy(true, Duration::from_secs(5)).await.unwrap().is_empty());
         assert!(!l.files.data.exists());
     }
+
+    #[test]
+    fn qemu_img_runs_off_the_async_workers() {
+        // A qemu-img that takes 1.5 s: while it runs, a timer task on the same single-threaded
+        // runtime must keep ticking (it stalls if the work blocks the runtime's thread).
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let real = image::which("qemu-img").expect("qemu-img (qemu-utils) is installed");
+        let bin = tmp.path().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let shim = bin.join("qemu-img");
+        fs::write(&shim, format!("#!/bin/sh\nsleep 1.5\nexec {} \"$@\"\n", real.display())).unwrap();
+        fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
+        let l = local(tmp.path());
+        fs::create_dir_all(&l.dir).unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", &l.files.data.display().to_string(), "1G"]).unwrap();
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        // Other tests that run qemu-img meanwhile only get slower: the shim runs the real one.
+        std::env::set_var("PATH", std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&old))).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = ticks.clone();
+        rt.block_on(async {
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            let start = std::time::Instant::now();
+            l.snapshot_data_disk("pre").await.unwrap();
+            assert!(start.elapsed() >= Duration::from_millis(1400), "the shim ran");
+            ticker.abort();
+        });
+        std::env::set_var("PATH", old);
+        let n = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n >= 8, "the runtime's thread was blocked: {n} ticks of 100 ms in 1.5 s");
+    }
 }
+

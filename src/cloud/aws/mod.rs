@@ -11,21 +11,22 @@
 //! aws-config's standard chain (`AWS_ENDPOINT_URL` included).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_ec2::client::Waiters;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, DomainType, EbsBlockDevice, Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceStateName, IpPermission, IpRange, ResourceType, Tag, TagSpecification, VolumeType,
+    InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag, TagSpecification, VolumeType,
 };
+use aws_smithy_runtime_api::client::waiters::error::WaiterError;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::{failed, BaseImage, Endpoint, InstanceSpec, InstanceState, Provider, ProviderError, Resource, Result};
+use super::{classify, failed, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, Machine, Resource, Result, Spec};
 use crate::error::UserError;
-use crate::settings::Settings;
 use crate::state::write_atomic;
 
 /// Debian's AWS account, owner of the official AMIs.
@@ -52,20 +53,30 @@ pub struct AwsRecord {
 }
 
 pub struct Aws {
-    settings: Settings,
+    spec: Spec,
     dir: PathBuf,
     ec2: aws_sdk_ec2::Client,
     ssm: aws_sdk_ssm::Client,
     region: String,
 }
 
-fn api<E: ProvideErrorMetadata + std::fmt::Debug>(op: &str) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> ProviderError + '_ {
-    move |e| {
-        let msg = match e.as_service_error() {
-            Some(s) => format!("{}: {}", s.code().unwrap_or("error"), s.message().unwrap_or("")),
-            None => format!("{e:?}").chars().take(300).collect(),
-        };
-        failed(op, msg)
+fn api<E: ProvideErrorMetadata + std::fmt::Debug>(op: &str) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> CloudError + '_ {
+    move |e| match e.as_service_error() {
+        Some(s) => {
+            let code = s.code().unwrap_or("error").to_string();
+            CloudError::Api { op: op.into(), kind: classify(&code), message: s.message().unwrap_or("").to_string(), code }
+        }
+        None => failed(op, format!("{e:?}").chars().take(300).collect::<String>()),
+    }
+}
+
+/// An SDK waiter's error: its time limit, or the failure it ended in.
+fn waited<O, E: std::fmt::Debug>(what: &str, timeout: Duration) -> impl FnOnce(WaiterError<O, E>) -> CloudError + '_ {
+    move |e| match e {
+        WaiterError::ExceededMaxWait(_) => CloudError::Timeout { what: what.into(), waited: timeout },
+        WaiterError::FailureState(_) => failed(format!("waiting for {what}"), "it ended in a state it cannot leave (e.g. terminated)"),
+        WaiterError::OperationFailed(e) => failed(format!("waiting for {what}"), format!("{:?}", e.error()).chars().take(300).collect::<String>()),
+        _ => failed(format!("waiting for {what}"), "the SDK's waiter could not be started"),
     }
 }
 
@@ -74,7 +85,7 @@ fn code_of<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E, aws_sdk_
 }
 
 impl Aws {
-    pub async fn new(settings: Settings, deployment_dir: PathBuf) -> Aws {
+    pub async fn new(spec: Spec, deployment_dir: PathBuf) -> Aws {
         // One HTTPS client for every AWS call (EC2, SSM, and the credential chain's STS/SSO):
         // hyper 1 + rustls on ring. The SDK's default client would build aws-lc from C.
         let https = aws_smithy_http_client::Builder::new()
@@ -83,12 +94,12 @@ impl Aws {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .http_client(https)
             .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(8).with_initial_backoff(Duration::from_millis(200)));
-        if let Some(r) = &settings.region {
+        if let Some(r) = &spec.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
         let conf = loader.load().await;
         let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
-        Aws { ec2: aws_sdk_ec2::Client::new(&conf), ssm: aws_sdk_ssm::Client::new(&conf), settings, dir: deployment_dir, region }
+        Aws { ec2: aws_sdk_ec2::Client::new(&conf), ssm: aws_sdk_ssm::Client::new(&conf), spec, dir: deployment_dir, region }
     }
 
     fn record(&self) -> AwsRecord {
@@ -106,14 +117,14 @@ impl Aws {
             .map_err(|e| failed("recording AWS ids", format!("{e:#}")))
     }
 
-    fn name(&self, kind: &str) -> String {
-        format!("{}-{kind}", self.settings.name)
+    fn name(&self, role: &str) -> String {
+        self.spec.name_of(role)
     }
 
     fn tags(&self, resource: ResourceType, role: &str) -> TagSpecification {
         TagSpecification::builder()
             .resource_type(resource)
-            .tags(Tag::builder().key(TAG_DEPLOYMENT).value(&self.settings.name).build())
+            .tags(Tag::builder().key(TAG_DEPLOYMENT).value(&self.spec.name).build())
             .tags(Tag::builder().key(TAG_MANAGED).value("true").build())
             .tags(Tag::builder().key(TAG_ROLE).value(role).build())
             .tags(Tag::builder().key("Name").value(self.name(role)).build())
@@ -122,7 +133,7 @@ impl Aws {
 
     fn ours(&self) -> Vec<Filter> {
         vec![
-            Filter::builder().name(format!("tag:{TAG_DEPLOYMENT}")).values(&self.settings.name).build(),
+            Filter::builder().name(format!("tag:{TAG_DEPLOYMENT}")).values(&self.spec.name).build(),
             Filter::builder().name(format!("tag:{TAG_MANAGED}")).values("true").build(),
         ]
     }
@@ -135,7 +146,7 @@ impl Aws {
 
     fn token(&self, what: &str) -> String {
         // Same per deployment and step: a real EC2 would dedupe a retried create.
-        format!("sgbox-{}-{what}", self.settings.name)
+        format!("sgbox-{}-{what}", self.spec.name)
     }
 
     async fn security_group(&self) -> Result<Option<aws_sdk_ec2::types::SecurityGroup>> {
@@ -165,49 +176,30 @@ impl Aws {
     }
 
     async fn ssh_cidr(&self) -> Result<String> {
-        match &self.settings.ssh_cidr {
+        match &self.spec.ssh_cidr {
             Some(c) => Ok(c.to_string()),
             None => Err(UserError::field("ssh-cidr", "AWS needs to know who may reach SSH")
                 .hint("pass --ssh-cidr with your address, e.g. --ssh-cidr 203.0.113.7/32")
                 .into()),
         }
     }
-
-    async fn wait<F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> Result<()>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<bool>>,
-    {
-        let start = Instant::now();
-        let mut delay = Duration::from_millis(500);
-        loop {
-            if check().await? {
-                return Ok(());
-            }
-            if start.elapsed() > timeout {
-                return Err(ProviderError::Timeout { what: what.into(), waited: timeout });
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
-    }
 }
 
 #[async_trait]
-impl Provider for Aws {
+impl Machine for Aws {
     async fn preflight(&self) -> Result<()> {
         if self.region.is_empty() {
             return Err(UserError::field("region", "no AWS region given").hint("pass --region (e.g. us-east-1) or set AWS_REGION").into());
         }
         self.ssh_cidr().await?;
-        if let Some(id) = &self.settings.aws.image_id {
+        if let Some(id) = &self.spec.aws.image_id {
             self.given_image(id).await?;
         }
-        if let Some(subnet) = &self.settings.aws.subnet_id {
+        if let Some(subnet) = &self.spec.aws.subnet_id {
             self.subnet_vpc(subnet).await?;
         }
         // Credentials and region, and that the instance type exists there: one read-only call.
-        let t = self.settings.machine().instance_type;
+        let t = self.spec.machine.instance_type.clone();
         let out = self.ec2.describe_instance_types().instance_types(t.as_str().into()).send().await;
         match out {
             Ok(_) => Ok(()),
@@ -232,7 +224,7 @@ impl Provider for Aws {
         let id = match existing.and_then(|g| g.group_id().map(str::to_string)) {
             Some(id) => id,
             None => {
-                let vpc = match &self.settings.aws.subnet_id {
+                let vpc = match &self.spec.aws.subnet_id {
                     Some(subnet) => Some(self.subnet_vpc(subnet).await?),
                     None => {
                         let vpcs = self
@@ -246,13 +238,13 @@ impl Provider for Aws {
                     }
                 };
                 let vpc = vpc.ok_or_else(|| {
-                    ProviderError::Input(UserError::field("subnet-id", format!("{} has no default VPC", self.region)).hint("pass --subnet-id of a subnet with internet access"))
+                    CloudError::Input(UserError::field("subnet-id", format!("{} has no default VPC", self.region)).hint("pass --subnet-id of a subnet with internet access"))
                 })?;
                 let out = self
                     .ec2
                     .create_security_group()
-                    .group_name(self.name("sgbox"))
-                    .description(format!("sgbox {}: HTTP/HTTPS open, SSH from {cidr}", self.settings.name))
+                    .group_name(self.name("firewall"))
+                    .description(format!("sgbox {}: HTTP/HTTPS open, SSH from {cidr}", self.spec.name))
                     .vpc_id(&vpc)
                     .tag_specifications(self.tags(ResourceType::SecurityGroup, "firewall"))
                     .send()
@@ -287,7 +279,7 @@ impl Provider for Aws {
     }
 
     async fn ensure_key(&self, public_key: &str) -> Result<()> {
-        let name = self.name("sgbox");
+        let name = self.name("key");
         let found = self.ec2.describe_key_pairs().set_filters(Some(self.role("key"))).send().await.map_err(api("DescribeKeyPairs"))?;
         if let Some(k) = found.key_pairs().first() {
             let n = k.key_name().unwrap_or_default().to_string();
@@ -315,7 +307,7 @@ impl Provider for Aws {
     }
 
     async fn find_base_image(&self) -> Result<BaseImage> {
-        if let Some(id) = &self.settings.aws.image_id {
+        if let Some(id) = &self.spec.aws.image_id {
             let name = self.given_image(id).await?;
             self.update(|r| r.image = Some(id.clone()))?;
             return Ok(BaseImage { id: id.clone(), description: format!("{id} ({name}, given by image-id)") });
@@ -359,12 +351,13 @@ impl Provider for Aws {
                     .ec2
                     .run_instances()
                     .image_id(&image.id)
-                    .instance_type(self.settings.machine().instance_type.as_str().into())
+                    .instance_type(self.spec.machine.instance_type.clone().as_str().into())
                     .min_count(1)
                     .max_count(1)
                     .key_name(key)
                     .security_group_ids(sg)
-                    .set_subnet_id(self.settings.aws.subnet_id.clone())
+                    .set_subnet_id(self.spec.aws.subnet_id.clone())
+                    .set_placement(self.spec.zone.as_ref().map(|z| Placement::builder().availability_zone(z).build()))
                     .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
                     .metadata_options(
                         InstanceMetadataOptionsRequest::builder()
@@ -400,7 +393,7 @@ impl Provider for Aws {
                     .ec2
                     .create_volume()
                     .availability_zone(&az)
-                    .size(self.settings.data_disk_gb as i32)
+                    .size(self.spec.data_disk_gb as i32)
                     .volume_type(VolumeType::Gp3)
                     .encrypted(true)
                     .tag_specifications(self.tags(ResourceType::Volume, "data"))
@@ -417,9 +410,8 @@ impl Provider for Aws {
         self.update(|r| r.data_volume = Some(vid.clone()))?;
         let attached_here = vol.attachments().iter().any(|a| a.instance_id() == Some(id.as_str()));
         if !attached_here {
-            self.wait("the data volume to be available", Duration::from_secs(300), || self.volume_available(&vid)).await?;
-            let iid = id.clone();
-            self.wait("the instance to be running", Duration::from_secs(600), || self.instance_running(&iid)).await?;
+            self.ec2.wait_until_volume_available().volume_ids(&vid).wait(Duration::from_secs(300)).await.map_err(waited("the data volume to be available", Duration::from_secs(300)))?;
+            self.running(&id, Duration::from_secs(600)).await?;
             self.ec2.attach_volume().volume_id(&vid).instance_id(&id).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
         }
 
@@ -443,8 +435,7 @@ impl Provider for Aws {
         let alloc = addr.allocation_id().unwrap_or_default().to_string();
         self.update(|r| r.eip_allocation = Some(alloc.clone()))?;
         if addr.instance_id() != Some(id.as_str()) {
-            let iid = id.clone();
-            self.wait("the instance to be running", Duration::from_secs(600), || self.instance_running(&iid)).await?;
+            self.running(&id, Duration::from_secs(600)).await?;
             self.ec2.associate_address().allocation_id(&alloc).instance_id(&id).send().await.map_err(api("AssociateAddress"))?;
         }
         Ok(id)
@@ -452,7 +443,7 @@ impl Provider for Aws {
 
     async fn wait_running(&self, timeout: Duration) -> Result<Endpoint> {
         let id = self.record().instance.ok_or_else(|| failed("waiting for the instance", "no instance recorded"))?;
-        self.wait("the instance to be running", timeout, || self.instance_running(&id)).await?;
+        self.running(&id, timeout).await?;
         self.endpoint().await?.ok_or_else(|| failed("reading the address", "the instance has no public address"))
     }
 
@@ -473,6 +464,11 @@ impl Provider for Aws {
         Ok(ip.map(|host| Endpoint { host, ssh_port: 22, http_port: 80, https_port: 443 }))
     }
 
+    fn console_hint(&self) -> String {
+        let id = self.record().instance.unwrap_or_else(|| "<instance id>".into());
+        format!("the box's console: `aws ec2 get-console-output --region {} --instance-id {id} --latest --output text`", self.region)
+    }
+
     async fn console_output(&self) -> Result<String> {
         let Some(id) = self.record().instance else { return Ok(String::new()) };
         let out = self.ec2.get_console_output().instance_id(id).latest(true).send().await.map_err(api("GetConsoleOutput"))?;
@@ -487,7 +483,7 @@ impl Provider for Aws {
             .ec2
             .create_snapshot()
             .volume_id(vid)
-            .description(format!("sgbox {}: {label}", self.settings.name))
+            .description(format!("sgbox {}: {label}", self.spec.name))
             .tag_specifications(self.tags(ResourceType::Snapshot, "snapshot"))
             .send()
             .await
@@ -503,7 +499,7 @@ impl Provider for Aws {
         let az = inst.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string();
         if inst.state().and_then(|s| s.name()) != Some(&InstanceStateName::Stopped) {
             self.ec2.stop_instances().instance_ids(&iid).send().await.map_err(api("StopInstances"))?;
-            self.wait("the instance to stop", timeout, || self.instance_stopped(&iid)).await?;
+            self.ec2.wait_until_instance_stopped().instance_ids(&iid).wait(timeout).await.map_err(waited("the instance to stop", timeout))?;
         }
         let source = Filter::builder().name("tag:sgbox:restored-from").values(snapshot).build();
         let mut f = self.ours();
@@ -531,16 +527,15 @@ impl Provider for Aws {
                 v.volume_id().unwrap_or_default().to_string()
             }
         };
-        self.wait("the restored volume to be available", timeout, || async {
-            let o = self.ec2.describe_volumes().volume_ids(&restored).send().await.map_err(api("DescribeVolumes"))?;
-            Ok(o.volumes().first().and_then(|v| v.state()).is_some_and(|s| s.as_str() == "available" || s.as_str() == "in-use"))
-        })
-        .await?;
+        let state = self.ec2.describe_volumes().volume_ids(&restored).send().await.map_err(api("DescribeVolumes"))?;
+        if !state.volumes().first().and_then(|v| v.state()).is_some_and(|s| s.as_str() == "in-use") {
+            self.ec2.wait_until_volume_available().volume_ids(&restored).wait(timeout).await.map_err(waited("the restored volume to be available", timeout))?;
+        }
         if let Some(old) = self.data_volume().await?.filter(|v| v.volume_id() != Some(restored.as_str())) {
             let oid = old.volume_id().unwrap_or_default().to_string();
             if !old.attachments().is_empty() {
                 self.ec2.detach_volume().volume_id(&oid).send().await.map_err(api("DetachVolume"))?;
-                self.wait("the old data volume to detach", timeout, || self.volume_available(&oid)).await?;
+                self.detached(&oid, timeout).await?;
             }
             self.retag_role(&oid, "data-before-restore").await?;
         }
@@ -551,7 +546,7 @@ impl Provider for Aws {
             self.ec2.attach_volume().volume_id(&restored).instance_id(&iid).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
         }
         self.ec2.start_instances().instance_ids(&iid).send().await.map_err(api("StartInstances"))?;
-        self.wait("the instance to be running", timeout, || self.instance_running(&iid)).await
+        self.running(&iid, timeout).await
     }
 
     async fn resources(&self) -> Result<Vec<Resource>> {
@@ -576,6 +571,11 @@ impl Provider for Aws {
         for v in self.volumes_with_role("data-before-restore").await? {
             out.push(r("replaced data volume", &v, true));
         }
+        // A restore that stopped half-way leaves its new volume under this role; `destroy`
+        // deletes it with the data, so it is listed with the data.
+        for v in self.volumes_with_role("data-restoring").await? {
+            out.push(r("restoring data volume", &v, true));
+        }
         for sn in self.snapshots().await? {
             out.push(r("data snapshot", &sn, true));
         }
@@ -592,17 +592,22 @@ impl Provider for Aws {
         }
         let ids: Vec<String> = self.live_instances().await?.iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
         if !ids.is_empty() {
-            self.ec2.terminate_instances().set_instance_ids(Some(ids)).send().await.map_err(api("TerminateInstances"))?;
-            self.wait("the instance to terminate", timeout, || async { Ok(self.live_instances().await?.is_empty()) }).await?;
+            self.ec2.terminate_instances().set_instance_ids(Some(ids.clone())).send().await.map_err(api("TerminateInstances"))?;
+            self.ec2
+                .wait_until_instance_terminated()
+                .set_instance_ids(Some(ids))
+                .wait(timeout)
+                .await
+                .map_err(waited("the instance to terminate", timeout))?;
         }
         if delete_data {
             if let Some(v) = self.data_volume().await? {
                 let vid = v.volume_id().unwrap_or_default().to_string();
-                self.wait("the data volume to detach", timeout, || self.volume_available(&vid)).await?;
+                self.detached(&vid, timeout).await?;
                 self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
             }
             for vid in self.volumes_with_role("data-before-restore").await?.into_iter().chain(self.volumes_with_role("data-restoring").await?) {
-                self.wait("a replaced data volume to detach", timeout, || self.volume_available(&vid)).await?;
+                self.detached(&vid, timeout).await?;
                 self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
             }
             for sn in self.snapshots().await? {
@@ -653,18 +658,6 @@ impl Aws {
         vpc.ok_or_else(|| UserError::field("subnet-id", format!("{subnet} does not exist in {}", self.region)).hint("check --subnet-id and --region").into())
     }
 
-    /// Available (detached) — or gone, which ends a wait too; the next call then says why.
-    async fn volume_available(&self, id: &str) -> Result<bool> {
-        let o = self.ec2.describe_volumes().volume_ids(id).send().await.map_err(api("DescribeVolumes"))?;
-        Ok(o.volumes().first().and_then(|v| v.state()).is_none_or(|s| s.as_str() == "available"))
-    }
-
-    async fn instance_stopped(&self, id: &str) -> Result<bool> {
-        let o = self.ec2.describe_instances().instance_ids(id).send().await.map_err(api("DescribeInstances"))?;
-        let state = o.reservations().iter().flat_map(|r| r.instances()).find_map(|i| i.state().and_then(|s| s.name()).cloned());
-        Ok(matches!(state, Some(InstanceStateName::Stopped) | None))
-    }
-
     async fn volumes_with_role(&self, role: &str) -> Result<Vec<String>> {
         let out = self.ec2.describe_volumes().set_filters(Some(self.role(role))).send().await.map_err(api("DescribeVolumes"))?;
         Ok(out
@@ -692,13 +685,20 @@ impl Aws {
         Ok(())
     }
 
-    async fn instance_running(&self, id: &str) -> Result<bool> {
-        let o = self.ec2.describe_instances().instance_ids(id).send().await.map_err(api("DescribeInstances"))?;
-        let state = o.reservations().iter().flat_map(|r| r.instances()).find_map(|i| i.state().and_then(|s| s.name()).cloned());
-        match state {
-            Some(InstanceStateName::Running) => Ok(true),
-            Some(InstanceStateName::Pending) | None => Ok(false),
-            Some(other) => Err(failed("waiting for the instance", format!("{id} is {}", other.as_str()))),
+    /// Wait for the instance to run (the SDK's waiter: it fails at once on a terminal state).
+    async fn running(&self, id: &str, timeout: Duration) -> Result<()> {
+        self.ec2.wait_until_instance_running().instance_ids(id).wait(timeout).await.map_err(waited("the instance to be running", timeout))?;
+        Ok(())
+    }
+
+    /// Wait for a volume to be detached (available); one that is gone ends the wait too, and the
+    /// next call says why.
+    async fn detached(&self, id: &str, timeout: Duration) -> Result<()> {
+        match self.ec2.wait_until_volume_available().volume_ids(id).wait(timeout).await {
+            Ok(_) => Ok(()),
+            Err(WaiterError::OperationFailed(e)) if e.error().code().is_some_and(|c| c.starts_with("InvalidVolume.NotFound")) => Ok(()),
+            Err(WaiterError::FailureState(_)) => Ok(()),
+            Err(e) => Err(waited("a data volume to detach", timeout)(e)),
         }
     }
 }

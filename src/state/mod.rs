@@ -13,6 +13,9 @@ use anyhow::{Context, Result};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 
+use crate::release::version::Version;
+use crate::settings::Cloud;
+
 /// Root of all deployments: `--state-dir`, else `SGBOX_STATE_DIR` (clap reads it), else the
 /// per-user data dir.
 pub fn state_root(flag: Option<&Path>) -> Result<PathBuf> {
@@ -77,7 +80,7 @@ impl DeploymentDir {
         self.path.join("id_ed25519")
     }
 
-    fn record_path(&self) -> PathBuf {
+    pub fn record_path(&self) -> PathBuf {
         self.path.join("deployment.json")
     }
 
@@ -100,6 +103,34 @@ impl DeploymentDir {
         write_atomic(&self.record_path(), serde_json::to_string_pretty(r)?.as_bytes(), 0o600)
     }
 
+    /// Hold the deployment for a command that changes it (`up`, `down`, `upgrade`, `rollback`):
+    /// an advisory lock on `lock` in its folder, released when the guard drops (or the process
+    /// dies). A second sgbox working on the same deployment is refused at once, naming the first.
+    pub fn lock(&self, what: &str) -> Result<Lock> {
+        self.ensure()?;
+        let path = self.path.join("lock");
+        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                let holder = format!("{} (pid {}) since {}\n", what, std::process::id(), now_rfc3339());
+                let _ = file.set_len(0);
+                let _ = (&file).write_all(holder.as_bytes());
+                Ok(Lock { _file: file })
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                anyhow::bail!(
+                    "another sgbox is working on the deployment \"{}\": {}; wait for it to finish (its lock: {})",
+                    self.path.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+                    holder.trim(),
+                    path.display()
+                )
+            }
+            Err(e) => Err(std::io::Error::from(e)).with_context(|| format!("locking {}", path.display())),
+        }
+    }
+
     pub fn remove_record(&self) -> Result<()> {
         for f in [self.record_path(), self.known_hosts_path()] {
             match fs::remove_file(&f) {
@@ -112,15 +143,20 @@ impl DeploymentDir {
     }
 }
 
+/// Held while a command changes the deployment; see [`DeploymentDir::lock`].
+pub struct Lock {
+    _file: fs::File,
+}
+
 /// What sgbox knows about a deployment it created: written before each step that changes the
 /// world, so an interrupted run resumes instead of duplicating.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     pub format: u32,
     pub name: String,
-    pub cloud: String,
+    pub cloud: Cloud,
     /// The release the box runs (or is being brought up at).
-    pub release: String,
+    pub release: Version,
     /// The resolved settings, as the sgbox.toml `-f` accepts.
     pub settings: String,
     pub created_at: String,
@@ -136,9 +172,9 @@ pub struct Record {
 pub struct HistoryEntry {
     pub at: String,
     pub action: String,
-    pub release: String,
+    pub release: Version,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
+    pub from: Option<Version>,
     pub by: String,
 }
 
@@ -235,5 +271,16 @@ mod tests {
         assert_eq!(mode, 0o600);
         let dmode = fs::metadata(&d.path).unwrap().permissions().mode() & 0o777;
         assert_eq!(dmode, 0o700);
+    }
+
+    #[test]
+    fn a_second_command_on_the_same_deployment_is_refused_until_the_first_ends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = DeploymentDir::new(tmp.path(), "demo");
+        let held = d.lock("upgrade").unwrap();
+        let e = d.lock("down").err().expect("the lock is held");
+        assert!(format!("{e:#}").contains("upgrade (pid"), "{e:#}");
+        drop(held);
+        assert!(d.lock("down").is_ok(), "released when the guard drops");
     }
 }

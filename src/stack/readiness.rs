@@ -10,8 +10,8 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::progress::Phase;
-use crate::ssh::Ssh;
+use crate::output::Phase;
+use crate::onbox::Session;
 
 pub const PROJECT: &str = crate::render::PROJECT;
 
@@ -91,7 +91,7 @@ impl Deadline {
 
 /// Poll cloud-init until it reports done. An early `error` before boot-finished is not final
 /// (cloud-init's status can say error while its final stage has not run yet).
-pub async fn cloud_init(ssh: &Ssh, deadline: &Deadline, phase: &Phase) -> Result<()> {
+pub async fn cloud_init(ssh: &Session, deadline: &Deadline, phase: &Phase) -> Result<()> {
     loop {
         let out = ssh.exec("cloud-init status 2>/dev/null; test -e /var/lib/cloud/instance/boot-finished && echo boot-finished").await?;
         let status = out.stdout.lines().find_map(|l| l.strip_prefix("status:")).map(str::trim).unwrap_or("unknown").to_string();
@@ -113,7 +113,7 @@ pub async fn cloud_init(ssh: &Ssh, deadline: &Deadline, phase: &Phase) -> Result
 }
 
 /// Poll compose until every expected service is ok. Returns the final states.
-pub async fn services(ssh: &Ssh, expected: &[String], deadline: &Deadline, phase: &Phase) -> Result<Vec<ServiceState>, (String, Vec<String>)> {
+pub async fn services(ssh: &Session, expected: &[String], deadline: &Deadline, phase: &Phase) -> Result<Vec<ServiceState>, (String, Vec<String>)> {
     let mut last_missing = expected.to_vec();
     loop {
         match ssh.exec(&services_cmd()).await {
@@ -171,7 +171,7 @@ pub async fn answers(url: &str, release: &str, deadline: &Deadline, phase: &Phas
 }
 
 /// The evidence for a failed wait, as text for stderr.
-pub async fn diagnostics(ssh: &Ssh, failing: &[String]) -> String {
+pub async fn diagnostics(ssh: &Session, failing: &[String]) -> String {
     let mut out = String::new();
     let mut section = |title: &str, body: &str| {
         out.push_str(&format!("--- {title}\n{}\n", body.trim_end()));

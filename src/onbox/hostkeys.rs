@@ -79,7 +79,7 @@ mod tests {
     use super::*;
 
     /// A real first boot of the Debian 13 box (cloud-init 25.1.4) captured from the serial log.
-    const CONSOLE: &str = include_str!("../tests/fixtures/console-local-debian13.log");
+    const CONSOLE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/console-local-debian13.log"));
 
     #[test]
     fn parses_real_cloud_init_console_output() {

@@ -14,9 +14,9 @@
 
 use serde::Serialize;
 
-use crate::catalog::{postgres_major_for, Catalog, PG16_FIRST};
+use crate::release::catalog::{postgres_major_for, Catalog, PG16_FIRST};
 use crate::error::UserError;
-use crate::version::Version;
+use crate::release::version::Version;
 
 /// Oldest release the migrator's multi-version upgrade supports.
 pub const MVU_MIN: Version = Version::new(3, 20, 0);
@@ -49,7 +49,7 @@ pub enum UpgradeKind {
 }
 
 /// One migrator run of a multi-version upgrade or downgrade.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Hop {
     pub from: Version,
     pub to: Version,
@@ -211,7 +211,7 @@ fn join(v: &[Version]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::catalog;
+    use crate::release::catalog::catalog;
 
     fn v(s: &str) -> Version {
         s.parse().unwrap()

@@ -217,6 +217,15 @@ pub enum Built {
 }
 
 /// The package mirror apt on this machine uses, so the build works where only it is reachable.
+/// `sgbox image build --cloud local`.
+pub struct LocalImageBuilder(pub BuildOptions);
+
+impl crate::cloud::ImageBuilder for LocalImageBuilder {
+    fn build(&self, note: &dyn Fn(&str)) -> Result<Built> {
+        build(&self.0, note)
+    }
+}
+
 pub fn host_mirror() -> String {
     let from_sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").ok().and_then(|t| {
         t.lines().find_map(|l| l.strip_prefix("URIs:").and_then(|u| u.split_whitespace().next()).map(str::to_string))
@@ -239,21 +248,15 @@ pub fn check_build_tools() -> Result<(), UserError> {
         return Err(UserError::field("image build", format!("missing tools: {}", missing.join(", ")))
             .hint("apt-get install debootstrap e2fsprogs qemu-utils"));
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err(UserError::field("image build", "debootstrap needs root").hint("run `sudo sgbox image build --cloud local`"));
     }
     Ok(())
 }
 
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
+/// A program on PATH, or in the sbin folders a non-root PATH often lacks (mkfs.ext4, debootstrap).
 pub fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).map(|d| d.join(tool)).find(|p| p.is_file())
+    which::which(tool).ok().or_else(|| which::which_in(tool, Some("/usr/sbin:/sbin"), "/").ok())
 }
 
 fn run(cmd: &mut Command, what: &str, log: &Path) -> Result<()> {

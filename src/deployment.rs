@@ -1,0 +1,85 @@
+//! A deployment that exists: its recorded settings, state folder, record and cloud machine, and
+//! how its box is reached (SSH with the host key pinned on first contact from the console, then
+//! from the record).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::cloud::{Endpoint, Machine};
+use crate::onbox::ssh::{self, Target};
+use crate::onbox::Session;
+use crate::output;
+use crate::render::{self, Bundle, Inputs, TlsMaterial};
+use crate::settings::{Settings, Tls};
+use crate::state::{write_atomic, DeploymentDir, Record};
+
+pub struct Deployment {
+    pub settings: Settings,
+    pub dir: DeploymentDir,
+    pub record: Option<Record>,
+    pub machine: Box<dyn Machine>,
+}
+
+/// Connect over SSH, pinning the host key on first contact from the console's fingerprints.
+/// Keeps trying while the box is still booting, until `deadline`.
+pub async fn connect(d: &mut Deployment, ep: &Endpoint, insecure: bool, deadline: Instant) -> Result<Session> {
+    let target = Target { host: ep.host.clone(), port: ep.ssh_port, key: d.dir.ssh_private_key_path() };
+    let pinned = d.record.as_ref().and_then(|r| r.host_key.clone());
+    if insecure {
+        output::warn("--insecure-accept-host-key: trusting whatever host key the box offers, without checking it");
+    }
+    let machine = &d.machine;
+    output::detail(format!(
+        "ssh {}@{}:{} with {}; host key {}",
+        ssh::USER,
+        target.host,
+        target.port,
+        target.key.display(),
+        match (&pinned, insecure) {
+            (_, true) => "not checked (--insecure-accept-host-key)",
+            (Some(_), false) => "pinned in the deployment's record",
+            (None, false) => "checked against the console's fingerprints",
+        }
+    ));
+    let s = Session::connect(target.clone(), pinned.as_deref(), insecure, || async { Ok(machine.console_output().await?) }, deadline).await?;
+    if pinned.as_deref() != Some(s.host_key()) {
+        write_atomic(&d.dir.known_hosts_path(), ssh::known_hosts_line(&target, s.host_key()).as_bytes(), 0o600)?;
+        if let Some(r) = d.record.as_mut() {
+            r.host_key = Some(s.host_key().to_string());
+            d.dir.save_record(r)?;
+        }
+    }
+    Ok(s)
+}
+
+/// The running box's endpoint, or a clear error if it is not running.
+pub async fn running_endpoint(d: &Deployment) -> Result<Endpoint> {
+    match d.machine.endpoint().await? {
+        Some(ep) => Ok(ep),
+        None => bail!("the box \"{}\" is not running; start it with `sgbox up --name {}`", d.settings.name, d.settings.name),
+    }
+}
+
+/// Run `cmd` on the running box, its output streamed to ours; returns its exit status.
+pub async fn stream(d: &mut Deployment, insecure: bool, cmd: String) -> Result<i32> {
+    let ep = running_endpoint(d).await?;
+    let s = connect(d, &ep, insecure, Instant::now() + Duration::from_secs(30)).await?;
+    s.stream(cmd).await
+}
+
+
+/// Render a deployment's files, with its secrets and SSH key (generated on first use) and, for
+/// custom TLS, the user's certificate files: the I/O around the pure [`crate::render::render`].
+pub fn bundle(dir: &DeploymentDir, s: &Settings) -> Result<Bundle> {
+    let secrets = dir.secrets()?;
+    let ssh_public_key = dir.ssh_public_key()?;
+    let tls = match &s.tls {
+        Tls::Custom { cert, key } => Some(TlsMaterial {
+            cert_pem: std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?,
+            key_pem: std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    render::render(&Inputs { settings: s, release: s.release(), secrets: &secrets, ssh_public_key: &ssh_public_key, tls })
+}

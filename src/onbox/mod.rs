@@ -1,0 +1,193 @@
+//! A running box, reached over SSH: the client (`ssh`), host-key pinning from the console
+//! (`hostkeys`), and one [`Session`] through which everything that runs on the box goes: `run` a
+//! command, `put` a file, run a long `step` that survives a dropped connection, `stream` output
+//! to the terminal. One quoting helper ([`quote`], [`join`]) for every word put in a command.
+
+pub mod hostkeys;
+pub mod ssh;
+
+use std::future::Future;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use base64::Engine;
+
+use self::ssh::{HostKeyPolicy, Output, Ssh, SshError, Target};
+use crate::output;
+
+/// The step runner (`templates/upgrade/run-step.sh`) and where it and the steps live on the box.
+const RUN_STEP: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/upgrade/run-step.sh"));
+pub const HELPERS: &str = "/usr/local/lib/sgbox";
+pub const STEPS: &str = "/var/lib/sgbox/steps";
+
+/// Quote one word for the box's shell (POSIX sh).
+pub fn quote(word: &str) -> String {
+    shlex::try_quote(word).map(|c| c.into_owned()).unwrap_or_else(|_| format!("'{}'", word.replace('\0', "")))
+}
+
+/// Words as one command line for the box's shell; one word is taken as a whole command line, as
+/// OpenSSH does (`sgbox ssh -- 'docker ps -a'`).
+pub fn join(words: &[String]) -> String {
+    if words.len() == 1 {
+        return words[0].clone();
+    }
+    words.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ")
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
+}
+
+/// Shell that writes `content` to `path` atomically as root (its folder must exist). The content
+/// travels base64-encoded, so nothing in it is ever interpreted by a shell.
+pub fn put_cmd(path: &str, content: &str, mode: u32) -> String {
+    let (p, tmp) = (quote(path), quote(&format!("{path}.sgbox-tmp")));
+    format!("echo {} | base64 -d | sudo tee {tmp} >/dev/null && sudo chmod {mode:o} {tmp} && sudo mv {tmp} {p}", b64(content))
+}
+
+/// Shell that appends `line` to `path` as root.
+pub fn append_cmd(path: &str, line: &str) -> String {
+    format!("echo {} | base64 -d | sudo tee -a {} >/dev/null", b64(line), quote(path))
+}
+
+fn first_line(cmd: &str) -> String {
+    let l = cmd.lines().next().unwrap_or("");
+    match l.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &l[..i]),
+        None => l.to_string(),
+    }
+}
+
+/// An SSH session to the box, the host key checked.
+#[derive(Clone)]
+pub struct Session {
+    ssh: Ssh,
+}
+
+impl Session {
+    /// Connect, pinning the host key: `pinned` when the deployment has one; else one of the
+    /// fingerprints the console printed (`console` is asked again on each try, as the box may
+    /// still be booting); anything only when `insecure`. Keeps trying until `deadline`; a changed
+    /// or mismatching host key fails at once.
+    pub async fn connect<F, Fut>(target: Target, pinned: Option<&str>, insecure: bool, console: F, deadline: Instant) -> Result<Session>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<String>>,
+    {
+        let mut last;
+        loop {
+            let policy = match (pinned, insecure) {
+                (Some(k), false) => HostKeyPolicy::Pinned(k.to_string()),
+                (_, true) => HostKeyPolicy::AcceptAny,
+                (None, false) => HostKeyPolicy::Console(hostkeys::parse_console(&console().await?)),
+            };
+            match ssh::connect(target.clone(), policy, Duration::from_secs(15)).await {
+                Ok(s) => return Ok(Session { ssh: s }),
+                Err(e @ (SshError::ChangedHostKey { .. } | SshError::HostKey(hostkeys::HostKeyError::Mismatch { .. }))) => {
+                    return Err(anyhow::Error::new(e).context("refusing the box's SSH host key"))
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                bail!("could not open SSH to {}:{} in time (last: {last})", target.host, target.port);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// The host key the box presented (OpenSSH `type base64`).
+    pub fn host_key(&self) -> &str {
+        &self.ssh.host_key
+    }
+
+    /// Run a command; its exit status and output, whatever the status.
+    pub async fn exec(&self, cmd: &str) -> Result<Output, SshError> {
+        self.ssh.exec(cmd).await
+    }
+
+    /// Run a command; its stdout, or an error with its stderr.
+    pub async fn run(&self, cmd: &str) -> Result<String> {
+        output::trace(format!("  on the box: {}", first_line(cmd)));
+        let out = self.ssh.exec(cmd).await.with_context(|| format!("running `{}` on the box", first_line(cmd)))?;
+        if out.status != 0 {
+            bail!("`{}` on the box exited {}: {}", first_line(cmd), out.status, out.stderr.trim());
+        }
+        Ok(out.stdout)
+    }
+
+    /// Write a file on the box atomically (as root), creating its folder.
+    pub async fn put(&self, path: &str, content: &str, mode: u32) -> Result<()> {
+        let dir = path.rsplit_once('/').map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
+        self.run(&format!("sudo install -d -m 0755 {} && {}", quote(dir), put_cmd(path, content, mode))).await.map(|_| ())
+    }
+
+    /// Install (again) the step runner, so that it matches this sgbox.
+    pub async fn install_runner(&self) -> Result<()> {
+        self.put(&format!("{HELPERS}/run-step"), RUN_STEP, 0o755).await
+    }
+
+    /// Run `script` as the step `name`: a transient systemd unit that keeps going if this
+    /// connection drops, and that a re-run waits for instead of starting twice. Ok(()) or the
+    /// end of its log. Needs [`Session::install_runner`] first.
+    pub async fn step(&self, name: &str, script: &str, max: Duration) -> Result<()> {
+        self.put(&format!("{STEPS}/{name}.sh"), &format!("set -eu\n{script}\n"), 0o700).await?;
+        let max = max.as_secs().max(60);
+        let out = self
+            .ssh
+            .exec(&format!("sudo sh {HELPERS}/run-step {} {max}", quote(name)))
+            .await
+            .with_context(|| format!("running step {name} on the box"))?;
+        if out.status == 0 {
+            return Ok(());
+        }
+        let log = self.run(&format!("sudo tail -n 25 {}", quote(&format!("{STEPS}/{name}.log")))).await.unwrap_or_default();
+        Err(anyhow!("step `{name}` exited {} on the box; the end of {STEPS}/{name}.log:\n{}", out.status, log.trim_end()))
+    }
+
+    /// Run `cmd` with its output copied to ours as it arrives; its exit status.
+    pub async fn stream(&self, cmd: String) -> Result<i32> {
+        let s = self.ssh.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            let status = s.stream_blocking(&cmd, &mut out, &mut err);
+            let _ = out.flush();
+            status
+        })
+        .await
+        .expect("ssh task")
+        .context("running the command on the box")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_quoted_for_the_remote_shell() {
+        let w = |xs: &[&str]| join(&xs.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(w(&["docker ps -a"]), "docker ps -a");
+        let line = w(&["echo", "a b", "it's", "$HOME"]);
+        assert_eq!(shlex::split(&line).unwrap(), vec!["echo", "a b", "it's", "$HOME"], "{line}");
+        assert_eq!(quote("plain-word_1.2"), "plain-word_1.2");
+    }
+
+    #[test]
+    fn put_cmd_writes_the_file_atomically_with_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // The box runs it through sudo; here a shim that just runs the command.
+        let shim = dir.path().join("sudo");
+        std::fs::write(&shim, "#!/bin/sh\nexec \"$@\"\n").unwrap();
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let target = dir.path().join("a b.env").display().to_string();
+        let content = "PGSQL_PASSWORD='x y'\n$HOME `id`\n";
+        let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+        let st = std::process::Command::new("sh").arg("-c").arg(put_cmd(&target, content, 0o600)).env("PATH", path).status().unwrap();
+        assert!(st.success());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), content, "bytes arrive unchanged, nothing expanded");
+        assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!std::path::Path::new(&format!("{target}.sgbox-tmp")).exists(), "no temporary file left");
+    }
+}

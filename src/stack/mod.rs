@@ -1,0 +1,7 @@
+//! The Sourcegraph stack on a running box (docker compose): readiness, the upgrade journal, and
+//! the upgrade and rollback engine that the journal drives. Everything here reaches the box only
+//! through [`crate::onbox::Session`].
+
+pub mod journal;
+pub mod readiness;
+pub mod upgrade;
