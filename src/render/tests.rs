@@ -173,3 +173,16 @@ fn starting_services_are_probed_every_two_seconds() {
     assert!(periods >= 5, "{c}");
     assert_eq!(c.matches("      start_interval: 2s\n").count(), periods, "every start period has a start interval");
 }
+
+#[test]
+fn one_render_per_cloud_reads_as_reviewed() {
+    // What lands on the box, as a reviewed diff: the user-data of each cloud (the compose project
+    // and every file inside it), with fixed secrets and key.
+    for (cloud, extra) in [("aws", &[("region", "us-east-1"), ("ssh-cidr", "198.51.100.0/24")][..]), ("local", &[("registry-mirror", "http://10.0.2.2:5000"), ("mirror-mode", "tags-only")][..])] {
+        let mut pairs = vec![("cloud", cloud), ("name", "snap"), ("version", "7.5")];
+        pairs.extend_from_slice(extra);
+        let s = settings(&pairs);
+        let b = bundle(&s, s.release());
+        insta::assert_snapshot!(format!("user_data_{cloud}"), b.user_data);
+    }
+}

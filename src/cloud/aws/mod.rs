@@ -702,3 +702,21 @@ impl Aws {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{Layer, Prompter, Settings};
+
+    #[tokio::test]
+    async fn a_box_that_never_answers_points_at_its_ec2_console() {
+        let layer = Layer::from_flags([("cloud", Some("aws".to_string())), ("region", Some("eu-west-1".to_string()))]);
+        let s = Settings::resolve(&layer, &Prompter { interactive: false }).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let aws = Aws::new(Spec::of(&s), tmp.path().to_path_buf()).await;
+        let hint = aws.console_hint();
+        assert!(hint.contains("aws ec2 get-console-output --region eu-west-1"), "{hint}");
+        assert!(!hint.contains("console.log"), "not the local box's file: {hint}");
+    }
+}
+

@@ -2,10 +2,9 @@
 //! through the standard AWS_ENDPOINT_URL: no test-only code path in sgbox. Every claim is checked
 //! with independent reads (boto3), not with sgbox's own output.
 
-mod common;
 
-use common::moto::{Moto, Proxy, DEBIAN_AMI, OLD_DEBIAN_AMI};
-use common::{run, sgbox, text};
+use crate::common::moto::{Moto, Proxy, DEBIAN_AMI, OLD_DEBIAN_AMI};
+use crate::common::{run, sgbox, text};
 use serde_json::Value;
 
 const CIDR: &str = "203.0.113.7/32";
@@ -313,4 +312,49 @@ fn image_and_subnet_can_be_chosen() {
     let cfg = run(sgbox(state.path()).args(["plan", "--cloud", "aws", "--image-id", OLD_DEBIAN_AMI, "--subnet-id", subnet, "--print-config"]));
     let t = text(&cfg.stdout);
     assert!(t.contains(&format!("image-id = \"{OLD_DEBIAN_AMI}\"")) && t.contains(&format!("subnet-id = \"{subnet}\"")), "{t}");
+}
+
+#[test]
+fn the_zone_places_the_box_and_status_shows_its_own_address() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let out = aws(&moto, st, &up_args("zoned", &["--zone", "us-east-1c"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let inv = inventory(&moto, "zoned");
+    assert_eq!(inv["instances"][0]["Placement"]["AvailabilityZone"], "us-east-1c", "{inv:#}");
+    let data = inv["volumes"].as_array().unwrap().iter().find(|v| tag(v, "sgbox:role").as_deref() == Some("data")).unwrap();
+    assert_eq!(data["AvailabilityZone"], "us-east-1c", "the data volume is in the instance's zone");
+    // `status` prints the box's address (its Elastic IP), not the local box's 127.0.0.1.
+    let ip = inv["eips"][0]["PublicIp"].as_str().unwrap().to_string();
+    let out = aws(&moto, st, &["status", "--name", "zoned"]);
+    let o = text(&out.stdout);
+    assert!(o.contains(&format!("({ip}:22)")), "{o}\n{}", text(&out.stderr));
+}
+
+#[test]
+fn a_half_done_restore_volume_is_listed_and_deleted_with_the_data() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let out = aws(&moto, st, &up_args("half", &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // What a restore interrupted between its CreateVolume and the swap leaves behind.
+    let vol = moto.py(
+        r#"
+t = [{'Key': 'sgbox:deployment', 'Value': 'half'}, {'Key': 'sgbox:managed', 'Value': 'true'}, {'Key': 'sgbox:role', 'Value': 'data-restoring'}]
+v = ec2.create_volume(AvailabilityZone='us-east-1a', Size=250, VolumeType='gp3', TagSpecifications=[{'ResourceType': 'volume', 'Tags': t}])
+print(json.dumps(v['VolumeId']))
+"#,
+    );
+    let vol = vol.as_str().unwrap();
+    let out = aws(&moto, st, &["status", "--name", "half", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let listed = v["resources"].as_array().into_iter().flatten().any(|r| r["id"] == vol && r["kept_by_default"] == true);
+    assert!(listed, "status lists what down --delete-data deletes: {v:#}");
+    let out = aws(&moto, st, &["down", "--name", "half", "--delete-data", "--yes", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(d["deleted"].as_array().unwrap().iter().any(|r| r["id"] == vol), "{d:#}");
+    assert!(inventory(&moto, "half")["volumes"].as_array().unwrap().is_empty());
 }

@@ -3,14 +3,13 @@
 //! Compose's normalised model (`config --format json`) is then compared with the official
 //! release: same services, same images, nothing but 80/443 published beyond the box.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use common::*;
+use crate::common::*;
 
 #[derive(serde::Deserialize)]
 struct Catalog {

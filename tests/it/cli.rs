@@ -1,12 +1,11 @@
 //! The command line as a user meets it: exit codes, messages, files written (or not), precedence
 //! and the config round trip.
 
-mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn render_args<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<std::ffi::OsString> {
     let mut v: Vec<std::ffi::OsString> = vec!["render".into(), "--out".into(), out.into()];
@@ -217,9 +216,9 @@ fn completions_and_help() {
 #[test]
 fn history_reads_the_record_and_names_a_missing_deployment() {
     let state = tempfile::tempdir().unwrap();
-    let out = common::run(common::sgbox(state.path()).args(["history", "--name", "ghost"]));
-    assert_eq!(out.status.code(), Some(2), "{}", common::text(&out.stderr));
-    assert!(common::text(&out.stderr).contains("ghost"));
+    let out = run(sgbox(state.path()).args(["history", "--name", "ghost"]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("ghost"));
     let dir = state.path().join("box1");
     std::fs::create_dir_all(&dir).unwrap();
     let rec = serde_json::json!({
@@ -231,12 +230,12 @@ fn history_reads_the_record_and_names_a_missing_deployment() {
         ]
     });
     std::fs::write(dir.join("deployment.json"), rec.to_string()).unwrap();
-    let out = common::run(common::sgbox(state.path()).args(["history", "--name", "box1", "--output", "json"]));
-    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let out = run(sgbox(state.path()).args(["history", "--name", "box1", "--output", "json"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["history"].as_array().unwrap().len(), 2);
-    let out = common::run(common::sgbox(state.path()).args(["history", "--name", "box1"]));
-    assert!(common::text(&out.stdout).contains("upgrade  7.4.0 -> 7.5.4453  by root@ci"), "{}", common::text(&out.stdout));
+    let out = run(sgbox(state.path()).args(["history", "--name", "box1"]));
+    assert!(text(&out.stdout).contains("upgrade  7.4.0 -> 7.5.4453  by root@ci"), "{}", text(&out.stdout));
 }
 
 #[test]
@@ -255,4 +254,74 @@ fn upgrade_and_rollback_refuse_bad_input_before_reaching_any_box() {
     check(&["upgrade", "--name", "nobox", "--to", "7.5", "--output", "json"], "--yes");
     check(&["upgrade", "--name", "nobox", "--to", "7.5", "--yes"], "nobox");
     check(&["rollback", "--name", "nobox", "--yes"], "nobox");
+}
+
+/// A deployment's record as `up` writes it, for a local box that is not running.
+fn recorded_local_box(st: &Path, name: &str) {
+    let o = run(sgbox(st).args(["plan", "--print-config", "--cloud", "local", "--name", name, "--version", "7.4", "--size", "S"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let rec = serde_json::json!({
+        "format": 1, "name": name, "cloud": "local", "release": "7.4.0", "settings": text(&o.stdout),
+        "created_at": "2026-11-21T01:00:00Z", "instance_id": null, "host_key": null, "url": null, "history": []
+    });
+    std::fs::create_dir_all(st.join(name)).unwrap();
+    std::fs::write(st.join(name).join("deployment.json"), rec.to_string()).unwrap();
+}
+
+#[test]
+fn a_deployments_record_beats_the_environment_and_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path();
+    recorded_local_box(st, "demo");
+    let file = st.join("sgbox.toml");
+    std::fs::write(&file, "name = \"demo\"\ncloud = \"aws\"\nregion = \"eu-west-1\"\nsize = \"XL\"\n").unwrap();
+    // The file and SGBOX_* pick the deployment (name) but change nothing of it.
+    let o = run(sgbox(st).arg("-f").arg(&file).args(["status", "--output", "json"]).env("SGBOX_VERSION", "7.5").env("SGBOX_ACCEL", "kvm"));
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["cloud"].as_str(), v["state"].as_str(), v["release"].as_str()), (Some("local"), Some("absent"), Some("7.4.0")), "{v:#}");
+    for ignored in ["cloud is ignored", "region is ignored", "size is ignored", "SGBOX_VERSION is ignored", "SGBOX_ACCEL is ignored"] {
+        assert!(err.contains(ignored), "{ignored}: {err}");
+    }
+    // A flag that contradicts the record is refused, naming the recorded value; nothing changes.
+    let before = std::fs::read(st.join("demo/deployment.json")).unwrap();
+    for args in [&["status", "--name", "demo", "--cloud", "aws"][..], &["down", "--name", "demo", "--cloud", "aws", "--yes"], &["upgrade", "--name", "demo", "--cloud", "aws", "--yes"]] {
+        let o = run(sgbox(st).args(args));
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("--cloud") && err.contains("cloud = \"local\"") && err.contains("fix:"), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read(st.join("demo/deployment.json")).unwrap(), before);
+}
+
+#[test]
+fn every_commands_help_reads_as_reviewed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut all = String::new();
+    for cmd in [
+        &[][..], &["render"], &["plan"], &["versions"], &["versions", "path"], &["up"], &["status"], &["down"], &["ssh"], &["logs"],
+        &["image", "build"], &["upgrade"], &["rollback"], &["history"], &["completions"],
+    ] {
+        let o = run(sgbox(tmp.path()).args(cmd).arg("--help").env("COLUMNS", "100"));
+        assert!(o.status.success(), "{cmd:?}");
+        all.push_str(&format!("===== sgbox {} --help\n{}\n", cmd.join(" "), text(&o.stdout)));
+    }
+    insta::assert_snapshot!(all);
+}
+
+#[test]
+fn plan_reads_as_reviewed_for_each_cloud() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut all = String::new();
+    for args in [
+        &["plan", "--cloud", "aws", "--region", "eu-west-1", "--zone", "eu-west-1b", "--size", "S", "--version", "7.5", "--ssh-cidr", "198.51.100.0/24"][..],
+        &["plan", "--cloud", "gcp", "--region", "us-central1", "--size", "M", "--version", "7.5", "--hostname", "sg.example.com"],
+        &["plan", "--cloud", "local", "--version", "7.4", "--accel", "tcg"],
+    ] {
+        let o = run(sgbox(tmp.path()).args(args));
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        all.push_str(&format!("===== sgbox {}\n{}\n", args.join(" "), text(&o.stdout)));
+    }
+    insta::assert_snapshot!(all);
 }

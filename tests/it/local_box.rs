@@ -24,7 +24,6 @@
 //! Needs qemu-system-x86, qemu-utils, debootstrap, genisoimage, docker-registry, busybox-static
 //! and root (debootstrap): `bash .ci/setup`. Missing tools fail the test; nothing is skipped.
 
-mod common;
 
 use std::io::BufRead;
 use std::path::Path;
@@ -33,8 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::localbox::{base_image, free_port, http_get, qemu_pids, Registry};
-use common::{run, sgbox, text};
+use crate::common::localbox::{base_image, free_port, http_get, qemu_pids, Registry};
+use crate::common::{run, sgbox, text};
 use serde_json::Value;
 
 const OLD: &str = "5.9.17785";
@@ -155,6 +154,7 @@ impl Drop for Teardown<'_> {
 }
 
 #[test]
+#[ignore = "end to end on a real QEMU box (20+ minutes): .ci/test runs it with --include-ignored"]
 fn local_box_lifecycle() {
     let mut clock = Clock::new();
     let image = base_image();
@@ -321,6 +321,7 @@ fn local_box_lifecycle() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "a failed migrator fails the upgrade: {err}");
     assert!(err.contains("rolled back") && err.contains("migrator"), "{err}");
+    assert_eq!(err.matches("on the box; the end of").count(), 1, "the cause is said once: {err}");
     assert_eq!(version(&url).as_deref(), Some(MID), "7.4 serves again");
     let (sum2, info2) = db_state(st);
     assert_eq!(sum2, sum0, "data intact after the rollback");
@@ -403,6 +404,12 @@ fn local_box_lifecycle() {
     assert_eq!(out.status.code(), Some(1), "must refuse: {}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("refusing") && err.contains("pinned"), "{err}");
+    // `upgrade` honours --insecure-accept-host-key (loudly), and then pins the key it accepted.
+    let out = run(sgbox(st).args(["upgrade", "--name", NAME, "--to", MID, "--dry-run", "--insecure-accept-host-key"]));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "the dry run connects: {err}");
+    assert!(err.contains("warning: --insecure-accept-host-key"), "{err}");
+    assert!(ssh_out(st, "true").status.success(), "the accepted key is pinned now");
 
     // 9. Down: no process, no overlay; the data disk stays unless asked.
     let out = run(sgbox(st).args(["down", "--name", NAME, "--yes", "--output", "json"]));
