@@ -68,7 +68,6 @@ pub async fn stream(d: &mut Deployment, insecure: bool, cmd: String) -> Result<i
     s.stream(cmd).await
 }
 
-
 /// Render a deployment's files, with its secrets and SSH key (generated on first use) and, for
 /// custom TLS, the user's certificate files: the I/O around the pure [`crate::render::render`].
 pub fn bundle(dir: &DeploymentDir, s: &Settings) -> Result<Bundle> {

@@ -52,11 +52,25 @@ pub fn classify(code: &str) -> ErrorKind {
         ErrorKind::Throttled
     } else if c.ends_with(".NotFound") || c.ends_with("NotFound") || c.starts_with("InvalidAMIID") || c == "InvalidParameterNotFound" {
         ErrorKind::NotFound
-    } else if matches!(c, "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" | "AuthFailure" | "UnrecognizedClientException" | "InvalidClientTokenId" | "OptInRequired") {
+    } else if matches!(
+        c,
+        "UnauthorizedOperation"
+            | "AccessDenied"
+            | "AccessDeniedException"
+            | "AuthFailure"
+            | "UnrecognizedClientException"
+            | "InvalidClientTokenId"
+            | "OptInRequired"
+    ) {
         ErrorKind::AccessDenied
     } else if c.ends_with("LimitExceeded") || c == "InsufficientInstanceCapacity" || c == "VcpuLimitExceeded" || c == "MaxSpotInstanceCountExceeded" {
         ErrorKind::Quota
-    } else if c.ends_with(".Duplicate") || c.ends_with(".InUse") || c == "IncorrectState" || c == "IncorrectInstanceState" || c == "DependencyViolation" {
+    } else if c.ends_with(".Duplicate")
+        || c.ends_with(".InUse")
+        || c == "IncorrectState"
+        || c == "IncorrectInstanceState"
+        || c == "DependencyViolation"
+    {
         ErrorKind::Conflict
     } else if c.starts_with("Invalid") || c == "MissingParameter" || c == "ValidationError" {
         ErrorKind::Invalid
@@ -92,8 +106,12 @@ fn api_hint(kind: ErrorKind, op: &str) -> String {
         ErrorKind::AccessDenied => format!(
             "\n  fix: the credentials may not call {op}; use credentials with sgbox's IAM policy (README \"AWS permissions\"), or check AWS_PROFILE"
         ),
-        ErrorKind::Quota => "\n  fix: an account limit was reached; free what is unused, or ask AWS to raise the quota (Service Quotas), then re-run".into(),
-        ErrorKind::Throttled => "\n  fix: the API kept throttling after sgbox's retries; wait a minute and re-run (the run resumes where it stopped)".into(),
+        ErrorKind::Quota => {
+            "\n  fix: an account limit was reached; free what is unused, or ask AWS to raise the quota (Service Quotas), then re-run".into()
+        }
+        ErrorKind::Throttled => {
+            "\n  fix: the API kept throttling after sgbox's retries; wait a minute and re-run (the run resumes where it stopped)".into()
+        }
         _ => String::new(),
     }
 }
@@ -271,7 +289,8 @@ mod tests {
         ] {
             assert_eq!(classify(code), kind, "{code}");
         }
-        let e = CloudError::Api { op: "RunInstances".into(), kind: ErrorKind::AccessDenied, code: "UnauthorizedOperation".into(), message: "no".into() };
+        let e =
+            CloudError::Api { op: "RunInstances".into(), kind: ErrorKind::AccessDenied, code: "UnauthorizedOperation".into(), message: "no".into() };
         assert!(e.to_string().contains("may not call RunInstances"), "{e}");
         assert!(classify("Throttling") == ErrorKind::Throttled && e.to_string().contains("fix: the credentials"));
     }

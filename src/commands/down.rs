@@ -3,15 +3,14 @@
 //! is kept unless `--delete-data`; with it kept, the deployment's secrets stay too, since the
 //! databases on that disk use them.
 
-
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
 use super::boxctl::{self, parse_duration};
 use super::Context;
-use crate::output;
 use crate::cli::DownArgs;
 use crate::error::UserError;
+use crate::output;
 
 pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
     if output::json() && !ctx.yes {
@@ -31,7 +30,8 @@ pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
         }
         if !ctx.yes {
             boxctl::confirm(
-                UserError::new(format!("`down` deletes the box \"{}\" and needs confirmation", d.settings.name)).hint("pass --yes to confirm without a terminal"),
+                UserError::new(format!("`down` deletes the box \"{}\" and needs confirmation", d.settings.name))
+                    .hint("pass --yes to confirm without a terminal"),
                 || {
                     eprintln!("This deletes the box \"{}\" ({}):", d.settings.name, d.settings.cloud);
                     for r in &doomed {
@@ -48,7 +48,8 @@ pub fn run(ctx: &Context, args: DownArgs) -> Result<()> {
         let remaining = d.machine.destroy(args.delete_data, timeout).await?;
         if remaining.is_empty() {
             if args.delete_data {
-                std::fs::remove_dir_all(&d.dir.path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+                std::fs::remove_dir_all(&d.dir.path)
+                    .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
                     .with_context(|| format!("removing {}", d.dir.path.display()))?;
             } else {
                 d.dir.remove_record()?;

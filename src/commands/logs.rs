@@ -5,8 +5,8 @@ use anyhow::Result;
 use super::boxctl;
 use super::Context;
 use crate::cli::LogsArgs;
-use crate::onbox;
 use crate::error::UserError;
+use crate::onbox;
 use crate::render::PROJECT;
 
 pub fn run(ctx: &Context, args: LogsArgs) -> Result<u8> {

@@ -8,9 +8,9 @@ mod logs;
 mod plan;
 mod render;
 mod ssh;
-mod upgrade;
 mod status;
 mod up;
+mod upgrade;
 
 mod versions;
 

@@ -5,9 +5,9 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::Context;
-use crate::output;
 use crate::cli::PlanArgs;
 use crate::cloud::Spec;
+use crate::output;
 use crate::settings::{Cloud, Tls};
 
 pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
@@ -75,10 +75,9 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
         println!("Images from  {mirror}");
     }
     match (&cost, s.cloud) {
-        (Some(c), _) => println!(
-            "Cost         ~${:.0}/month (instance ${:.0} + gp3 ${:.0} + IPv4 ${:.2}; {})",
-            c.total, c.instance, c.storage, c.address, c.note
-        ),
+        (Some(c), _) => {
+            println!("Cost         ~${:.0}/month (instance ${:.0} + gp3 ${:.0} + IPv4 ${:.2}; {})", c.total, c.instance, c.storage, c.address, c.note)
+        }
         (None, Cloud::Aws) => println!("Cost         not in sgbox's price table for {} in this region", m.instance_type),
         _ => {}
     }

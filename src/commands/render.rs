@@ -10,8 +10,8 @@ use anyhow::{Context as _, Result};
 use serde_json::json;
 
 use super::Context;
-use crate::output;
 use crate::cli::RenderArgs;
+use crate::output;
 use crate::render::{self, Bundle};
 use crate::settings::Settings;
 use crate::state::write_atomic;

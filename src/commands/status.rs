@@ -8,9 +8,9 @@ use serde_json::json;
 
 use super::boxctl;
 use super::Context;
-use crate::output;
 use crate::cli::TargetArgs;
 use crate::cloud::InstanceState;
+use crate::output;
 use crate::stack::readiness;
 
 pub fn run(ctx: &Context, args: TargetArgs) -> Result<()> {
@@ -73,7 +73,12 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     }
     if let Some(s) = &services {
         let bad = unhealthy.clone().unwrap_or_default();
-        println!("  services: {}/{} healthy{}", expected.len() - bad.len(), expected.len(), if bad.is_empty() { String::new() } else { format!("; not healthy: {}", bad.join(", ")) });
+        println!(
+            "  services: {}/{} healthy{}",
+            expected.len() - bad.len(),
+            expected.len(),
+            if bad.is_empty() { String::new() } else { format!("; not healthy: {}", bad.join(", ")) }
+        );
         if output::verbose() > 0 {
             for x in s {
                 println!("    {:<36} {:<10} {}", x.service, x.state, x.health);

@@ -14,11 +14,11 @@ use super::boxctl::{self, parse_duration, Deployment};
 use super::render::bundle_for;
 use super::Context;
 use crate::cli::UpArgs;
-use crate::error::UserError;
 use crate::cloud::{self, InstanceSpec, Spec};
+use crate::error::UserError;
+use crate::onbox::ssh;
 use crate::output::{self, Phase};
 use crate::stack::readiness::{self, Deadline};
-use crate::onbox::ssh;
 use crate::state::{cache_root, now_rfc3339, whoami, HistoryEntry, Record};
 
 pub fn run(ctx: &Context, args: UpArgs) -> Result<()> {

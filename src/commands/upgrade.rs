@@ -23,7 +23,9 @@ use crate::state::{now_rfc3339, whoami, HistoryEntry};
 async fn reach(ctx: &Context, target: &crate::cli::TargetArgs, timeout: Duration, what: &str) -> Result<Upgrade> {
     let mut d = boxctl::open(ctx, target).await?;
     if d.record.is_none() {
-        return Err(UserError::field("name", format!("no deployment named \"{}\" to {what}", d.settings.name)).hint("check --name and --state-dir").into());
+        return Err(UserError::field("name", format!("no deployment named \"{}\" to {what}", d.settings.name))
+            .hint("check --name and --state-dir")
+            .into());
     }
     let insecure = target.reach.insecure_accept_host_key;
     let ep = boxctl::running_endpoint(&d).await?;
@@ -127,7 +129,9 @@ fn print_plan(name: &str, j: &Journal, plan: Option<&UpgradePlan>, probe: Option
     let notes: &[String] = plan.map(|p| p.notes.as_slice()).unwrap_or_default();
     if output::json() {
         let check = match (probe, plan) {
-            (Some(Ok(p)), Some(plan)) => json!({ "ok": true, "free_bytes": p.avail, "needed_bytes": disk_needed(plan, p), "new_images": p.images_missing, "database_bytes": p.db_bytes }),
+            (Some(Ok(p)), Some(plan)) => {
+                json!({ "ok": true, "free_bytes": p.avail, "needed_bytes": disk_needed(plan, p), "new_images": p.images_missing, "database_bytes": p.db_bytes })
+            }
             (Some(Err(e)), _) => json!({ "ok": false, "error": format!("{e:#}") }),
             _ => Value::Null,
         };
@@ -202,7 +206,9 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
             return Err(UserError::new(format!("the box \"{}\" has no upgrade to roll back", s.d.settings.name)).hint("see `sgbox history`").into());
         };
         if j.outcome.as_deref() == Some("rolled-back") {
-            return Err(UserError::new(format!("the last upgrade ({} -> {}) was already rolled back", j.from, j.to)).hint("see `sgbox history`").into());
+            return Err(UserError::new(format!("the last upgrade ({} -> {}) was already rolled back", j.from, j.to))
+                .hint("see `sgbox history`")
+                .into());
         }
         if j.snapshot.is_none() {
             return Err(UserError::new(format!("the upgrade {} -> {} has no snapshot to restore", j.from, j.to)).into());

@@ -4,10 +4,10 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::Context;
-use crate::output;
-use crate::release::catalog::catalog;
 use crate::cli::{VersionsArgs, VersionsCommand};
 use crate::error::UserError;
+use crate::output;
+use crate::release::catalog::catalog;
 use crate::release::planner::{self, PlanRequest, UpgradeKind};
 use crate::release::version::{Version, VersionSpec};
 

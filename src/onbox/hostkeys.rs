@@ -39,10 +39,8 @@ pub fn parse_console(text: &str) -> ConsoleHostKeys {
         let Some(start) = lines.iter().rposition(|l| l.contains(begin)) else { return vec![] };
         lines[start + 1..].iter().take_while(|l| !l.contains(end)).copied().collect()
     };
-    let fingerprints = block(FP_BEGIN, FP_END)
-        .into_iter()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("SHA256:")).map(str::to_string))
-        .collect();
+    let fingerprints =
+        block(FP_BEGIN, FP_END).into_iter().filter_map(|l| l.split_whitespace().find(|w| w.starts_with("SHA256:")).map(str::to_string)).collect();
     let keys = block(KEYS_BEGIN, KEYS_END)
         .into_iter()
         .filter_map(|l| {
@@ -84,10 +82,7 @@ mod tests {
     #[test]
     fn parses_real_cloud_init_console_output() {
         let c = parse_console(CONSOLE);
-        assert_eq!(
-            c.fingerprints,
-            vec!["SHA256:+wecoozVfVXxhuIxe+J+om1O1F3Zzs3s5C7frvpFRAM", "SHA256:xnguWCsTvl5rNOChT0tauHCfU45RLR52GkwfZa8vDQc"]
-        );
+        assert_eq!(c.fingerprints, vec!["SHA256:+wecoozVfVXxhuIxe+J+om1O1F3Zzs3s5C7frvpFRAM", "SHA256:xnguWCsTvl5rNOChT0tauHCfU45RLR52GkwfZa8vDQc"]);
         assert_eq!(c.keys.len(), 2);
         assert!(c.keys[1].starts_with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMFT1EE"));
         // Our fingerprinting agrees with what cloud-init (ssh-keygen) printed for the same keys.

@@ -130,18 +130,12 @@ impl Catalog {
 
     /// Newest patch of a minor.
     pub fn latest_of_minor(&self, major: u32, minor: u32) -> Option<&Release> {
-        self.releases
-            .range(Version::new(major, minor, 0)..=Version::new(major, minor, u32::MAX))
-            .next_back()
-            .map(|(_, r)| r)
+        self.releases.range(Version::new(major, minor, 0)..=Version::new(major, minor, u32::MAX)).next_back().map(|(_, r)| r)
     }
 
     /// Newest minor of a major, as (major, minor).
     pub fn last_minor_of_major(&self, major: u32) -> Option<(u32, u32)> {
-        self.releases
-            .range(Version::new(major, 0, 0)..=Version::new(major, u32::MAX, u32::MAX))
-            .next_back()
-            .map(|(v, _)| v.minor_key())
+        self.releases.range(Version::new(major, 0, 0)..=Version::new(major, u32::MAX, u32::MAX)).next_back().map(|(v, _)| v.minor_key())
     }
 
     /// Distinct minors in the catalog, oldest first.
@@ -155,20 +149,16 @@ impl Catalog {
         match spec {
             VersionSpec::Latest => Ok(self.latest()),
             VersionSpec::Minor(a, b) => self.latest_of_minor(a, b).ok_or_else(|| {
-                UserError::field(
-                    "version",
-                    format!("Sourcegraph {a}.{b} has no docker-compose release in the catalog"),
-                )
-                .hint(format!("known minors near it: {}", self.nearest_minors(a, b).join(", ")))
+                UserError::field("version", format!("Sourcegraph {a}.{b} has no docker-compose release in the catalog"))
+                    .hint(format!("known minors near it: {}", self.nearest_minors(a, b).join(", ")))
             }),
             VersionSpec::Exact(v) => self.get(v).ok_or_else(|| {
-                UserError::field("version", format!("Sourcegraph {v} is not a known docker-compose release"))
-                    .hint(format!(
-                        "nearest known releases: {} (or ask for the minor, e.g. {}.{}, to get its newest patch)",
-                        self.nearest(v).iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
-                        v.major,
-                        v.minor
-                    ))
+                UserError::field("version", format!("Sourcegraph {v} is not a known docker-compose release")).hint(format!(
+                    "nearest known releases: {} (or ask for the minor, e.g. {}.{}, to get its newest patch)",
+                    self.nearest(v).iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
+                    v.major,
+                    v.minor
+                ))
             }),
         }
     }

@@ -14,8 +14,8 @@
 
 use serde::Serialize;
 
-use crate::release::catalog::{postgres_major_for, Catalog, PG16_FIRST};
 use crate::error::UserError;
+use crate::release::catalog::{postgres_major_for, Catalog, PG16_FIRST};
 use crate::release::version::Version;
 
 /// Oldest release the migrator's multi-version upgrade supports.
@@ -65,11 +65,7 @@ pub struct Hop {
 impl Hop {
     /// The migrator's arguments for this hop.
     pub fn migrator_args(&self, downgrade: bool) -> Vec<String> {
-        vec![
-            if downgrade { "downgrade" } else { "upgrade" }.to_string(),
-            format!("--from=v{}", self.from),
-            format!("--to=v{}", self.to),
-        ]
+        vec![if downgrade { "downgrade" } else { "upgrade" }.to_string(), format!("--from=v{}", self.from), format!("--to=v{}", self.to)]
     }
 }
 
@@ -124,17 +120,18 @@ pub fn plan(catalog: &Catalog, req: PlanRequest) -> Result<UpgradePlan, UserErro
             kind: UpgradeKind::Standard,
             hops: vec![],
             postgres_upgrade,
-            downtime: if postgres_upgrade { "long: the databases convert from Postgres 12 to 16 (about 2.5 h per TB)" } else { "brief: services restart one by one" },
+            downtime: if postgres_upgrade {
+                "long: the databases convert from Postgres 12 to 16 (about 2.5 h per TB)"
+            } else {
+                "brief: services restart one by one"
+            },
             notes,
         });
     }
 
     if from < MVU_MIN {
-        return Err(UserError::field(
-            "from",
-            format!("multi-version upgrades start at {}.{}; {from} is older", MVU_MIN.major, MVU_MIN.minor),
-        )
-        .hint("upgrade the instance to 3.20 or later one minor at a time first, then run this again"));
+        return Err(UserError::field("from", format!("multi-version upgrades start at {}.{}; {from} is older", MVU_MIN.major, MVU_MIN.minor))
+            .hint("upgrade the instance to 3.20 or later one minor at a time first, then run this again"));
     }
 
     let latest_migrator = catalog.latest().version;
@@ -181,7 +178,11 @@ pub fn plan(catalog: &Catalog, req: PlanRequest) -> Result<UpgradePlan, UserErro
         kind: UpgradeKind::MultiVersion,
         hops,
         postgres_upgrade,
-        downtime: if postgres_upgrade { "full, long: application stopped; databases convert from Postgres 12 to 16 (about 2.5 h per TB)" } else { "full: application stopped while the migrator runs" },
+        downtime: if postgres_upgrade {
+            "full, long: application stopped; databases convert from Postgres 12 to 16 (about 2.5 h per TB)"
+        } else {
+            "full: application stopped while the migrator runs"
+        },
         notes,
     })
 }
@@ -199,9 +200,24 @@ fn plan_downgrade(req: PlanRequest, pg_from: u32, notes: Vec<String>) -> Result<
     let hops = if from.minor_key() == to.minor_key() {
         vec![]
     } else {
-        vec![Hop { from, to, migrator: from, db_images: to, postgres_upgrade: false, why: "explicitly allowed downgrade: the newer migrator knows how to undo its migrations".into() }]
+        vec![Hop {
+            from,
+            to,
+            migrator: from,
+            db_images: to,
+            postgres_upgrade: false,
+            why: "explicitly allowed downgrade: the newer migrator knows how to undo its migrations".into(),
+        }]
     };
-    Ok(UpgradePlan { from, to, kind: UpgradeKind::Downgrade, hops, postgres_upgrade: false, downtime: "full: application stopped while the migrator runs", notes })
+    Ok(UpgradePlan {
+        from,
+        to,
+        kind: UpgradeKind::Downgrade,
+        hops,
+        postgres_upgrade: false,
+        downtime: "full: application stopped while the migrator runs",
+        notes,
+    })
 }
 
 fn join(v: &[Version]) -> String {

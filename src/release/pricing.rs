@@ -7,13 +7,8 @@ pub const AS_OF: &str = "2026-11";
 const HOURS_PER_MONTH: f64 = 730.0;
 
 /// us-east-1 on-demand $/hour.
-const AWS_HOURLY: &[(&str, f64)] = &[
-    ("m6a.2xlarge", 0.3456),
-    ("m6a.4xlarge", 0.6912),
-    ("m6a.8xlarge", 1.3824),
-    ("m6a.12xlarge", 2.0736),
-    ("m6a.24xlarge", 4.1472),
-];
+const AWS_HOURLY: &[(&str, f64)] =
+    &[("m6a.2xlarge", 0.3456), ("m6a.4xlarge", 0.6912), ("m6a.8xlarge", 1.3824), ("m6a.12xlarge", 2.0736), ("m6a.24xlarge", 4.1472)];
 /// Regions priced like us-east-1, and a few others with their factor to it.
 const AWS_REGION_FACTOR: &[(&str, f64)] = &[
     ("us-east-1", 1.0),

@@ -124,10 +124,7 @@ mod tests {
         assert!("7.+5.1".parse::<Version>().is_err());
         assert_eq!("latest".parse::<VersionSpec>().unwrap(), VersionSpec::Latest);
         assert_eq!("v7.5".parse::<VersionSpec>().unwrap(), VersionSpec::Minor(7, 5));
-        assert_eq!(
-            "7.5.4453".parse::<VersionSpec>().unwrap(),
-            VersionSpec::Exact(Version::new(7, 5, 4453))
-        );
+        assert_eq!("7.5.4453".parse::<VersionSpec>().unwrap(), VersionSpec::Exact(Version::new(7, 5, 4453)));
         assert!("7".parse::<VersionSpec>().is_err());
         assert!("".parse::<VersionSpec>().is_err());
     }

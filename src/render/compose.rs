@@ -11,8 +11,8 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use crate::release::catalog::{ImageRef, Release};
-use crate::settings::{MirrorMode, Settings, Tls};
 use crate::release::version::Version;
+use crate::settings::{MirrorMode, Settings, Tls};
 
 const SERVICES_TOML: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/services.toml"));
 
@@ -152,11 +152,7 @@ fn view(name: &str, spec: &ServiceSpec, img: &ImageRef, s: &Settings, release: &
     }
     let mut command = spec.command.clone().unwrap_or_default();
     let mut expose = spec.expose.clone();
-    let variants = spec
-        .before
-        .iter()
-        .map(|(v, var)| (v, var, true))
-        .chain(spec.since.iter().map(|(v, var)| (v, var, false)));
+    let variants = spec.before.iter().map(|(v, var)| (v, var, true)).chain(spec.since.iter().map(|(v, var)| (v, var, false)));
     for (v, var, before) in variants {
         let at: Version = v.parse().with_context(|| format!("version key {v}"))?;
         if (release.version < at) == before {
@@ -184,13 +180,19 @@ fn view(name: &str, spec: &ServiceSpec, img: &ImageRef, s: &Settings, release: &
         Some(h) => {
             let (test, test_list) = match &h.test {
                 toml::Value::String(s) => (s.clone(), vec![]),
-                toml::Value::Array(a) => (
-                    String::new(),
-                    a.iter().map(|x| x.as_str().map(str::to_string).context("health test items are strings")).collect::<Result<_>>()?,
-                ),
+                toml::Value::Array(a) => {
+                    (String::new(), a.iter().map(|x| x.as_str().map(str::to_string).context("health test items are strings")).collect::<Result<_>>()?)
+                }
                 other => bail!("health test must be a string or a list, not {}", other.type_str()),
             };
-            Some(HealthView { test, test_list, interval: h.interval.clone(), timeout: h.timeout.clone(), retries: h.retries, start_period: h.start_period.clone() })
+            Some(HealthView {
+                test,
+                test_list,
+                interval: h.interval.clone(),
+                timeout: h.timeout.clone(),
+                retries: h.retries,
+                start_period: h.start_period.clone(),
+            })
         }
     };
     Ok(ServiceView {
@@ -209,12 +211,7 @@ fn view(name: &str, spec: &ServiceSpec, img: &ImageRef, s: &Settings, release: &
         ports: spec.ports.clone(),
         expose,
         health,
-        depends_on: spec
-            .depends_on
-            .iter()
-            .filter(|(d, _)| release.has(d))
-            .map(|(d, c)| Dep { service: d.clone(), condition: c.clone() })
-            .collect(),
+        depends_on: spec.depends_on.iter().filter(|(d, _)| release.has(d)).map(|(d, c)| Dep { service: d.clone(), condition: c.clone() }).collect(),
         stop_grace_period: spec.stop_grace_period.clone(),
         restart: spec.restart.clone().unwrap_or_else(|| "always".into()),
     })

@@ -83,14 +83,8 @@ impl Bundle {
 fn tera() -> Result<tera::Tera> {
     let mut t = tera::Tera::default();
     t.autoescape_on(vec![]);
-    t.add_raw_templates([
-        ("compose", T_COMPOSE),
-        ("caddy", T_CADDY),
-        ("unit", T_UNIT),
-        ("user-data", T_USER_DATA),
-        ("data-disk", T_DATA_DISK),
-    ])
-    .context("loading the embedded templates")?;
+    t.add_raw_templates([("compose", T_COMPOSE), ("caddy", T_CADDY), ("unit", T_UNIT), ("user-data", T_USER_DATA), ("data-disk", T_DATA_DISK)])
+        .context("loading the embedded templates")?;
     // JSON string quoting is valid YAML double-quoted scalar syntax and keeps newlines intact.
     t.register_filter("q", |v: &tera::Value, _: &std::collections::HashMap<String, tera::Value>| {
         let s = match v {

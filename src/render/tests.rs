@@ -1,7 +1,7 @@
 use super::*;
 use crate::release::catalog::catalog;
-use crate::settings::{Layer, Prompter};
 use crate::release::sizing::ALL_SIZES;
+use crate::settings::{Layer, Prompter};
 
 fn settings(pairs: &[(&'static str, &str)]) -> Settings {
     Settings::resolve(&Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string())))), &Prompter { interactive: false }).unwrap()
@@ -12,7 +12,8 @@ fn secrets() -> Secrets {
 }
 
 fn bundle(s: &Settings, r: &Release) -> Bundle {
-    render(&Inputs { settings: s, release: r, secrets: &secrets(), ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 test", tls: None }).unwrap()
+    render(&Inputs { settings: s, release: r, secrets: &secrets(), ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 test", tls: None })
+        .unwrap()
 }
 
 /// Service names in file order and their `image:` values, read back from the rendered text.
@@ -68,7 +69,7 @@ fn no_default_passwords_and_private_ports() {
         }
         assert!(c.contains("PGPASSWORD=${PGSQL_PASSWORD:?"));
         // Nothing but Caddy's 80/443 is published beyond the box.
-        for line in c.lines().filter(|l| l.trim_start().starts_with("- \"") && l.contains(":") ) {
+        for line in c.lines().filter(|l| l.trim_start().starts_with("- \"") && l.contains(":")) {
             let v: String = serde_json::from_str(line.trim_start().trim_start_matches("- ")).unwrap();
             if v.starts_with("0.0.0.0:") {
                 assert!(v == "0.0.0.0:80:80" || v == "0.0.0.0:443:443", "{}: {v}", r.version);
@@ -178,7 +179,10 @@ fn starting_services_are_probed_every_two_seconds() {
 fn one_render_per_cloud_reads_as_reviewed() {
     // What lands on the box, as a reviewed diff: the user-data of each cloud (the compose project
     // and every file inside it), with fixed secrets and key.
-    for (cloud, extra) in [("aws", &[("region", "us-east-1"), ("ssh-cidr", "198.51.100.0/24")][..]), ("local", &[("registry-mirror", "http://10.0.2.2:5000"), ("mirror-mode", "tags-only")][..])] {
+    for (cloud, extra) in [
+        ("aws", &[("region", "us-east-1"), ("ssh-cidr", "198.51.100.0/24")][..]),
+        ("local", &[("registry-mirror", "http://10.0.2.2:5000"), ("mirror-mode", "tags-only")][..]),
+    ] {
         let mut pairs = vec![("cloud", cloud), ("name", "snap"), ("version", "7.5")];
         pairs.extend_from_slice(extra);
         let s = settings(&pairs);

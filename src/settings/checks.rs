@@ -54,7 +54,9 @@ pub(super) fn resolve_local(layer: &Layer, cloud: Cloud) -> Result<LocalSettings
             "auto" => Accel::Auto,
             "kvm" => Accel::Kvm,
             "tcg" => Accel::Tcg,
-            other => return Err(bad("accel", v, format!("'{other}' is not an accelerator")).hint("use auto (probe KVM, fall back to TCG), kvm or tcg")),
+            other => {
+                return Err(bad("accel", v, format!("'{other}' is not an accelerator")).hint("use auto (probe KVM, fall back to TCG), kvm or tcg"))
+            }
         },
         None => Accel::Auto,
     };
@@ -63,7 +65,8 @@ pub(super) fn resolve_local(layer: &Layer, cloud: Cloud) -> Result<LocalSettings
             Some(v) => match v.text.trim().parse::<u16>() {
                 Ok(0) => Ok(None),
                 Ok(p) if p >= 1024 => Ok(Some(p)),
-                _ => Err(bad(k, v, format!("'{}' is not a port from 1024 to 65535", v.text)).hint("pick a free unprivileged port, or 0 / omit it to pick one automatically")),
+                _ => Err(bad(k, v, format!("'{}' is not a port from 1024 to 65535", v.text))
+                    .hint("pick a free unprivileged port, or 0 / omit it to pick one automatically")),
             },
             None => Ok(None),
         }
@@ -96,7 +99,9 @@ pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, 
     };
     let stray = |v: Option<&Value>, k: &str| -> Result<(), UserError> {
         match v {
-            Some(v) => Err(bad(k, v, format!("does not apply with tls = {mode_text}")).hint(format!("remove {k}, or choose the TLS mode it belongs to"))),
+            Some(v) => {
+                Err(bad(k, v, format!("does not apply with tls = {mode_text}")).hint(format!("remove {k}, or choose the TLS mode it belongs to")))
+            }
             None => Ok(()),
         }
     };
@@ -129,7 +134,8 @@ pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, 
                     return Err(UserError::field(k, format!("custom TLS needs the {what}")).hint(format!("pass --{k} PATH to a PEM file")));
                 };
                 let p = PathBuf::from(v.text.trim());
-                let text = std::fs::read_to_string(&p).map_err(|e| bad(k, v, format!("cannot read {}: {e}", p.display())).hint("give the path of a readable PEM file"))?;
+                let text = std::fs::read_to_string(&p)
+                    .map_err(|e| bad(k, v, format!("cannot read {}: {e}", p.display())).hint("give the path of a readable PEM file"))?;
                 if !text.contains("-----BEGIN ") {
                     return Err(bad(k, v, format!("{} is not a PEM file", p.display())).hint(format!("give the {what} in PEM form (-----BEGIN …)")));
                 }
@@ -137,7 +143,9 @@ pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, 
             };
             Ok(Tls::Custom { cert: file(cert, "tls-cert", "certificate chain")?, key: file(key, "tls-key", "private key")? })
         }
-        other => Err(bad("tls", mode.expect("tls set when not defaulted"), format!("'{other}' is not a TLS mode")).hint("use none, letsencrypt or custom")),
+        other => {
+            Err(bad("tls", mode.expect("tls set when not defaulted"), format!("'{other}' is not a TLS mode")).hint("use none, letsencrypt or custom"))
+        }
     }
 }
 
@@ -154,8 +162,12 @@ pub(super) fn validate_cidr(v: &Value, allow_any: bool) -> Result<IpNet, UserErr
         },
     };
     if net.trunc() != net {
-        return Err(bad("ssh-cidr", v, format!("'{t}' has host bits set beyond /{}", net.prefix_len()))
-            .hint(format!("did you mean {} (the network) or {}/{} (one host)?", net.trunc(), net.addr(), net.max_prefix_len())));
+        return Err(bad("ssh-cidr", v, format!("'{t}' has host bits set beyond /{}", net.prefix_len())).hint(format!(
+            "did you mean {} (the network) or {}/{} (one host)?",
+            net.trunc(),
+            net.addr(),
+            net.max_prefix_len()
+        )));
     }
     if net.prefix_len() == 0 && !allow_any {
         return Err(bad("ssh-cidr", v, format!("{t} opens SSH to the whole internet"))
@@ -168,11 +180,7 @@ pub fn is_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-')
         })
         && !h.rsplit('.').next().unwrap_or("").bytes().all(|b| b.is_ascii_digit())
 }
@@ -187,21 +195,85 @@ pub(super) fn is_deployment_name(n: &str) -> bool {
 
 /// Regions where the size tiers' instance types are offered. A new region is one line here.
 pub const AWS_REGIONS: &[&str] = &[
-    "us-east-1", "us-east-2", "us-west-1", "us-west-2", "ca-central-1", "ca-west-1", "sa-east-1", "mx-central-1",
-    "eu-west-1", "eu-west-2", "eu-west-3", "eu-central-1", "eu-central-2", "eu-north-1", "eu-south-1", "eu-south-2",
-    "ap-south-1", "ap-south-2", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3", "ap-southeast-4", "ap-southeast-5", "ap-southeast-7",
-    "ap-northeast-1", "ap-northeast-2", "ap-northeast-3", "ap-east-1", "me-south-1", "me-central-1", "il-central-1", "af-south-1",
-    "us-gov-east-1", "us-gov-west-1",
+    "us-east-1",
+    "us-east-2",
+    "us-west-1",
+    "us-west-2",
+    "ca-central-1",
+    "ca-west-1",
+    "sa-east-1",
+    "mx-central-1",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "eu-central-1",
+    "eu-central-2",
+    "eu-north-1",
+    "eu-south-1",
+    "eu-south-2",
+    "ap-south-1",
+    "ap-south-2",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-southeast-3",
+    "ap-southeast-4",
+    "ap-southeast-5",
+    "ap-southeast-7",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-northeast-3",
+    "ap-east-1",
+    "me-south-1",
+    "me-central-1",
+    "il-central-1",
+    "af-south-1",
+    "us-gov-east-1",
+    "us-gov-west-1",
 ];
 
 pub const GCP_REGIONS: &[&str] = &[
-    "us-central1", "us-east1", "us-east4", "us-east5", "us-south1", "us-west1", "us-west2", "us-west3", "us-west4",
-    "northamerica-northeast1", "northamerica-northeast2", "northamerica-south1", "southamerica-east1", "southamerica-west1",
-    "europe-west1", "europe-west2", "europe-west3", "europe-west4", "europe-west6", "europe-west8", "europe-west9",
-    "europe-west10", "europe-west12", "europe-north1", "europe-north2", "europe-central2", "europe-southwest1",
-    "asia-east1", "asia-east2", "asia-northeast1", "asia-northeast2", "asia-northeast3", "asia-south1", "asia-south2",
-    "asia-southeast1", "asia-southeast2", "australia-southeast1", "australia-southeast2", "me-central1", "me-central2",
-    "me-west1", "africa-south1",
+    "us-central1",
+    "us-east1",
+    "us-east4",
+    "us-east5",
+    "us-south1",
+    "us-west1",
+    "us-west2",
+    "us-west3",
+    "us-west4",
+    "northamerica-northeast1",
+    "northamerica-northeast2",
+    "northamerica-south1",
+    "southamerica-east1",
+    "southamerica-west1",
+    "europe-west1",
+    "europe-west2",
+    "europe-west3",
+    "europe-west4",
+    "europe-west6",
+    "europe-west8",
+    "europe-west9",
+    "europe-west10",
+    "europe-west12",
+    "europe-north1",
+    "europe-north2",
+    "europe-central2",
+    "europe-southwest1",
+    "asia-east1",
+    "asia-east2",
+    "asia-northeast1",
+    "asia-northeast2",
+    "asia-northeast3",
+    "asia-south1",
+    "asia-south2",
+    "asia-southeast1",
+    "asia-southeast2",
+    "australia-southeast1",
+    "australia-southeast2",
+    "me-central1",
+    "me-central2",
+    "me-west1",
+    "africa-south1",
 ];
 
 pub(super) fn closest<'a>(s: &str, known: &[&'a str]) -> Option<&'a str> {
@@ -259,7 +331,10 @@ pub(super) fn validate_instance_type(cloud: Cloud, v: &Value) -> Result<String, 
     let t = v.text.trim().to_ascii_lowercase();
     let shaped = match cloud {
         Cloud::Aws => t.split_once('.').is_some_and(|(f, s)| {
-            !f.is_empty() && !s.is_empty() && f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && s.bytes().all(|b| b.is_ascii_alphanumeric())
+            !f.is_empty()
+                && !s.is_empty()
+                && f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && s.bytes().all(|b| b.is_ascii_alphanumeric())
         }),
         Cloud::Gcp => t.contains('-') && !t.contains('.') && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
         Cloud::Local => sizing::parse_local_type(&t).is_some(),
@@ -270,13 +345,22 @@ pub(super) fn validate_instance_type(cloud: Cloud, v: &Value) -> Result<String, 
             Cloud::Gcp => "n2-standard-8",
             Cloud::Local => "local-4x16 (vCPUs x GiB)",
         };
-        return Err(bad("instance-type", v, format!("'{t}' is not a {cloud} machine type")).hint(format!("use a type such as {example}, or drop it to get the size tier's type")));
+        return Err(bad("instance-type", v, format!("'{t}' is not a {cloud} machine type"))
+            .hint(format!("use a type such as {example}, or drop it to get the size tier's type")));
     }
     if cloud != Cloud::Local {
         if let Some((c, m)) = sizing::known_type(&t) {
             if c < sizing::MIN_VCPUS || m < sizing::MIN_MEMORY_GIB {
-                return Err(bad("instance-type", v, format!("{t} has {c} vCPU / {m} GiB; Sourcegraph needs at least {} vCPU / {} GiB", sizing::MIN_VCPUS, sizing::MIN_MEMORY_GIB))
-                    .hint(if cloud == Cloud::Aws { "use m6a.2xlarge (size XS) or larger" } else { "use n2-standard-8 (size XS) or larger" }));
+                return Err(bad(
+                    "instance-type",
+                    v,
+                    format!("{t} has {c} vCPU / {m} GiB; Sourcegraph needs at least {} vCPU / {} GiB", sizing::MIN_VCPUS, sizing::MIN_MEMORY_GIB),
+                )
+                .hint(if cloud == Cloud::Aws {
+                    "use m6a.2xlarge (size XS) or larger"
+                } else {
+                    "use n2-standard-8 (size XS) or larger"
+                }));
             }
         }
     }

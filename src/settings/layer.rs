@@ -101,8 +101,7 @@ impl Layer {
 
     pub fn from_file(path: &Path) -> Result<Layer, UserError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            UserError::field("config", format!("cannot read {}: {e}", path.display()))
-                .hint("pass -f with the path of an existing sgbox.toml")
+            UserError::field("config", format!("cannot read {}: {e}", path.display())).hint("pass -f with the path of an existing sgbox.toml")
         })?;
         Layer::parse_toml(&text, path)
     }
@@ -135,8 +134,11 @@ impl Layer {
                         Kind::Int => "a whole number",
                         Kind::Bool => "true or false",
                     };
-                    return Err(UserError::field(key.name, format!("{at}: expected {want}, found {}", other.type_str()))
-                        .hint(format!("write it as {} = {}", key.name, example(kind))));
+                    return Err(UserError::field(key.name, format!("{at}: expected {want}, found {}", other.type_str())).hint(format!(
+                        "write it as {} = {}",
+                        key.name,
+                        example(kind)
+                    )));
                 }
             };
             l.0.insert(key.name, Value { text, source: Source::File { path: path.to_path_buf(), line } });

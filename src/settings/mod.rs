@@ -79,11 +79,7 @@ impl Mirror {
     }
 
     fn parse(s: &str) -> Result<Mirror, String> {
-        let (insecure, rest) = if let Some(r) = s.strip_prefix("http://") {
-            (true, r)
-        } else {
-            (false, s.strip_prefix("https://").unwrap_or(s))
-        };
+        let (insecure, rest) = if let Some(r) = s.strip_prefix("http://") { (true, r) } else { (false, s.strip_prefix("https://").unwrap_or(s)) };
         let rest = rest.trim_end_matches('/');
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (hostname, port) = match host.rsplit_once(':') {
@@ -265,11 +261,14 @@ impl Settings {
 
         let data_disk_gb = match s("data-disk-gb") {
             Some(v) => {
-                let n: u32 = v.text.trim().parse().map_err(|_| {
-                    bad("data-disk-gb", v, format!("'{}' is not a whole number of GB", v.text)).hint("e.g. data-disk-gb = 500")
-                })?;
+                let n: u32 = v
+                    .text
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("data-disk-gb", v, format!("'{}' is not a whole number of GB", v.text)).hint("e.g. data-disk-gb = 500"))?;
                 if !(10..=16_384).contains(&n) {
-                    return Err(bad("data-disk-gb", v, format!("{n} GB is out of range")).hint("use 10 to 16384 GB; Sourcegraph recommends at least 250 GB of SSD on clouds"));
+                    return Err(bad("data-disk-gb", v, format!("{n} GB is out of range"))
+                        .hint("use 10 to 16384 GB; Sourcegraph recommends at least 250 GB of SSD on clouds"));
                 }
                 n
             }
@@ -287,7 +286,8 @@ impl Settings {
 
         let registry_mirror = match s("registry-mirror") {
             Some(v) => Some(Mirror::parse(v.text.trim()).map_err(|m| {
-                bad("registry-mirror", v, m).hint("use HOST[:PORT][/PREFIX], e.g. registry.example.com/sourcegraph; prefix http:// for a plain-HTTP registry")
+                bad("registry-mirror", v, m)
+                    .hint("use HOST[:PORT][/PREFIX], e.g. registry.example.com/sourcegraph; prefix http:// for a plain-HTTP registry")
             })?),
             None => None,
         };
@@ -295,7 +295,10 @@ impl Settings {
             Some(v) => match v.text.trim() {
                 "digest" => MirrorMode::Digest,
                 "tags-only" => MirrorMode::TagsOnly,
-                other => return Err(bad("mirror-mode", v, format!("'{other}' is not a mirror mode")).hint("use digest (the mirror serves the official images) or tags-only (rebuilt images)")),
+                other => {
+                    return Err(bad("mirror-mode", v, format!("'{other}' is not a mirror mode"))
+                        .hint("use digest (the mirror serves the official images) or tags-only (rebuilt images)"))
+                }
             },
             None => MirrorMode::Digest,
         };
@@ -311,7 +314,9 @@ impl Settings {
             Some(v) => {
                 let h = v.text.trim().trim_end_matches('.').to_ascii_lowercase();
                 if !is_hostname(&h) {
-                    return Err(bad("hostname", v, format!("'{}' is not a valid host name", v.text)).hint("use a DNS name such as sourcegraph.example.com"));
+                    return Err(
+                        bad("hostname", v, format!("'{}' is not a valid host name", v.text)).hint("use a DNS name such as sourcegraph.example.com")
+                    );
                 }
                 Some(h)
             }
@@ -423,10 +428,13 @@ impl Settings {
         put("version", st(&self.version.to_string()));
         if let Some(m) = &self.registry_mirror {
             put("registry-mirror", st(&m.to_string()));
-            put("mirror-mode", st(match self.mirror_mode {
-                MirrorMode::Digest => "digest",
-                MirrorMode::TagsOnly => "tags-only",
-            }));
+            put(
+                "mirror-mode",
+                st(match self.mirror_mode {
+                    MirrorMode::Digest => "digest",
+                    MirrorMode::TagsOnly => "tags-only",
+                }),
+            );
         }
         if let Some(h) = &self.hostname {
             put("hostname", st(h));
@@ -558,9 +566,18 @@ mod tests {
     #[test]
     fn toml_round_trip() {
         let s = resolve(&[
-            ("cloud", "aws"), ("region", "eu-west-1"), ("zone", "eu-west-1b"), ("size", "S"), ("version", "7.4"),
-            ("registry-mirror", "http://10.0.2.2:5000/sg"), ("mirror-mode", "tags-only"), ("hostname", "sg.example.com"),
-            ("tls", "letsencrypt"), ("tls-email", "ops@example.com"), ("ssh-cidr", "203.0.113.0/24"), ("data-disk-gb", "500"),
+            ("cloud", "aws"),
+            ("region", "eu-west-1"),
+            ("zone", "eu-west-1b"),
+            ("size", "S"),
+            ("version", "7.4"),
+            ("registry-mirror", "http://10.0.2.2:5000/sg"),
+            ("mirror-mode", "tags-only"),
+            ("hostname", "sg.example.com"),
+            ("tls", "letsencrypt"),
+            ("tls-email", "ops@example.com"),
+            ("ssh-cidr", "203.0.113.0/24"),
+            ("data-disk-gb", "500"),
         ])
         .unwrap();
         let text = s.to_toml();

@@ -10,8 +10,8 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::output::Phase;
 use crate::onbox::Session;
+use crate::output::Phase;
 
 pub const PROJECT: &str = crate::render::PROJECT;
 
@@ -66,11 +66,7 @@ pub fn parse_services(text: &str) -> Vec<ServiceState> {
 
 /// Which expected services are not yet ok (missing ones included).
 pub fn not_ready(expected: &[String], states: &[ServiceState]) -> Vec<String> {
-    expected
-        .iter()
-        .filter(|name| !states.iter().any(|s| &s.service == *name && s.ok(one_shot(name))))
-        .cloned()
-        .collect()
+    expected.iter().filter(|name| !states.iter().any(|s| &s.service == *name && s.ok(one_shot(name)))).cloned().collect()
 }
 
 /// The project's containers, straight from the Docker API with curl. `docker compose ps` gives
@@ -140,7 +136,8 @@ pub async fn services(ssh: &Session, expected: &[String], deadline: &Deadline, p
 pub async fn version(url: &str) -> Result<String, String> {
     let url = format!("{url}/__version");
     tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).http_status_as_error(false).build().into();
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).http_status_as_error(false).build().into();
         let mut resp = agent.get(&url).call().map_err(|e| e.to_string())?;
         let status = resp.status();
         let body = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
@@ -209,7 +206,8 @@ mod tests {
         assert_eq!(s[0], ServiceState { service: "pgsql".into(), state: "running".into(), health: "healthy".into(), exit_code: 0 });
         assert_eq!(s[3].health, "starting");
         assert_eq!(s[4].health, "unhealthy");
-        let expected: Vec<String> = ["pgsql", "migrator", "caddy", "sourcegraph-frontend-0", "searcher-0", "gitserver-0"].iter().map(|s| s.to_string()).collect();
+        let expected: Vec<String> =
+            ["pgsql", "migrator", "caddy", "sourcegraph-frontend-0", "searcher-0", "gitserver-0"].iter().map(|s| s.to_string()).collect();
         assert_eq!(not_ready(&expected, &s), vec!["sourcegraph-frontend-0".to_string(), "searcher-0".to_string(), "gitserver-0".to_string()]);
 
         let failed = r#"[{"State":"exited","Status":"Exited (1) 3 seconds ago","Labels":{"com.docker.compose.service":"migrator"}}]"#;

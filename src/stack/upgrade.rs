@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use crate::cloud::Endpoint;
 use crate::deployment::Deployment;
+use crate::error::UserError;
 use crate::onbox::{self, Session, HELPERS, STEPS};
 use crate::output::{self, Phase};
 use crate::release::catalog::catalog;
@@ -33,7 +34,6 @@ use crate::settings::Settings;
 use crate::stack::journal::{Journal, Status, Step, Undo, PATH_ON_BOX};
 use crate::stack::readiness::{self, Deadline};
 use crate::state::{now_rfc3339, whoami, HistoryEntry};
-use crate::error::UserError;
 
 const PREFLIGHT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/upgrade/preflight.py"));
 const RELEASES: &str = "/var/lib/sgbox/releases";
@@ -241,7 +241,9 @@ async fn preflight_checks(s: &Upgrade, plan: &UpgradePlan, from: Version, p: &Ph
     match readiness::version(&s.ep.url()).await {
         Ok(v) if v == from.to_string() => {}
         other => {
-            return Err(UserError::new(format!("{}/__version does not answer {from} ({other:?})", s.ep.url())).hint("check `sgbox status`; nothing was changed").into())
+            return Err(UserError::new(format!("{}/__version does not answer {from} ({other:?})", s.ep.url()))
+                .hint("check `sgbox status`; nothing was changed")
+                .into())
         }
     }
 
@@ -250,9 +252,12 @@ async fn preflight_checks(s: &Upgrade, plan: &UpgradePlan, from: Version, p: &Ph
     let mut lines = versions.lines();
     let (dv, cv) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
     if parse_mm(dv).is_none_or(|v| v < MIN_DOCKER) || parse_mm(cv).is_none_or(|v| v < MIN_COMPOSE) {
-        return Err(UserError::new(format!("the box has Docker {dv:?} and Compose {cv:?}; upgrades need Docker ≥ {}.{} and Compose ≥ {}.{}", MIN_DOCKER.0, MIN_DOCKER.1, MIN_COMPOSE.0, MIN_COMPOSE.1))
-            .hint("update them on the box (`sgbox ssh -- sudo apt-get install docker.io docker-compose`); nothing was changed")
-            .into());
+        return Err(UserError::new(format!(
+            "the box has Docker {dv:?} and Compose {cv:?}; upgrades need Docker ≥ {}.{} and Compose ≥ {}.{}",
+            MIN_DOCKER.0, MIN_DOCKER.1, MIN_COMPOSE.0, MIN_COMPOSE.1
+        ))
+        .hint("update them on the box (`sgbox ssh -- sudo apt-get install docker.io docker-compose`); nothing was changed")
+        .into());
     }
 
     p.set("registry and disk space");
@@ -277,7 +282,11 @@ async fn preflight_checks(s: &Upgrade, plan: &UpgradePlan, from: Version, p: &Ph
     }
     let need = disk_needed(plan, &probe);
     if probe.avail < need {
-        let pg = if plan.postgres_upgrade { format!(", twice the databases' {} for the Postgres 16 conversion", gib(probe.db_bytes)) } else { String::new() };
+        let pg = if plan.postgres_upgrade {
+            format!(", twice the databases' {} for the Postgres 16 conversion", gib(probe.db_bytes))
+        } else {
+            String::new()
+        };
         return Err(UserError::field(
             "disk",
             format!(
@@ -396,7 +405,8 @@ async fn run_step(s: &mut Upgrade, j: &mut Journal, step: &Step, hops: &[Hop]) -
         Step::StopApplication => {
             let apps: Vec<String> = Upgrade::release_services(j.from).into_iter().filter(|x| !DB_SERVICES.contains(&x.as_str())).collect();
             s.stage(j.from).await?;
-            s.step("stop-application", &format!("{} stop {}", compose(&format!("{RELEASES}/{}/docker-compose.yaml", j.from)), apps.join(" "))).await?;
+            s.step("stop-application", &format!("{} stop {}", compose(&format!("{RELEASES}/{}/docker-compose.yaml", j.from)), apps.join(" ")))
+                .await?;
             Ok(None)
         }
         Step::Migrate { from, to: hop_to, migrator } => {
@@ -443,7 +453,9 @@ async fn run_step(s: &mut Upgrade, j: &mut Journal, step: &Step, hops: &[Hop]) -
                     .into_iter()
                     .filter(|x| !DB_SERVICES.contains(&x.as_str()) && !["migrator", "sourcegraph-frontend-0", "caddy"].contains(&x.as_str()))
                     .collect();
-                script.push_str(&format!("echo '== databases'\n{c} up -d --wait --no-deps {dbs}\necho '== migrator up'\n{c} run --rm -T --no-deps migrator\n"));
+                script.push_str(&format!(
+                    "echo '== databases'\n{c} up -d --wait --no-deps {dbs}\necho '== migrator up'\n{c} run --rm -T --no-deps migrator\n"
+                ));
                 // (Named services only: `up` without names would take every service at once.)
                 if !rest.is_empty() {
                     script.push_str(&format!("echo '== backends'\n{c} up -d --wait --no-deps {}\n", rest.join(" ")));
@@ -596,7 +608,8 @@ mod tests {
     use super::*;
 
     fn plan(from: &str, to: &str) -> UpgradePlan {
-        planner::plan(catalog(), PlanRequest { from: from.parse().unwrap(), to: to.parse().unwrap(), postgres_major: None, allow_downgrade: false }).unwrap()
+        planner::plan(catalog(), PlanRequest { from: from.parse().unwrap(), to: to.parse().unwrap(), postgres_major: None, allow_downgrade: false })
+            .unwrap()
     }
 
     #[test]
@@ -611,7 +624,11 @@ mod tests {
 
     #[test]
     fn the_path_pulls_the_target_and_each_hops_migrator_and_databases() {
-        let layer = crate::settings::Layer::from_flags([("cloud", Some("local".to_string())), ("registry-mirror", Some("http://10.0.2.2:5000".to_string())), ("mirror-mode", Some("tags-only".to_string()))]);
+        let layer = crate::settings::Layer::from_flags([
+            ("cloud", Some("local".to_string())),
+            ("registry-mirror", Some("http://10.0.2.2:5000".to_string())),
+            ("mirror-mode", Some("tags-only".to_string())),
+        ]);
         let s = Settings::resolve(&layer, &crate::settings::Prompter { interactive: false }).unwrap();
         let imgs = path_images(&s, &plan("5.9.17785", "7.4.0"));
         let refs: Vec<&str> = imgs.iter().map(|v| v["ref"].as_str().unwrap()).collect();

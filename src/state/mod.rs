@@ -38,8 +38,7 @@ impl DeploymentDir {
 
     pub fn ensure(&self) -> Result<()> {
         fs::create_dir_all(&self.path).with_context(|| format!("creating the state folder {}", self.path.display()))?;
-        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting {}", self.path.display()))
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700)).with_context(|| format!("restricting {}", self.path.display()))
     }
 
     /// Load the secrets, generating and saving them on first use.
@@ -109,7 +108,13 @@ impl DeploymentDir {
     pub fn lock(&self, what: &str) -> Result<Lock> {
         self.ensure()?;
         let path = self.path.join("lock");
-        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path)
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {

@@ -2,7 +2,6 @@
 //! through the standard AWS_ENDPOINT_URL: no test-only code path in sgbox. Every claim is checked
 //! with independent reads (boto3), not with sgbox's own output.
 
-
 use crate::common::moto::{Moto, Proxy, DEBIAN_AMI, OLD_DEBIAN_AMI};
 use crate::common::{run, sgbox, text};
 use serde_json::Value;
@@ -21,7 +20,23 @@ fn up_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn with<'a>(name: &'a str, region: &'a str, cidr: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec!["up", "--cloud", "aws", "--region", region, "--name", name, "--ssh-cidr", cidr, "--version", "7.5", "--no-wait", "--yes", "--output", "json"];
+    let mut a = vec![
+        "up",
+        "--cloud",
+        "aws",
+        "--region",
+        region,
+        "--name",
+        name,
+        "--ssh-cidr",
+        cidr,
+        "--version",
+        "7.5",
+        "--no-wait",
+        "--yes",
+        "--output",
+        "json",
+    ];
     a.extend_from_slice(extra);
     a
 }
@@ -86,7 +101,8 @@ fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
     assert_eq!(data["Size"], 250);
     assert_eq!(data["Attachments"][0]["InstanceId"], i["InstanceId"]);
     // Kept on termination: the instance's mapping for it says so (and `down` below proves it).
-    let mapping = i["BlockDeviceMappings"].as_array().unwrap().iter().find(|m| m["Ebs"]["VolumeId"] == data["VolumeId"]).cloned().expect("data volume mapped");
+    let mapping =
+        i["BlockDeviceMappings"].as_array().unwrap().iter().find(|m| m["Ebs"]["VolumeId"] == data["VolumeId"]).cloned().expect("data volume mapped");
     assert_eq!(mapping["Ebs"]["DeleteOnTermination"], false, "{mapping}");
     assert_eq!(mapping["DeviceName"], "/dev/sdf");
 
@@ -94,7 +110,9 @@ fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
     let perms = inv["sgs"][0]["IpPermissions"].as_array().unwrap();
     let mut rules: Vec<(i64, Vec<String>)> = perms
         .iter()
-        .map(|p| (p["FromPort"].as_i64().unwrap(), p["IpRanges"].as_array().unwrap().iter().map(|r| r["CidrIp"].as_str().unwrap().to_string()).collect()))
+        .map(|p| {
+            (p["FromPort"].as_i64().unwrap(), p["IpRanges"].as_array().unwrap().iter().map(|r| r["CidrIp"].as_str().unwrap().to_string()).collect())
+        })
         .collect();
     rules.sort();
     assert_eq!(rules, vec![(22, vec![CIDR.to_string()]), (80, vec!["0.0.0.0/0".to_string()]), (443, vec!["0.0.0.0/0".to_string()])]);
@@ -105,7 +123,21 @@ fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
 
     // The user-data is exactly what `render` writes for the same settings.
     let out_dir = st.join("render");
-    let r = run(sgbox(st).args(["render", "--cloud", "aws", "--region", "us-east-1", "--name", "box1", "--ssh-cidr", CIDR, "--version", "7.5", "--out", out_dir.to_str().unwrap()]));
+    let r = run(sgbox(st).args([
+        "render",
+        "--cloud",
+        "aws",
+        "--region",
+        "us-east-1",
+        "--name",
+        "box1",
+        "--ssh-cidr",
+        CIDR,
+        "--version",
+        "7.5",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
     assert!(r.status.success(), "{}", text(&r.stderr));
     let rendered = std::fs::read_to_string(out_dir.join("user-data")).unwrap();
     assert_eq!(inv["user_data"][i["InstanceId"].as_str().unwrap()].as_str().unwrap(), rendered);
@@ -137,7 +169,10 @@ fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
     assert!(existing.contains(&i["InstanceId"].as_str().unwrap()), "{pv:#}");
     assert!(pv["monthly_cost_usd"]["total"].as_f64().unwrap() > 200.0, "{pv:#}");
     let calls = proxy.calls();
-    assert!(!calls.is_empty() && calls.iter().all(|(a, _, _)| a.starts_with("Describe") || a.starts_with("Get")), "plan made a non-read call: {calls:?}");
+    assert!(
+        !calls.is_empty() && calls.iter().all(|(a, _, _)| a.starts_with("Describe") || a.starts_with("Get")),
+        "plan made a non-read call: {calls:?}"
+    );
     drop(proxy);
 
     // Down keeps the data volume (available, still tagged) and deletes the rest.
@@ -247,7 +282,16 @@ fn up_killed_after_each_create_converges_on_rerun() {
     let moto = Moto::start();
     let state = tempfile::tempdir().unwrap();
     let st = state.path();
-    let steps = ["CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "ImportKeyPair", "RunInstances", "CreateVolume", "AttachVolume", "AllocateAddress", "AssociateAddress"];
+    let steps = [
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "ImportKeyPair",
+        "RunInstances",
+        "CreateVolume",
+        "AttachVolume",
+        "AllocateAddress",
+        "AssociateAddress",
+    ];
     for (i, action) in steps.iter().enumerate() {
         let name = format!("kill{i}");
         let proxy = Proxy::start(&moto, 0.0, Some(action));
@@ -340,13 +384,11 @@ fn a_half_done_restore_volume_is_listed_and_deleted_with_the_data() {
     let out = aws(&moto, st, &up_args("half", &[]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     // What a restore interrupted between its CreateVolume and the swap leaves behind.
-    let vol = moto.py(
-        r#"
+    let vol = moto.py(r#"
 t = [{'Key': 'sgbox:deployment', 'Value': 'half'}, {'Key': 'sgbox:managed', 'Value': 'true'}, {'Key': 'sgbox:role', 'Value': 'data-restoring'}]
 v = ec2.create_volume(AvailabilityZone='us-east-1a', Size=250, VolumeType='gp3', TagSpecifications=[{'ResourceType': 'volume', 'Tags': t}])
 print(json.dumps(v['VolumeId']))
-"#,
-    );
+"#);
     let vol = vol.as_str().unwrap();
     let out = aws(&moto, st, &["status", "--name", "half", "--output", "json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

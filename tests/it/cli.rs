@@ -1,7 +1,6 @@
 //! The command line as a user meets it: exit codes, messages, files written (or not), precedence
 //! and the config round trip.
 
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -20,7 +19,14 @@ fn render_writes_the_box_files_and_keeps_secrets_off_the_terminal() {
     let out = tmp.path().join("out");
     let o = run(sgbox(&state).args(render_args(&out, &["--cloud", "aws", "--size", "S", "--version", "7.5"])));
     assert!(o.status.success(), "{}", text(&o.stderr));
-    for f in ["user-data", "sgbox.toml", "box/opt/sgbox/docker-compose.yaml", "box/opt/sgbox/.env", "box/etc/sgbox/deployment.json", "box/etc/systemd/system/sourcegraph.service"] {
+    for f in [
+        "user-data",
+        "sgbox.toml",
+        "box/opt/sgbox/docker-compose.yaml",
+        "box/opt/sgbox/.env",
+        "box/etc/sgbox/deployment.json",
+        "box/etc/systemd/system/sourcegraph.service",
+    ] {
         assert!(out.join(f).exists(), "{f}");
     }
     let secrets: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(state.join("sourcegraph/secrets.json")).unwrap()).unwrap();
@@ -68,9 +74,30 @@ fn printed_config_round_trips_through_dash_f() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let o = run(sgbox(&state).args([
-        "plan", "--print-config", "--cloud", "aws", "--region", "eu-west-1", "--size", "M", "--version", "7.4",
-        "--hostname", "sg.example.com", "--tls", "letsencrypt", "--tls-email", "ops@example.com", "--ssh-cidr", "198.51.100.0/24",
-        "--registry-mirror", "mirror.example.com/sg", "--data-disk-gb", "600", "--name", "eval",
+        "plan",
+        "--print-config",
+        "--cloud",
+        "aws",
+        "--region",
+        "eu-west-1",
+        "--size",
+        "M",
+        "--version",
+        "7.4",
+        "--hostname",
+        "sg.example.com",
+        "--tls",
+        "letsencrypt",
+        "--tls-email",
+        "ops@example.com",
+        "--ssh-cidr",
+        "198.51.100.0/24",
+        "--registry-mirror",
+        "mirror.example.com/sg",
+        "--data-disk-gb",
+        "600",
+        "--name",
+        "eval",
     ]));
     assert!(o.status.success(), "{}", text(&o.stderr));
     let first = text(&o.stdout);
@@ -144,7 +171,11 @@ fn bad_input_exits_2_and_writes_nothing() {
         (vec!["--cloud", "aws", "--hostname", "bad_host.example"], None, &["invalid --hostname"]),
         (vec!["--cloud", "aws", "--region", "us-east-9"], None, &["invalid --region"]),
         (vec!["--cloud", "aws", "--instance-type", "t3.large"], None, &["invalid --instance-type", "at least 8 vCPU"]),
-        (vec!["--cloud", "aws", "--tls", "custom", "--hostname", "a.example.com", "--tls-cert", &cert, "--tls-key", &cert], None, &["invalid --tls-cert", "PEM"]),
+        (
+            vec!["--cloud", "aws", "--tls", "custom", "--hostname", "a.example.com", "--tls-cert", &cert, "--tls-key", &cert],
+            None,
+            &["invalid --tls-cert", "PEM"],
+        ),
         (vec![], None, &["invalid cloud", "--cloud aws|gcp|local"]),
         (vec![], Some("cloud = \"aws\"\nsise = \"S\"\n"), &["unknown key `sise`", ":2", "did you mean `size`?"]),
         (vec![], Some("cloud = \"aws\"\nsize = S\n"), &["sgbox.toml:2:8"]),
@@ -286,7 +317,11 @@ fn a_deployments_record_beats_the_environment_and_the_config_file() {
     }
     // A flag that contradicts the record is refused, naming the recorded value; nothing changes.
     let before = std::fs::read(st.join("demo/deployment.json")).unwrap();
-    for args in [&["status", "--name", "demo", "--cloud", "aws"][..], &["down", "--name", "demo", "--cloud", "aws", "--yes"], &["upgrade", "--name", "demo", "--cloud", "aws", "--yes"]] {
+    for args in [
+        &["status", "--name", "demo", "--cloud", "aws"][..],
+        &["down", "--name", "demo", "--cloud", "aws", "--yes"],
+        &["upgrade", "--name", "demo", "--cloud", "aws", "--yes"],
+    ] {
         let o = run(sgbox(st).args(args));
         let err = text(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
@@ -300,8 +335,21 @@ fn every_commands_help_reads_as_reviewed() {
     let tmp = tempfile::tempdir().unwrap();
     let mut all = String::new();
     for cmd in [
-        &[][..], &["render"], &["plan"], &["versions"], &["versions", "path"], &["up"], &["status"], &["down"], &["ssh"], &["logs"],
-        &["image", "build"], &["upgrade"], &["rollback"], &["history"], &["completions"],
+        &[][..],
+        &["render"],
+        &["plan"],
+        &["versions"],
+        &["versions", "path"],
+        &["up"],
+        &["status"],
+        &["down"],
+        &["ssh"],
+        &["logs"],
+        &["image", "build"],
+        &["upgrade"],
+        &["rollback"],
+        &["history"],
+        &["completions"],
     ] {
         let o = run(sgbox(tmp.path()).args(cmd).arg("--help").env("COLUMNS", "100"));
         assert!(o.status.success(), "{cmd:?}");
@@ -315,7 +363,21 @@ fn plan_reads_as_reviewed_for_each_cloud() {
     let tmp = tempfile::tempdir().unwrap();
     let mut all = String::new();
     for args in [
-        &["plan", "--cloud", "aws", "--region", "eu-west-1", "--zone", "eu-west-1b", "--size", "S", "--version", "7.5", "--ssh-cidr", "198.51.100.0/24"][..],
+        &[
+            "plan",
+            "--cloud",
+            "aws",
+            "--region",
+            "eu-west-1",
+            "--zone",
+            "eu-west-1b",
+            "--size",
+            "S",
+            "--version",
+            "7.5",
+            "--ssh-cidr",
+            "198.51.100.0/24",
+        ][..],
         &["plan", "--cloud", "gcp", "--region", "us-central1", "--size", "M", "--version", "7.5", "--hostname", "sg.example.com"],
         &["plan", "--cloud", "local", "--version", "7.4", "--accel", "tcg"],
     ] {

@@ -24,7 +24,6 @@
 //! Needs qemu-system-x86, qemu-utils, debootstrap, genisoimage, docker-registry, busybox-static
 //! and root (debootstrap): `bash .ci/setup`. Missing tools fail the test; nothing is skipped.
 
-
 use std::io::BufRead;
 use std::path::Path;
 use std::process::Stdio;
@@ -113,7 +112,11 @@ fn upgrade(st: &Path, extra: &[&str]) -> std::process::Output {
 
 /// Everything an unchanged box shows: release file, compose file, journal and snapshots.
 fn fingerprint(st: &Path) -> String {
-    format!("{}{}", ssh(st, "cat /etc/sgbox/deployment.json; sha256sum /opt/sgbox/docker-compose.yaml; sudo cat /var/lib/sgbox/upgrade.json 2>/dev/null || true"), snapshots(st))
+    format!(
+        "{}{}",
+        ssh(st, "cat /etc/sgbox/deployment.json; sha256sum /opt/sgbox/docker-compose.yaml; sudo cat /var/lib/sgbox/upgrade.json 2>/dev/null || true"),
+        snapshots(st)
+    )
 }
 
 /// Scenario durations, printed as they end and once more as a table at the end.
@@ -166,7 +169,8 @@ fn local_box_lifecycle() {
     let st = state.path();
     let _teardown = Teardown(st);
     let up_args = || -> Vec<String> {
-        let mut a: Vec<String> = ["up", "--cloud", "local", "--name", NAME, "--version", OLD, "--registry-mirror"].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> =
+            ["up", "--cloud", "local", "--name", NAME, "--version", OLD, "--registry-mirror"].iter().map(|s| s.to_string()).collect();
         a.push(registry.mirror_for_guest());
         a.extend(["--mirror-mode", "tags-only", "--base-image"].iter().map(|s| s.to_string()));
         a.push(image.display().to_string());
@@ -261,7 +265,12 @@ fn local_box_lifecycle() {
     //    re-run finishes from the journal on the box. The hop's start is read from sgbox's own
     //    progress lines (polling the box over SSH would slow the emulated box), then the hop's
     //    systemd unit is seen running before the kill.
-    let mut child = sgbox(st).args(["upgrade", "--name", NAME, "--to", MID, "--yes", "--timeout", "20m"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = sgbox(st)
+        .args(["upgrade", "--name", NAME, "--to", MID, "--yes", "--timeout", "20m"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -280,13 +289,17 @@ fn local_box_lifecycle() {
                     break;
                 }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the upgrade ended ({:?}) before a migrator hop started:\n{progress}", child.wait()),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the upgrade ended ({:?}) before a migrator hop started:\n{progress}", child.wait())
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
         assert!(Instant::now() < until, "no migrator hop started:\n{progress}");
     }
     let unit_until = Instant::now() + Duration::from_secs(120);
-    while !ssh(st, "systemctl list-units 'sgbox-step-migrate-*' --state=active --no-legend --plain").contains("sgbox-step-migrate-") && Instant::now() < unit_until {
+    while !ssh(st, "systemctl list-units 'sgbox-step-migrate-*' --state=active --no-legend --plain").contains("sgbox-step-migrate-")
+        && Instant::now() < unit_until
+    {
         assert!(child.try_wait().unwrap().is_none(), "the upgrade ended before its migrator hop was seen running:\n{progress}");
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -327,7 +340,11 @@ fn local_box_lifecycle() {
     assert_eq!(sum2, sum0, "data intact after the rollback");
     assert!(info2.contains(&format!("schema={MID}")) && !info2.contains("dirty"), "the dirty schema was undone by the snapshot: {info2}");
     assert_eq!(journal(st)["outcome"], "rolled-back");
-    assert_eq!(ssh(st, "cat /proc/sys/kernel/random/boot_id"), boot_before, "the data disk was swapped back while the box ran, without a restart: {err}");
+    assert_eq!(
+        ssh(st, "cat /proc/sys/kernel/random/boot_id"),
+        boot_before,
+        "the data disk was swapped back while the box ran, without a restart: {err}"
+    );
     ssh(st, "echo 'services: {}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null");
     clock.lap("failed migrator: automatic rollback (data disk swapped back)");
 
@@ -375,8 +392,13 @@ fn local_box_lifecycle() {
     let out = run(sgbox(st).args(["history", "--name", NAME, "--output", "json"]));
     let h = json_of(&out);
     assert_eq!(h["release"], MID);
-    let actions: Vec<String> = h["history"].as_array().unwrap().iter().map(|e| format!("{} {}", e["action"].as_str().unwrap(), e["release"].as_str().unwrap())).collect();
-    assert_eq!(actions, [format!("up {OLD}"), format!("upgrade {MID}"), format!("rollback {MID}"), format!("upgrade {NEW}"), format!("rollback {MID}")], "{h:#}");
+    let actions: Vec<String> =
+        h["history"].as_array().unwrap().iter().map(|e| format!("{} {}", e["action"].as_str().unwrap(), e["release"].as_str().unwrap())).collect();
+    assert_eq!(
+        actions,
+        [format!("up {OLD}"), format!("upgrade {MID}"), format!("rollback {MID}"), format!("upgrade {NEW}"), format!("rollback {MID}")],
+        "{h:#}"
+    );
     let on_box = ssh(st, "cat /etc/sgbox/history.jsonl");
     assert_eq!(on_box.lines().count(), 4, "the box keeps its own history: {on_box}");
     clock.lap("sgbox rollback to 7.4 (data disk swapped back), history");

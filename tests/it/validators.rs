@@ -3,7 +3,6 @@
 //! Compose's normalised model (`config --format json`) is then compared with the official
 //! release: same services, same images, nothing but 80/443 published beyond the box.
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,7 +107,11 @@ fn every_release_and_size_passes_the_real_validators() {
     assert!(failures.is_empty(), "cloud-init schema rejected:\n{}", failures.join("\n"));
 
     let results = parallel(composes.into_values().collect(), |(dir, version, mirror)| {
-        let q = Command::new(&compose).current_dir(&dir).args(["-f", "docker-compose.yaml", "-f", "docker-compose.override.yaml", "config", "-q"]).output().unwrap();
+        let q = Command::new(&compose)
+            .current_dir(&dir)
+            .args(["-f", "docker-compose.yaml", "-f", "docker-compose.override.yaml", "config", "-q"])
+            .output()
+            .unwrap();
         if !q.status.success() {
             return Err(format!("{}: config -q: {}", dir.display(), text(&q.stderr)));
         }
@@ -157,7 +160,11 @@ fn every_release_and_size_passes_the_real_validators() {
                     }
                     for (k, v) in services[name]["environment"].as_object().into_iter().flatten() {
                         let v = v.as_str().unwrap_or_default();
-                        if (k.ends_with("PASSWORD") && (v == "sg" || v == "password" || v.is_empty())) || v.contains("sg:sg@") || v.contains("postgres:password@") || v.contains("//sg:@") {
+                        if (k.ends_with("PASSWORD") && (v == "sg" || v == "password" || v.is_empty()))
+                            || v.contains("sg:sg@")
+                            || v.contains("postgres:password@")
+                            || v.contains("//sg:@")
+                        {
                             errors.push(format!("{version} {name}: default credential in {k}"));
                         }
                     }

@@ -60,7 +60,9 @@ pub struct Aws {
     region: String,
 }
 
-fn api<E: ProvideErrorMetadata + std::fmt::Debug>(op: &str) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> CloudError + '_ {
+fn api<E: ProvideErrorMetadata + std::fmt::Debug>(
+    op: &str,
+) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> CloudError + '_ {
     move |e| match e.as_service_error() {
         Some(s) => {
             let code = s.code().unwrap_or("error").to_string();
@@ -204,10 +206,14 @@ impl Machine for Aws {
         match out {
             Ok(_) => Ok(()),
             Err(e) if code_of(&e).is_some_and(|c| c.contains("InvalidInstanceType") || c == "InvalidParameterValue") => {
-                Err(UserError::field("instance-type", format!("{t} is not offered in {}", self.region)).hint("pick another --instance-type or --size").into())
+                Err(UserError::field("instance-type", format!("{t} is not offered in {}", self.region))
+                    .hint("pick another --instance-type or --size")
+                    .into())
             }
             Err(e) if code_of(&e).is_some_and(|c| c.contains("AuthFailure") || c.contains("UnrecognizedClient")) => {
-                Err(UserError::new("AWS rejected the credentials").hint("configure credentials (aws configure, AWS_PROFILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)").into())
+                Err(UserError::new("AWS rejected the credentials")
+                    .hint("configure credentials (aws configure, AWS_PROFILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+                    .into())
             }
             Err(e) => Err(api("DescribeInstanceTypes")(e)),
         }
@@ -238,7 +244,10 @@ impl Machine for Aws {
                     }
                 };
                 let vpc = vpc.ok_or_else(|| {
-                    CloudError::Input(UserError::field("subnet-id", format!("{} has no default VPC", self.region)).hint("pass --subnet-id of a subnet with internet access"))
+                    CloudError::Input(
+                        UserError::field("subnet-id", format!("{} has no default VPC", self.region))
+                            .hint("pass --subnet-id of a subnet with internet access"),
+                    )
                 })?;
                 let out = self
                     .ec2
@@ -312,7 +321,14 @@ impl Machine for Aws {
             self.update(|r| r.image = Some(id.clone()))?;
             return Ok(BaseImage { id: id.clone(), description: format!("{id} ({name}, given by image-id)") });
         }
-        let via_ssm = self.ssm.get_parameter().name(DEBIAN_SSM_PARAMETER).send().await.ok().and_then(|o| o.parameter().and_then(|p| p.value()).map(str::to_string));
+        let via_ssm = self
+            .ssm
+            .get_parameter()
+            .name(DEBIAN_SSM_PARAMETER)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.parameter().and_then(|p| p.value()).map(str::to_string));
         let id = match via_ssm {
             Some(id) => id,
             None => {
@@ -328,10 +344,12 @@ impl Machine for Aws {
                     .map_err(api("DescribeImages"))?;
                 let mut imgs: Vec<_> = out.images().to_vec();
                 imgs.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()));
-                imgs.last()
-                    .and_then(|i| i.image_id())
-                    .map(str::to_string)
-                    .ok_or_else(|| failed("finding the Debian 13 AMI", format!("neither {DEBIAN_SSM_PARAMETER} nor Debian's images (owner {DEBIAN_OWNER}) exist in {}", self.region)))?
+                imgs.last().and_then(|i| i.image_id()).map(str::to_string).ok_or_else(|| {
+                    failed(
+                        "finding the Debian 13 AMI",
+                        format!("neither {DEBIAN_SSM_PARAMETER} nor Debian's images (owner {DEBIAN_OWNER}) exist in {}", self.region),
+                    )
+                })?
             }
         };
         self.update(|r| r.image = Some(id.clone()))?;
@@ -369,7 +387,14 @@ impl Machine for Aws {
                     .block_device_mappings(
                         BlockDeviceMapping::builder()
                             .device_name(root)
-                            .ebs(EbsBlockDevice::builder().volume_size(ROOT_GB).volume_type(VolumeType::Gp3).encrypted(true).delete_on_termination(true).build())
+                            .ebs(
+                                EbsBlockDevice::builder()
+                                    .volume_size(ROOT_GB)
+                                    .volume_type(VolumeType::Gp3)
+                                    .encrypted(true)
+                                    .delete_on_termination(true)
+                                    .build(),
+                            )
                             .build(),
                     )
                     .tag_specifications(self.tags(ResourceType::Instance, "box"))
@@ -410,7 +435,12 @@ impl Machine for Aws {
         self.update(|r| r.data_volume = Some(vid.clone()))?;
         let attached_here = vol.attachments().iter().any(|a| a.instance_id() == Some(id.as_str()));
         if !attached_here {
-            self.ec2.wait_until_volume_available().volume_ids(&vid).wait(Duration::from_secs(300)).await.map_err(waited("the data volume to be available", Duration::from_secs(300)))?;
+            self.ec2
+                .wait_until_volume_available()
+                .volume_ids(&vid)
+                .wait(Duration::from_secs(300))
+                .await
+                .map_err(waited("the data volume to be available", Duration::from_secs(300)))?;
             self.running(&id, Duration::from_secs(600)).await?;
             self.ec2.attach_volume().volume_id(&vid).instance_id(&id).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
         }
@@ -478,7 +508,8 @@ impl Machine for Aws {
     }
 
     async fn snapshot_data_disk(&self, label: &str) -> Result<String> {
-        let vid = self.data_volume().await?.and_then(|v| v.volume_id().map(str::to_string)).ok_or_else(|| failed("snapshotting", "no data volume"))?;
+        let vid =
+            self.data_volume().await?.and_then(|v| v.volume_id().map(str::to_string)).ok_or_else(|| failed("snapshotting", "no data volume"))?;
         let out = self
             .ec2
             .create_snapshot()
@@ -528,8 +559,13 @@ impl Machine for Aws {
             }
         };
         let state = self.ec2.describe_volumes().volume_ids(&restored).send().await.map_err(api("DescribeVolumes"))?;
-        if !state.volumes().first().and_then(|v| v.state()).is_some_and(|s| s.as_str() == "in-use") {
-            self.ec2.wait_until_volume_available().volume_ids(&restored).wait(timeout).await.map_err(waited("the restored volume to be available", timeout))?;
+        if state.volumes().first().and_then(|v| v.state()).is_none_or(|s| s.as_str() != "in-use") {
+            self.ec2
+                .wait_until_volume_available()
+                .volume_ids(&restored)
+                .wait(timeout)
+                .await
+                .map_err(waited("the restored volume to be available", timeout))?;
         }
         if let Some(old) = self.data_volume().await?.filter(|v| v.volume_id() != Some(restored.as_str())) {
             let oid = old.volume_id().unwrap_or_default().to_string();
@@ -643,7 +679,9 @@ impl Aws {
             Err(e) => return Err(api("DescribeImages")(e)),
         };
         found.ok_or_else(|| {
-            UserError::field("image-id", format!("{id} does not exist in {}", self.region)).hint("check --image-id and --region, or drop it to use Debian 13").into()
+            UserError::field("image-id", format!("{id} does not exist in {}", self.region))
+                .hint("check --image-id and --region, or drop it to use Debian 13")
+                .into()
         })
     }
 
@@ -655,7 +693,9 @@ impl Aws {
             Err(e) if code_of(&e).is_some_and(|c| c.starts_with("InvalidSubnetID")) => None,
             Err(e) => return Err(api("DescribeSubnets")(e)),
         };
-        vpc.ok_or_else(|| UserError::field("subnet-id", format!("{subnet} does not exist in {}", self.region)).hint("check --subnet-id and --region").into())
+        vpc.ok_or_else(|| {
+            UserError::field("subnet-id", format!("{subnet} does not exist in {}", self.region)).hint("check --subnet-id and --region").into()
+        })
     }
 
     async fn volumes_with_role(&self, role: &str) -> Result<Vec<String>> {
@@ -669,7 +709,14 @@ impl Aws {
     }
 
     async fn snapshots(&self) -> Result<Vec<String>> {
-        let out = self.ec2.describe_snapshots().owner_ids("self").set_filters(Some(self.role("snapshot"))).send().await.map_err(api("DescribeSnapshots"))?;
+        let out = self
+            .ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .set_filters(Some(self.role("snapshot")))
+            .send()
+            .await
+            .map_err(api("DescribeSnapshots"))?;
         Ok(out.snapshots().iter().filter_map(|s| s.snapshot_id().map(str::to_string)).collect())
     }
 
@@ -719,4 +766,3 @@ mod tests {
         assert!(!hint.contains("console.log"), "not the local box's file: {hint}");
     }
 }
-

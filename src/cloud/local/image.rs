@@ -148,9 +148,7 @@ pub fn default_image(cache: &Path, note: &dyn Fn(&str)) -> Result<BootImage> {
     let file = cache.join("images").join(GENERICCLOUD_FILE);
     if !file.is_file() {
         let base = std::env::var("SGBOX_DEBIAN_IMAGE_URL").unwrap_or_else(|_| GENERICCLOUD_URL.to_string());
-        note(&format!(
-            "downloading Debian 13 genericcloud from {base} (needs internet; offline, run `sgbox image build --cloud local` instead)"
-        ));
+        note(&format!("downloading Debian 13 genericcloud from {base} (needs internet; offline, run `sgbox image build --cloud local` instead)"));
         download_checked(&base, GENERICCLOUD_FILE, &file).with_context(|| {
             format!("no local base image: {} has no built image and the download failed; run `sgbox image build --cloud local` (offline, from Debian packages) or pass --base-image", cache.display())
         })?;
@@ -161,13 +159,8 @@ pub fn default_image(cache: &Path, note: &dyn Fn(&str)) -> Result<BootImage> {
 /// Download `base/name` to `dest`, accepting it only if its SHA512 matches `base/SHA512SUMS`.
 fn download_checked(base: &str, name: &str, dest: &Path) -> Result<()> {
     let agent = ureq::Agent::new_with_defaults();
-    let sums = agent
-        .get(format!("{base}/SHA512SUMS"))
-        .call()
-        .context("fetching SHA512SUMS")?
-        .body_mut()
-        .read_to_string()
-        .context("reading SHA512SUMS")?;
+    let sums =
+        agent.get(format!("{base}/SHA512SUMS")).call().context("fetching SHA512SUMS")?.body_mut().read_to_string().context("reading SHA512SUMS")?;
     let want = sums
         .lines()
         .find_map(|l| {
@@ -227,9 +220,9 @@ impl crate::cloud::ImageBuilder for LocalImageBuilder {
 }
 
 pub fn host_mirror() -> String {
-    let from_sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").ok().and_then(|t| {
-        t.lines().find_map(|l| l.strip_prefix("URIs:").and_then(|u| u.split_whitespace().next()).map(str::to_string))
-    });
+    let from_sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("URIs:").and_then(|u| u.split_whitespace().next()).map(str::to_string)));
     from_sources.unwrap_or_else(|| "http://deb.debian.org/debian".to_string())
 }
 
@@ -302,12 +295,7 @@ fn build_in(work: &Path, opts: &BuildOptions, recipe: &str, started: std::time::
     let _ = fs::remove_file(&log);
     note(&format!("debootstrap {SUITE} from {} (about 1–3 minutes)", opts.mirror));
     run(
-        Command::new("debootstrap")
-            .arg("--variant=minbase")
-            .arg(format!("--include={}", PACKAGES.join(",")))
-            .arg(SUITE)
-            .arg(&root)
-            .arg(&opts.mirror),
+        Command::new("debootstrap").arg("--variant=minbase").arg(format!("--include={}", PACKAGES.join(","))).arg(SUITE).arg(&root).arg(&opts.mirror),
         "debootstrap",
         &log,
     )?;

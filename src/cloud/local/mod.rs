@@ -77,7 +77,6 @@ impl Local {
         qemu::find_vms(&self.files.overlay).into_iter().find(|p| qemu::alive(*p))
     }
 
-
     fn pick_ports(&self, previous: Option<&VmRecord>) -> Result<Ports> {
         let l = &self.spec.local;
         let pick = |wanted: Option<u16>, prev: Option<u16>, taken: &[u16]| -> Result<u16> {
@@ -119,7 +118,18 @@ impl Local {
         if !self.files.overlay.exists() {
             let base = fs::canonicalize(&img.disk).map_err(io_err("resolving the base image"))?;
             let tmp = self.dir.join(".overlay.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", "-F", &img.format, "-b", &base.display().to_string(), &tmp.display().to_string(), &format!("{ROOT_DISK_GB}G")])?;
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                &img.format,
+                "-b",
+                &base.display().to_string(),
+                &tmp.display().to_string(),
+                &format!("{ROOT_DISK_GB}G"),
+            ])?;
             fs::rename(&tmp, &self.files.overlay).map_err(io_err("placing the overlay"))?;
         }
         if !self.files.data.exists() {
@@ -133,7 +143,8 @@ impl Local {
             return Err(failed("starting the VM", "its seed ISO is missing; run `sgbox up` again"));
         }
 
-        let (accel, note) = qemu::choose_accel(self.spec.local.accel, &img, &self.cache).map_err(|m| CloudError::Input(UserError::field("accel", m).hint("use accel = auto or tcg")))?;
+        let (accel, note) = qemu::choose_accel(self.spec.local.accel, &img, &self.cache)
+            .map_err(|m| CloudError::Input(UserError::field("accel", m).hint("use accel = auto or tcg")))?;
         if let Some(n) = note {
             crate::output::note(format!("note: {n}"));
         }
@@ -170,7 +181,9 @@ impl Local {
                     crate::output::note(format!("note: a forwarded port was taken meanwhile ({msg}); picking others"));
                 }
                 Err(qemu::StartError::PortTaken(msg)) => {
-                    return Err(UserError::field("ssh-port", format!("QEMU could not forward a port: {msg}")).hint("pick other ports, or omit them to use free ones").into())
+                    return Err(UserError::field("ssh-port", format!("QEMU could not forward a port: {msg}"))
+                        .hint("pick other ports, or omit them to use free ones")
+                        .into())
                 }
                 Err(qemu::StartError::Failed(msg)) => return Err(failed("starting QEMU", msg)),
             }
@@ -248,7 +261,9 @@ impl Machine for Local {
             image::open(p)?;
         }
         if self.spec.local.accel == Accel::Kvm && !qemu::kvm_device_usable() {
-            return Err(UserError::field("accel", "kvm was asked for, but /dev/kvm is missing or not accessible").hint("use accel = auto or tcg").into());
+            return Err(UserError::field("accel", "kvm was asked for, but /dev/kvm is missing or not accessible")
+                .hint("use accel = auto or tcg")
+                .into());
         }
         // Ports the user chose must be free, unless our own VM already holds them.
         if self.running_pid().is_none() {
@@ -441,7 +456,9 @@ impl Machine for Local {
         for pid in qemu::find_vms(&self.files.overlay) {
             out.push(Resource { kind: "qemu process".into(), id: pid.to_string(), kept_by_default: false });
         }
-        for (kind, path, kept) in [("overlay disk", &self.files.overlay, false), ("seed ISO", &self.files.seed, false), ("data disk", &self.files.data, true)] {
+        for (kind, path, kept) in
+            [("overlay disk", &self.files.overlay, false), ("seed ISO", &self.files.seed, false), ("data disk", &self.files.data, true)]
+        {
             if path.exists() {
                 out.push(Resource { kind: kind.into(), id: path.display().to_string(), kept_by_default: kept });
             }
@@ -554,4 +571,3 @@ mod tests {
         assert!(n >= 8, "the runtime's thread was blocked: {n} ticks of 100 ms in 1.5 s");
     }
 }
-

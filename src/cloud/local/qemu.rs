@@ -107,11 +107,7 @@ pub enum StartError {
 
 /// Start QEMU daemonized: it returns once the VM runs, or with the error (bad image, port in use).
 pub fn start(args: &[String]) -> Result<u32, StartError> {
-    let out = Command::new(QEMU)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| StartError::Failed(format!("cannot run {QEMU}: {e}")))?;
+    let out = Command::new(QEMU).args(args).stdin(Stdio::null()).output().map_err(|e| StartError::Failed(format!("cannot run {QEMU}: {e}")))?;
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     if !out.status.success() {
         if stderr.contains("host forwarding rule") {
@@ -231,7 +227,9 @@ pub fn choose_accel(wanted: Accel, image: &BootImage, cache: &Path) -> Result<(A
         Accel::Tcg => return Ok((Accel::Tcg, None)),
         Accel::Kvm if !usable => return Err("KVM was asked for (accel = kvm) but /dev/kvm is missing or not accessible".into()),
         Accel::Kvm => return Ok((Accel::Kvm, None)),
-        Accel::Auto if !usable => return Ok((Accel::Tcg, Some("no usable /dev/kvm: running under TCG software emulation (boots take 1–2 minutes)".into()))),
+        Accel::Auto if !usable => {
+            return Ok((Accel::Tcg, Some("no usable /dev/kvm: running under TCG software emulation (boots take 1–2 minutes)".into())))
+        }
         Accel::Auto => {}
     }
     let key = format!(
@@ -255,7 +253,10 @@ pub fn choose_accel(wanted: Accel, image: &BootImage, cache: &Path) -> Result<(A
     if result.kvm_works {
         Ok((Accel::Kvm, None))
     } else {
-        Ok((Accel::Tcg, Some(format!("KVM cannot boot a stock kernel on this host ({}): using TCG software emulation (boots take 1–2 minutes)", result.detail))))
+        Ok((
+            Accel::Tcg,
+            Some(format!("KVM cannot boot a stock kernel on this host ({}): using TCG software emulation (boots take 1–2 minutes)", result.detail)),
+        ))
     }
 }
 

