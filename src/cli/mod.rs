@@ -80,7 +80,8 @@ pub enum Command {
 }
 
 /// The deployment's settings as flags; each is also a key of sgbox.toml and an SGBOX_* variable.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct DeploymentArgs {
     /// Deployment name: names cloud resources and the state folder [default: sourcegraph].
     #[arg(long, value_name = "NAME")]
@@ -161,34 +162,21 @@ pub struct DeploymentArgs {
 }
 
 impl DeploymentArgs {
-    /// The flags as (settings key, value) pairs.
-    pub fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
-        vec![
-            ("name", self.name.clone()),
-            ("cloud", self.cloud.clone()),
-            ("region", self.region.clone()),
-            ("zone", self.zone.clone()),
-            ("size", self.size.clone()),
-            ("instance-type", self.instance_type.clone()),
-            ("data-disk-gb", self.data_disk_gb.clone()),
-            ("version", self.version.clone()),
-            ("registry-mirror", self.registry_mirror.clone()),
-            ("mirror-mode", self.mirror_mode.clone()),
-            ("hostname", self.hostname.clone()),
-            ("tls", self.tls.clone()),
-            ("tls-email", self.tls_email.clone()),
-            ("tls-cert", self.tls_cert.clone()),
-            ("tls-key", self.tls_key.clone()),
-            ("ssh-cidr", self.ssh_cidr.clone()),
-            ("allow-ssh-from-anywhere", self.allow_ssh_from_anywhere.then(|| "true".to_string())),
-            ("image-id", self.image_id.clone()),
-            ("subnet-id", self.subnet_id.clone()),
-            ("base-image", self.base_image.clone()),
-            ("accel", self.accel.clone()),
-            ("ssh-port", self.ssh_port.clone()),
-            ("http-port", self.http_port.clone()),
-            ("https-port", self.https_port.clone()),
-        ]
+    /// The flags as (settings key, value) pairs: the key is the long flag (the field's name in
+    /// kebab case), so a new setting is a field here and a key in `settings`, nothing more.
+    pub fn pairs(&self) -> Vec<(String, Option<String>)> {
+        let serde_json::Value::Object(fields) = serde_json::to_value(self).expect("flags serialize") else { unreachable!("a struct") };
+        fields
+            .into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    serde_json::Value::String(s) => Some(s),
+                    serde_json::Value::Bool(true) => Some("true".to_string()),
+                    _ => None,
+                };
+                (k, text)
+            })
+            .collect()
     }
 }
 
@@ -232,8 +220,8 @@ pub struct TargetArgs {
 }
 
 impl TargetArgs {
-    pub fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
-        vec![("name", self.name.clone()), ("cloud", self.cloud.clone()), ("region", self.region.clone())]
+    pub fn pairs(&self) -> Vec<(String, Option<String>)> {
+        vec![("name".into(), self.name.clone()), ("cloud".into(), self.cloud.clone()), ("region".into(), self.region.clone())]
     }
 }
 
@@ -391,8 +379,11 @@ mod tests {
         let pairs = DeploymentArgs::default().pairs();
         let cmd = Cli::command();
         let render = cmd.find_subcommand("render").unwrap();
+        assert_eq!(pairs.len(), 24);
+        // Every flag is a key of the settings table (from_flags panics on an unknown one).
+        crate::settings::Layer::from_flags(pairs.iter().map(|(k, _)| (k.as_str(), Some("x".to_string()))));
         for (key, _) in pairs {
-            assert!(render.get_arguments().any(|a| a.get_long() == Some(key)), "--{key} missing");
+            assert!(render.get_arguments().any(|a| a.get_long() == Some(key.as_str())), "--{key} missing");
         }
     }
 }

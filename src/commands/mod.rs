@@ -37,8 +37,8 @@ impl Context {
     }
 
     /// What this run was given, without defaults: flags > SGBOX_* > the -f file.
-    pub fn given(&self, flags: Vec<(&'static str, Option<String>)>) -> Result<Layer> {
-        let flags = Layer::from_flags(flags);
+    pub fn given(&self, flags: Vec<(String, Option<String>)>) -> Result<Layer> {
+        let flags = Layer::from_flags(flags.iter().map(|(k, v)| (k.as_str(), v.clone())));
         let env = Layer::from_env(|k| std::env::var(k).ok());
         let file = match &self.config {
             Some(p) => Layer::from_file(p)?,

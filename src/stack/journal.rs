@@ -1,7 +1,7 @@
 //! The upgrade journal: the ordered steps of one upgrade, derived from the planner's plan, with
 //! what is done, kept on the box (`/var/lib/sgbox/upgrade.json`) so that a re-run after a dropped
 //! connection or a crash resumes at the first unfinished step. Pure: no I/O here; the upgrade
-//! command reads and writes it over SSH.
+//! engine (`stack::upgrade`) reads and writes it over SSH.
 //!
 //! Rollback depends on how far it got: before anything changed, nothing to undo; once the compose
 //! files were swapped, restore the previous ones; once a migrator ran (a standard upgrade's

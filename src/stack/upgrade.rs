@@ -361,6 +361,16 @@ pub async fn drive(s: &mut Upgrade, mut j: Journal) -> Result<Journal> {
     Ok(j)
 }
 
+/// The compose override that runs one hop's migrator: serialized, never spliced together (JSON
+/// is YAML, and Compose reads it as such).
+fn hop_override(upgrade: &str, hop: &Hop, image: &str, args: &[String]) -> String {
+    let doc = json!({
+        "x-sgbox": format!("hop {} -> {} of the upgrade {upgrade}: the {} migrator on the {} databases", hop.from, hop.to, hop.migrator, hop.db_images),
+        "services": { "migrator": { "image": image, "command": args, "restart": "no" } },
+    });
+    serde_json::to_string_pretty(&doc).expect("a JSON value serializes") + "\n"
+}
+
 /// The hops a journal runs: the ones it was planned with. A resume follows them exactly, even when
 /// this sgbox's catalog or planner would plan the path differently now. (Journals written before
 /// the hops were journaled are planned again, as they were then.)
@@ -415,13 +425,7 @@ async fn run_step(s: &mut Upgrade, j: &mut Journal, step: &Step, hops: &[Hop]) -
             let args = hop.migrator_args(j.kind == UpgradeKind::Downgrade);
             let name = format!("migrate-{from}-{hop_to}");
             let hop_file = format!("/var/lib/sgbox/upgrade/{name}.yaml");
-            let yaml = format!(
-                "# sgbox: hop {from} -> {hop_to} of the upgrade {}: the {migrator} migrator on the {} databases.\nservices:\n  migrator:\n    image: {}\n    command: [{}]\n    restart: \"no\"\n",
-                j.id,
-                hop.db_images,
-                serde_json::to_string(&image_ref(m, &s.d.settings))?,
-                args.iter().map(|a| serde_json::to_string(a).unwrap()).collect::<Vec<_>>().join(", ")
-            );
+            let yaml = hop_override(&j.id, hop, &image_ref(m, &s.d.settings), &args);
             s.stage(hop.db_images).await?;
             s.on.put(&hop_file, &yaml, 0o644).await?;
             let c = format!("{} -f {hop_file}", compose(&format!("{RELEASES}/{}/docker-compose.yaml", hop.db_images)));

@@ -1,5 +1,7 @@
 //! The local state of deployments: one folder per deployment under the state root, holding the
-//! generated secrets and SSH key (mode 0600), written atomically.
+//! generated secrets and SSH key (mode 0600), the typed deployment record (`deployment.json`: the
+//! settings a deployment was created with, its release, pinned host key and history), all written
+//! atomically, and the lock that keeps two changing commands off one deployment.
 //!
 //! Secrets are generated once and reused, so renders stay byte-identical and a re-run never
 //! changes a database password under a running box.
