@@ -9,12 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "sgbox", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Deployment settings file (sgbox.toml); flags and SGBOX_* variables override it.
-    #[arg(short = 'f', long = "config", global = true, env = "SGBOX_CONFIG", value_name = "SGBOX_TOML")]
+    #[arg(short = 'f', long = "config", global = true, env = "SGBOX_CONFIG", hide_env_values = true, value_name = "SGBOX_TOML")]
     pub config: Option<PathBuf>,
 
     /// Folder holding each deployment's state (secrets, SSH key, resource ids), one subfolder per
     /// deployment. Default: the per-user data directory.
-    #[arg(long, global = true, env = "SGBOX_STATE_DIR", value_name = "DIR")]
+    #[arg(long, global = true, env = "SGBOX_STATE_DIR", hide_env_values = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
     /// More detail on stderr (repeat for more).
