@@ -2,6 +2,22 @@
 # took, and appends "NAME<TAB>SECONDS<TAB>STATUS" to $CI_PHASES (the table .ci/run prints at the
 # end), so the next slow machine shows where the time goes.
 CI_PHASES=${CI_PHASES:-$(pwd)/target/ci-phases.tsv}
+
+# A fresh build gains nothing from incremental compilation's bookkeeping.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# The lint gate runs inside the build: clippy-driver compiles sgbox's own targets (the workspace)
+# with clippy's lints and -D warnings, while the dependencies are built by rustc as usual. This is
+# what `cargo clippy --all-targets -- -D warnings` checks, without its second, check-mode
+# compile of every dependency (274 s on a 2-core machine, beside the end-to-end test's boot).
+# Every cargo call of setup and test sees the same wrapper, so nothing is built twice.
+if [ -z "${RUSTC_WORKSPACE_WRAPPER+x}" ]; then
+  if ! clippy=$(command -v clippy-driver); then
+    echo "ci: clippy-driver is missing (rustup component add clippy)" >&2
+    exit 1
+  fi
+  export RUSTC_WORKSPACE_WRAPPER="$clippy" CLIPPY_ARGS="-Dwarnings"
+fi
 export CI_PHASES
 mkdir -p "$(dirname "$CI_PHASES")"
 
