@@ -57,19 +57,20 @@ pub fn warn(msg: impl AsRef<str>) {
     }
 }
 
-/// Detail for `-v`.
+/// Detail for `-v`: which record applies, how the host key is checked.
 pub fn detail(msg: impl AsRef<str>) {
-    let p = printer();
-    if p.verbose > 0 && !p.quiet {
-        eprintln!("{}", msg.as_ref());
-    }
+    at_verbosity(1, msg.as_ref());
 }
 
-/// Detail for `-vv`: each command run on the box, each cloud call's outcome.
+/// Detail for `-vv`: each command run on the box.
 pub fn trace(msg: impl AsRef<str>) {
+    at_verbosity(2, msg.as_ref());
+}
+
+fn at_verbosity(level: u8, msg: &str) {
     let p = printer();
-    if p.verbose > 1 && !p.quiet {
-        eprintln!("{}", msg.as_ref());
+    if p.verbose >= level && !p.quiet {
+        eprintln!("{msg}");
     }
 }
 

@@ -51,11 +51,15 @@ pub fn append_cmd(path: &str, line: &str) -> String {
     format!("echo {} | base64 -d | sudo tee -a {} >/dev/null", b64(line), quote(path))
 }
 
-fn first_line(cmd: &str) -> String {
+/// A command as errors and `-vv` show it: its first line, at most 80 characters, with the
+/// base64 payloads of [`put_cmd`] and [`append_cmd`] elided (they carry file contents).
+fn shown(cmd: &str) -> String {
     let l = cmd.lines().next().unwrap_or("");
+    let payload = |w: &str| w.len() > 24 && w.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+    let l = l.split(' ').map(|w| if payload(w) { format!("<{} base64 chars>", w.len()) } else { w.to_string() }).collect::<Vec<_>>().join(" ");
     match l.char_indices().nth(80) {
         Some((i, _)) => format!("{}…", &l[..i]),
-        None => l.to_string(),
+        None => l,
     }
 }
 
@@ -108,10 +112,10 @@ impl Session {
 
     /// Run a command; its stdout, or an error with its stderr.
     pub async fn run(&self, cmd: &str) -> Result<String> {
-        output::trace(format!("  on the box: {}", first_line(cmd)));
-        let out = self.ssh.exec(cmd).await.with_context(|| format!("running `{}` on the box", first_line(cmd)))?;
+        output::trace(format!("  on the box: {}", shown(cmd)));
+        let out = self.ssh.exec(cmd).await.with_context(|| format!("running `{}` on the box", shown(cmd)))?;
         if out.status != 0 {
-            bail!("`{}` on the box exited {}: {}", first_line(cmd), out.status, out.stderr.trim());
+            bail!("`{}` on the box exited {}: {}", shown(cmd), out.status, out.stderr.trim());
         }
         Ok(out.stdout)
     }
@@ -171,6 +175,17 @@ mod tests {
         let line = w(&["echo", "a b", "it's", "$HOME"]);
         assert_eq!(shlex::split(&line).unwrap(), vec!["echo", "a b", "it's", "$HOME"], "{line}");
         assert_eq!(quote("plain-word_1.2"), "plain-word_1.2");
+    }
+
+    #[test]
+    fn shown_commands_never_carry_file_contents() {
+        let secret = "PGSQL_PASSWORD=Pw1aaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n";
+        let cmd = format!("sudo install -d -m 0755 /opt/sgbox && {}", put_cmd("/opt/sgbox/.env", secret, 0o600));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+        let s = shown(&cmd);
+        assert!(!s.contains(&b64[..8]), "{s}");
+        assert!(s.starts_with("sudo install -d -m 0755 /opt/sgbox && echo <"), "{s}");
+        assert_eq!(shown("docker ps -a\nsecond line"), "docker ps -a");
     }
 
     #[test]

@@ -483,7 +483,8 @@ impl Settings {
     /// naming the recorded value; an SGBOX_* variable or a file key that does is ignored, and
     /// said so in the returned warnings (the same sgbox.toml is often passed to every command).
     pub fn recorded(record: &str, record_path: &Path, given: &Layer) -> Result<(Settings, Vec<String>), UserError> {
-        let kept = Settings::resolve(&Layer::parse_toml(record, record_path)?, &Prompter { interactive: false })?;
+        let recorded = Layer::parse_toml(record, record_path)?;
+        let kept = Settings::resolve(&recorded, &Prompter { interactive: false })?;
         let kept_table = kept.table();
         let mut warnings = Vec::new();
         for (key, v) in given.entries() {
@@ -491,7 +492,7 @@ impl Settings {
                 continue;
             }
             // The value as this run would have resolved it, next to the recorded ones.
-            let one = Layer::single(key, v.clone()).over(Layer::parse_toml(record, record_path)?);
+            let one = Layer::single(key, v.clone()).over(recorded.clone());
             let same = match Settings::resolve(&one, &Prompter { interactive: false }) {
                 Ok(s) => s.table().get(key) == kept_table.get(key),
                 Err(_) => false,

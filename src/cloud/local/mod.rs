@@ -63,6 +63,13 @@ impl Local {
         tokio::task::spawn_blocking(move || f(me)).await.expect("blocking task")
     }
 
+    /// `qemu-img snapshot OP NAME` on the data disk (`-c` takes one, `-a` applies one), off the
+    /// async workers.
+    async fn data_snapshot(&self, op: &'static str, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.blocking(move |l| qemu_img(&["snapshot", op, &name, &l.files.data.display().to_string()])).await
+    }
+
     fn record(&self) -> Option<VmRecord> {
         fs::read_to_string(self.dir.join("vm.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
     }
@@ -320,8 +327,7 @@ impl Machine for Local {
         if !stopped || self.running_pid().is_some() {
             return Err(failed("stopping the VM to restore its data disk", "QEMU did not stop"));
         }
-        let (snapshot, data) = (snapshot.to_string(), self.files.data.display().to_string());
-        tokio::task::spawn_blocking(move || qemu_img(&["snapshot", "-a", &snapshot, &data])).await.expect("qemu-img task")?;
+        self.data_snapshot("-a", snapshot).await?;
         let base = self.find_base_image().await?;
         self.blocking(move |l| l.start(&base, None)).await?;
         self.wait_running(timeout).await.map(|_| ())
@@ -363,8 +369,7 @@ impl Machine for Local {
             }
         });
         unplug.await.expect("qmp task").map_err(|m| failed("unplugging the data disk", m))?;
-        let (snap, path) = (snapshot.to_string(), data.display().to_string());
-        tokio::task::spawn_blocking(move || qemu_img(&["snapshot", "-a", &snap, &path])).await.expect("qemu-img task")?;
+        self.data_snapshot("-a", snapshot).await?;
         let qmp = self.files.qmp.clone();
         let plug = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
             let node = serde_json::json!({
@@ -436,7 +441,6 @@ impl Machine for Local {
 
     async fn snapshot_data_disk(&self, label: &str) -> Result<String> {
         let name = format!("{label}-{}", random_suffix());
-        let data = self.files.data.clone();
         if self.running_pid().is_some() {
             let qmp = self.files.qmp.clone();
             let args = serde_json::json!({ "device": qemu::DATA_NODE, "name": name });
@@ -445,8 +449,7 @@ impl Machine for Local {
                 .expect("qmp task")
                 .map_err(|m| failed("snapshotting the data disk", m))?;
         } else {
-            let (n, path) = (name.clone(), data.display().to_string());
-            tokio::task::spawn_blocking(move || qemu_img(&["snapshot", "-c", &n, &path])).await.expect("qemu-img task")?;
+            self.data_snapshot("-c", &name).await?;
         }
         Ok(name)
     }
