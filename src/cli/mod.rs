@@ -136,6 +136,18 @@ pub struct DeploymentArgs {
     /// Allow --ssh-cidr 0.0.0.0/0. SSH open to the whole internet is almost never what you want.
     #[arg(long)]
     pub allow_ssh_from_anywhere: bool,
+    /// Network allowed to reach Sourcegraph over HTTP(S) [default: the --ssh-cidr]. Open it to
+    /// everyone with 0.0.0.0/0 (and ::/0) once you have claimed the site.
+    #[arg(long, value_name = "CIDR")]
+    pub web_cidr: Option<String>,
+    /// Allow --web-cidr 0.0.0.0/0 with --tls none: Sourcegraph over plain, unencrypted HTTP to
+    /// the whole internet (passwords and code in clear text).
+    #[arg(long)]
+    pub allow_plain_http_from_anywhere: bool,
+    /// Accept an instance type below Sourcegraph's minimum (8 vCPU, 32 GiB); it will be slow or
+    /// run out of memory.
+    #[arg(long)]
+    pub allow_undersized: bool,
     /// AWS: boot this AMI instead of Debian's newest Debian 13 (it must run cloud-init).
     #[arg(long, value_name = "AMI")]
     pub image_id: Option<String>,
@@ -379,7 +391,7 @@ mod tests {
         let pairs = DeploymentArgs::default().pairs();
         let cmd = Cli::command();
         let render = cmd.find_subcommand("render").unwrap();
-        assert_eq!(pairs.len(), 24);
+        assert_eq!(pairs.len(), 27);
         // Every flag is a key of the settings table (from_flags panics on an unknown one).
         crate::settings::Layer::from_flags(pairs.iter().map(|(k, _)| (k.as_str(), Some("x".to_string()))));
         for (key, _) in pairs {

@@ -190,6 +190,18 @@ pub trait Machine: Send + Sync {
     /// Check tools, credentials and requested names/ports before anything is created.
     async fn preflight(&self) -> Result<()>;
 
+    /// Before acting on an existing deployment: refuse when this run would reach another home
+    /// than the deployment's (AWS: another account or region), where it would find nothing.
+    async fn check_home(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Wait until a snapshot [`Machine::snapshot_data_disk`] returned is complete, so a restore
+    /// from it can work; `note` hears progress. (Local snapshots are complete at once.)
+    async fn wait_snapshot(&self, _snapshot: &str, _timeout: Duration, _note: &(dyn for<'s> Fn(&'s str) + Send + Sync)) -> Result<()> {
+        Ok(())
+    }
+
     /// The firewall/network the box lives in (security group, firewall rules, port forwards).
     async fn ensure_network(&self) -> Result<()>;
 

@@ -30,6 +30,9 @@ pub struct Spec {
     pub machine: MachineType,
     pub data_disk_gb: u32,
     pub ssh_cidr: Option<IpNet>,
+    /// Who may reach HTTP(S) (the SSH CIDR unless the user opened it).
+    pub web_cidr: Option<IpNet>,
+    pub allow_undersized: bool,
     pub aws: AwsSettings,
     pub local: LocalSettings,
     pub resources: Vec<PlannedResource>,
@@ -47,6 +50,8 @@ impl Spec {
             machine: m,
             data_disk_gb: s.data_disk_gb,
             ssh_cidr: s.ssh_cidr,
+            web_cidr: s.web_cidr(),
+            allow_undersized: s.allow_undersized,
             aws: s.aws.clone(),
             local: s.local.clone(),
         }
@@ -72,18 +77,23 @@ fn resources(s: &Settings, m: &MachineType) -> Vec<PlannedResource> {
         Some(c) => c.to_string(),
         None => "the --ssh-cidr you give (required by `up` on clouds)".to_string(),
     };
+    let web = match s.web_cidr() {
+        Some(c) if c.prefix_len() == 0 => "anywhere".to_string(),
+        Some(c) => c.to_string(),
+        None => "the --ssh-cidr you give (until --web-cidr opens it)".to_string(),
+    };
     let zone = s.zone.as_ref().map(|z| format!(" in {z}")).unwrap_or_default();
     let r = |kind, role, name: String, detail: String| PlannedResource { kind, role, name, detail };
     match s.cloud {
         Cloud::Aws => vec![
-            r("security-group", "firewall", format!("{n}-sgbox"), format!("80 and 443 from anywhere; 22 from {ssh}; nothing else")),
+            r("security-group", "firewall", format!("{n}-sgbox"), format!("80 and 443 from {web}; 22 from {ssh}; nothing else")),
             r("key-pair", "key", format!("{n}-sgbox"), "ed25519, from the deployment's SSH key".into()),
             r("instance", "box", format!("{n}-box"), format!("{shape}{zone}, Debian 13, IMDSv2 required, encrypted gp3 root")),
             r("volume", "data", format!("{n}-data"), format!("{} GiB gp3, encrypted, kept when the instance is deleted", s.data_disk_gb)),
             r("elastic-ip", "address", format!("{n}-address"), "stable address across stop/start".into()),
         ],
         Cloud::Gcp => vec![
-            r("firewall", "web", format!("{n}-web"), "80 and 443 from anywhere".into()),
+            r("firewall", "web", format!("{n}-web"), format!("80 and 443 from {web}")),
             r("firewall", "ssh", format!("{n}-ssh"), format!("22 from {ssh}")),
             r("instance", "box", n.clone(), format!("{shape}{zone}, Debian 13, Shielded VM")),
             r("disk", "data", format!("{n}-data"), format!("{} GB pd-ssd, kept when the instance is deleted", s.data_disk_gb)),

@@ -58,6 +58,7 @@ pub async fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
         })?,
     };
     let machine = cloud::machine(&Spec::of(&settings), &dir.path, cache_root()?).await?;
+    machine.check_home().await?;
     Ok(Deployment { settings, dir, record, machine })
 }
 

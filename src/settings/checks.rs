@@ -120,7 +120,10 @@ pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, 
                 return Err(UserError::field("tls-email", "Let's Encrypt needs a contact email").hint("pass --tls-email admin@example.com"));
             };
             let addr = e.text.trim();
-            let ok = addr.split_once('@').is_some_and(|(u, d)| !u.is_empty() && is_hostname(d) && d.contains('.'));
+            // The local part goes into the Caddyfile: only the characters of a plain address (no
+            // space, newline, brace or quote could then start a directive).
+            let local_ok = |u: &str| !u.is_empty() && u.len() <= 64 && u.bytes().all(|b| b.is_ascii_alphanumeric() || b".+-_".contains(&b));
+            let ok = addr.split_once('@').is_some_and(|(u, d)| local_ok(u) && is_hostname(d) && d.contains('.'));
             if !ok {
                 return Err(bad("tls-email", e, format!("'{addr}' is not an email address")).hint("use an address such as admin@example.com"));
             }
@@ -149,20 +152,18 @@ pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, 
     }
 }
 
-pub(super) fn validate_cidr(v: &Value, allow_any: bool) -> Result<IpNet, UserError> {
+pub(super) fn validate_cidr(key: &str, v: &Value, allow_any: bool) -> Result<IpNet, UserError> {
     let t = v.text.trim();
     let net: IpNet = match t.parse::<IpNet>() {
         Ok(n) => n,
         Err(_) => match t.parse::<IpAddr>() {
             // A bare address means that one host.
             Ok(ip) => IpNet::from(ip),
-            Err(_) => {
-                return Err(bad("ssh-cidr", v, format!("'{t}' is not a CIDR block")).hint("write an address and prefix length, e.g. 203.0.113.7/32"))
-            }
+            Err(_) => return Err(bad(key, v, format!("'{t}' is not a CIDR block")).hint("write an address and prefix length, e.g. 203.0.113.7/32")),
         },
     };
     if net.trunc() != net {
-        return Err(bad("ssh-cidr", v, format!("'{t}' has host bits set beyond /{}", net.prefix_len())).hint(format!(
+        return Err(bad(key, v, format!("'{t}' has host bits set beyond /{}", net.prefix_len())).hint(format!(
             "did you mean {} (the network) or {}/{} (one host)?",
             net.trunc(),
             net.addr(),

@@ -138,6 +138,10 @@ pub struct Settings {
     pub tls: Tls,
     pub ssh_cidr: Option<IpNet>,
     pub allow_ssh_from_anywhere: bool,
+    /// Who may reach HTTP(S); `None` means the SSH CIDR (see [`Settings::web_cidr`]).
+    pub web_cidr: Option<IpNet>,
+    pub allow_plain_http_from_anywhere: bool,
+    pub allow_undersized: bool,
     /// Only for the local cloud.
     pub local: LocalSettings,
     /// Only for AWS.
@@ -325,18 +329,40 @@ impl Settings {
 
         let tls = resolve_tls(layer, hostname.as_deref())?;
 
-        let allow_any = match s("allow-ssh-from-anywhere") {
-            Some(v) => match v.text.trim() {
-                "true" => true,
-                "false" => false,
-                other => return Err(bad("allow-ssh-from-anywhere", v, format!("'{other}' is not true or false")).hint("use true or false")),
-            },
-            None => false,
+        let flag = |key: &str| -> Result<bool, UserError> {
+            match s(key) {
+                Some(v) => match v.text.trim() {
+                    "true" => Ok(true),
+                    "false" => Ok(false),
+                    other => Err(bad(key, v, format!("'{other}' is not true or false")).hint("use true or false")),
+                },
+                None => Ok(false),
+            }
         };
+        let allow_any = flag("allow-ssh-from-anywhere")?;
         let ssh_cidr = match s("ssh-cidr") {
-            Some(v) => Some(validate_cidr(v, allow_any)?),
+            Some(v) => Some(validate_cidr("ssh-cidr", v, allow_any)?),
             None => None,
         };
+        let allow_plain_http_from_anywhere = flag("allow-plain-http-from-anywhere")?;
+        let allow_undersized = flag("allow-undersized")?;
+        let web_cidr = match s("web-cidr") {
+            // Opening the site to everyone is what --web-cidr 0.0.0.0/0 says; plain HTTP to
+            // everyone needs its own flag below.
+            Some(v) => Some(validate_cidr("web-cidr", v, true)?),
+            None => None,
+        };
+        if let (Some(v), Some(c)) = (s("web-cidr"), web_cidr) {
+            if c.prefix_len() == 0 && tls == Tls::None && !allow_plain_http_from_anywhere {
+                return Err(bad("web-cidr", v, format!("{c} with tls = none serves Sourcegraph over plain HTTP to the whole internet"))
+                    .hint("set up TLS (--tls letsencrypt --hostname H --tls-email E, or --tls custom), or pass --allow-plain-http-from-anywhere if you really mean it"));
+            }
+        }
+        if cloud == Cloud::Aws && name.starts_with("sg-") {
+            let v = s("name").expect("a name starting with sg- was given");
+            return Err(bad("name", v, format!("'{name}' starts with sg-, which AWS reserves for security group ids"))
+                .hint("pick a name that does not start with sg-"));
+        }
 
         let local = resolve_local(layer, cloud)?;
         let aws = resolve_aws(layer, cloud)?;
@@ -358,6 +384,9 @@ impl Settings {
             tls,
             ssh_cidr,
             allow_ssh_from_anywhere: allow_any,
+            web_cidr,
+            allow_plain_http_from_anywhere,
+            allow_undersized,
         })
     }
 
@@ -372,7 +401,19 @@ impl Settings {
         if self.allow_ssh_from_anywhere && self.ssh_cidr.is_some_and(|c| c.prefix_len() == 0) {
             w.push("SSH is open to the whole internet (--allow-ssh-from-anywhere)".into());
         }
+        if self.cloud != Cloud::Local && self.web_cidr().is_some_and(|c| c.prefix_len() == 0) && self.tls == Tls::None {
+            w.push("Sourcegraph is served over plain HTTP to the whole internet (--allow-plain-http-from-anywhere)".into());
+        }
+        if self.allow_undersized {
+            w.push("--allow-undersized: the machine may be below Sourcegraph's minimum of 8 vCPU and 32 GiB".into());
+        }
         w
+    }
+
+    /// Who may reach HTTP(S): the web CIDR, else the SSH CIDR (a new site is claimed by its first
+    /// visitor, so it is never open to the world unless the user says so).
+    pub fn web_cidr(&self) -> Option<IpNet> {
+        self.web_cidr.or(self.ssh_cidr)
     }
 
     /// The catalog release `version` resolved to (resolution already checked it exists).
@@ -456,6 +497,15 @@ impl Settings {
         }
         if self.allow_ssh_from_anywhere {
             put("allow-ssh-from-anywhere", toml::Value::Boolean(true));
+        }
+        if let Some(c) = &self.web_cidr {
+            put("web-cidr", st(&c.to_string()));
+        }
+        if self.allow_plain_http_from_anywhere {
+            put("allow-plain-http-from-anywhere", toml::Value::Boolean(true));
+        }
+        if self.allow_undersized {
+            put("allow-undersized", toml::Value::Boolean(true));
         }
         if let Some(i) = &self.aws.image_id {
             put("image-id", st(i));
@@ -599,6 +649,14 @@ mod tests {
             (&[("cloud", "aws"), ("ssh-cidr", "10.0.0.0/33")], "--ssh-cidr", "203.0.113.7/32"),
             (&[("cloud", "aws"), ("ssh-cidr", "10.0.0.5/24")], "--ssh-cidr", "10.0.0.0/24"),
             (&[("cloud", "aws"), ("ssh-cidr", "0.0.0.0/0")], "--ssh-cidr", "--allow-ssh-from-anywhere"),
+            (&[("cloud", "aws"), ("ssh-cidr", "203.0.113.7"), ("web-cidr", "0.0.0.0/0")], "--web-cidr", "--allow-plain-http-from-anywhere"),
+            (&[("cloud", "aws"), ("web-cidr", "10.0.0.1/8")], "--web-cidr", "10.0.0.0/8"),
+            (&[("cloud", "aws"), ("name", "sg-box")], "--name", "sg-"),
+            (
+                &[("cloud", "aws"), ("tls", "letsencrypt"), ("hostname", "a.example.com"), ("tls-email", "a}\nadmin off@x.com")],
+                "--tls-email",
+                "admin@example.com",
+            ),
             (&[("cloud", "aws"), ("hostname", "bad_host!")], "--hostname", "sourcegraph.example.com"),
             (&[("cloud", "aws"), ("instance-type", "m6a.large")], "--instance-type", "m6a.2xlarge"),
             (&[("cloud", "aws"), ("instance-type", "n2-standard-8")], "--instance-type", "m6a.2xlarge"),

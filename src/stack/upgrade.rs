@@ -413,6 +413,17 @@ async fn run_step(s: &mut Upgrade, j: &mut Journal, step: &Step, hops: &[Hop]) -
             Ok(None)
         }
         Step::StopApplication => {
+            // Nothing changes data before the snapshot can be restored from (EBS copies it in the
+            // background; the pulls above overlapped with that).
+            if let Some(snap) = j.snapshot.clone() {
+                let p = Phase::start("data snapshot completes");
+                let r = s.d.machine.wait_snapshot(&snap, s.timeout, &|l: &str| p.set(l.to_string())).await;
+                if let Err(e) = r {
+                    p.fail();
+                    return Err(e.into());
+                }
+                p.done_with(&snap);
+            }
             let apps: Vec<String> = Upgrade::release_services(j.from).into_iter().filter(|x| !DB_SERVICES.contains(&x.as_str())).collect();
             s.stage(j.from).await?;
             s.step("stop-application", &format!("{} stop {}", compose(&format!("{RELEASES}/{}/docker-compose.yaml", j.from)), apps.join(" ")))

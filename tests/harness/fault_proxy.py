@@ -9,7 +9,10 @@
 - --hang-after ACTION: forward the first call of ACTION to moto (so it takes effect), then never
   answer it: the caller is stuck exactly after the cloud changed and before it heard back — where
   an interrupted `sgbox up` must still converge on re-run.
-- --log FILE: one JSON line per call: action, forwarded, status.
+- --lag: EC2's eventual consistency. After a create is forwarded, the next two reads of its kind
+  do not see it yet: a read by id answers `*.NotFound`, a read by filter an empty list.
+- --stale KIND: as --lag, starting as if a KIND had just been created.
+- --log FILE: one JSON line per call: action, forwarded, status, and the call's form parameters.
 The action is the EC2 Query API's `Action=` form field, or the X-Amz-Target header (SSM).
 """
 import argparse
@@ -28,6 +31,20 @@ EC2_THROTTLE = (
     "<Message>Request limit exceeded.</Message></Error></Errors><RequestID>fault-proxy</RequestID></Response>"
 )
 
+EC2_ERROR = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+    "<Message>{message}</Message></Error></Errors><RequestID>fault-proxy</RequestID></Response>"
+)
+EMPTY = '<?xml version="1.0" encoding="UTF-8"?><{root} xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>fault-proxy</requestId><{set}/></{root}>'
+# create action -> kind; read action -> (kind, id parameter prefix, NotFound code, response root, list element)
+LAGGED_CREATES = {"RunInstances": "instance", "CreateVolume": "volume", "AllocateAddress": "address", "CreateSnapshot": "snapshot"}
+LAGGED_READS = {
+    "DescribeInstances": ("instance", "InstanceId.", "InvalidInstanceID.NotFound", "DescribeInstancesResponse", "reservationSet"),
+    "DescribeVolumes": ("volume", "VolumeId.", "InvalidVolume.NotFound", "DescribeVolumesResponse", "volumeSet"),
+    "DescribeAddresses": ("address", "AllocationId.", "InvalidAllocationID.NotFound", "DescribeAddressesResponse", "addressesSet"),
+    "DescribeSnapshots": ("snapshot", "SnapshotId.", "InvalidSnapshot.NotFound", "DescribeSnapshotsResponse", "snapshotSet"),
+}
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -37,10 +54,13 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hang-after", default="")
     ap.add_argument("--log", default="")
+    ap.add_argument("--lag", action="store_true")
+    ap.add_argument("--stale", action="append", default=[], help="KIND: start as if KIND (instance, volume, address, snapshot) was just created")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     lock = threading.Lock()
-    state = {"hung": False}
+    state = {"hung": False, "lag": {k: 2 for k in a.stale}}
+    a.lag = a.lag or bool(a.stale)
     log = open(a.log, "a", buffering=1) if a.log else None
 
     class H(BaseHTTPRequestHandler):
@@ -54,10 +74,29 @@ def main():
             body = self.rfile.read(n) if n else b""
             target = self.headers.get("X-Amz-Target", "")
             action = target.split(".")[-1] if target else ""
-            if not action:
+            q = {}
+            if not target:
                 q = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
                 q.update(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query))
                 action = (q.get("Action") or [""])[0]
+            params = {k: v[0] for k, v in q.items() if k != "Action"}
+            self.params = params
+            if a.lag and action in LAGGED_READS:
+                kind, id_param, code, root, set_name = LAGGED_READS[action]
+                with lock:
+                    pending = state["lag"].get(kind, 0)
+                    if pending:
+                        state["lag"][kind] = pending - 1
+                if pending:
+                    if any(k.startswith(id_param) for k in params):
+                        payload = EC2_ERROR.format(code=code, message="not visible yet (fault proxy: eventual consistency)").encode()
+                        self._reply(400, "text/xml", payload, {})
+                        self._log(action, False, 400)
+                    else:
+                        payload = EMPTY.format(root=root, set=set_name).encode()
+                        self._reply(200, "text/xml", payload, {})
+                        self._log(action, False, 200)
+                    return
             with lock:
                 throttle = rng.random() < a.throttle
                 hang = a.hang_after and action == a.hang_after and not state["hung"]
@@ -83,6 +122,9 @@ def main():
             except urllib.error.HTTPError as e:
                 status, headers, payload = e.code, dict(e.headers), e.read()
             self._log(action, True, status)
+            if a.lag and action in LAGGED_CREATES and status == 200:
+                with lock:
+                    state["lag"][LAGGED_CREATES[action]] = 2
             if hang:
                 while True:
                     time.sleep(3600)
@@ -100,7 +142,8 @@ def main():
 
         def _log(self, action, forwarded, status):
             if log:
-                log.write(json.dumps({"action": action, "forwarded": forwarded, "status": status}) + "\n")
+                line = {"action": action, "forwarded": forwarded, "status": status, "params": getattr(self, "params", {})}
+                log.write(json.dumps(line) + "\n")
 
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
 

@@ -106,7 +106,8 @@ fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
     assert_eq!(mapping["Ebs"]["DeleteOnTermination"], false, "{mapping}");
     assert_eq!(mapping["DeviceName"], "/dev/sdf");
 
-    // Firewall: 80/443 open, 22 only from the configured CIDR, nothing else.
+    // Firewall: 22 only from the configured CIDR, and 80/443 from it too (a site nobody has
+    // claimed is never open to the world), nothing else.
     let perms = inv["sgs"][0]["IpPermissions"].as_array().unwrap();
     let mut rules: Vec<(i64, Vec<String>)> = perms
         .iter()
@@ -115,7 +116,7 @@ fn up_creates_a_secure_box_once_and_down_keeps_the_data_volume() {
         })
         .collect();
     rules.sort();
-    assert_eq!(rules, vec![(22, vec![CIDR.to_string()]), (80, vec!["0.0.0.0/0".to_string()]), (443, vec!["0.0.0.0/0".to_string()])]);
+    assert_eq!(rules, vec![(22, vec![CIDR.to_string()]), (80, vec![CIDR.to_string()]), (443, vec![CIDR.to_string()])]);
 
     // The Elastic IP is the box's address.
     assert_eq!(inv["eips"][0]["InstanceId"], i["InstanceId"]);
@@ -399,4 +400,193 @@ print(json.dumps(v['VolumeId']))
     let d: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(d["deleted"].as_array().unwrap().iter().any(|r| r["id"] == vol), "{d:#}");
     assert!(inventory(&moto, "half")["volumes"].as_array().unwrap().is_empty());
+}
+
+fn security_rules(moto: &Moto, name: &str) -> Vec<(i64, String)> {
+    let inv = inventory(moto, name);
+    let mut rules: Vec<(i64, String)> = inv["sgs"][0]["IpPermissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let port = p["FromPort"].as_i64().unwrap();
+            let v4 =
+                p["IpRanges"].as_array().cloned().unwrap_or_default().into_iter().map(move |r| (port, r["CidrIp"].as_str().unwrap().to_string()));
+            let v6 =
+                p["Ipv6Ranges"].as_array().cloned().unwrap_or_default().into_iter().map(move |r| (port, r["CidrIpv6"].as_str().unwrap().to_string()));
+            v4.chain(v6)
+        })
+        .collect();
+    rules.sort();
+    rules
+}
+
+#[test]
+fn up_after_down_makes_a_new_instance_in_the_kept_volumes_zone() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let proxy = Proxy::start(&moto, 0.0, None);
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    let out = run(c.args(up_args("again", &["--zone", "us-east-1c"])));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = proxy.params("RunInstances");
+    assert_eq!(first.len(), 1);
+    let token1 = first[0]["ClientToken"].as_str().expect("RunInstances sends a ClientToken").to_string();
+    let data =
+        inventory(&moto, "again")["volumes"].as_array().unwrap().iter().find(|v| tag(v, "sgbox:role").as_deref() == Some("data")).cloned().unwrap();
+    assert_eq!(data["AvailabilityZone"], "us-east-1c");
+
+    let out = aws(&moto, st, &["down", "--name", "again", "--yes", "--output", "json"]);
+    assert!(out.status.success(), "down: {}", text(&out.stderr));
+
+    // Another zone than the kept volume's: refused before anything is created (EC2 would refuse
+    // the attach on every re-run; moto allows it, so the rule is asserted here).
+    let out = aws(&moto, st, &up_args("again", &["--zone", "us-east-1a"]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("zone") && err.contains("us-east-1c") && err.contains(data["VolumeId"].as_str().unwrap()), "{err}");
+    assert!(inventory(&moto, "again")["instances"].as_array().unwrap().is_empty(), "nothing created");
+    assert!(inventory(&moto, "again")["sgs"].as_array().unwrap().is_empty(), "nothing created");
+
+    // Without a zone, the kept volume decides it; the creation has a token of its own (real EC2
+    // would hand back the terminated instance, or refuse, for the old one).
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    let out = run(c.args(up_args("again", &[])));
+    assert!(out.status.success(), "up after down: {}", text(&out.stderr));
+    let calls = proxy.params("RunInstances");
+    assert_eq!(calls.len(), 2);
+    let token2 = calls[1]["ClientToken"].as_str().unwrap();
+    assert_ne!(token1, token2, "each creation gets its own ClientToken");
+    let inv = inventory(&moto, "again");
+    assert_eq!(inv["instances"][0]["Placement"]["AvailabilityZone"], "us-east-1c", "{inv:#}");
+    one_of_each(&moto, "again");
+    let now = inv["volumes"].as_array().unwrap().iter().find(|v| tag(v, "sgbox:role").as_deref() == Some("data")).cloned().unwrap();
+    assert_eq!(now["VolumeId"], data["VolumeId"], "the kept data volume is the box's again");
+
+    // An undersized type is refused with exit 2 before anything is created, unless asked for.
+    let out = aws(&moto, st, &up_args("tiny", &["--instance-type", "t3.micro"]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("instance-type") && err.contains("vCPU") && err.contains("--allow-undersized"), "{err}");
+    assert!(inventory(&moto, "tiny")["sgs"].as_array().unwrap().is_empty());
+    let out = aws(&moto, st, &up_args("tiny", &["--instance-type", "t3.micro", "--allow-undersized"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(inventory(&moto, "tiny")["instances"][0]["InstanceType"], "t3.micro");
+}
+
+#[test]
+fn the_firewall_follows_the_settings_and_ipv6_goes_to_ipv6_ranges() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let out = aws(&moto, st, &up_args("fw", &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(security_rules(&moto, "fw"), vec![(22, CIDR.into()), (80, CIDR.into()), (443, CIDR.into())]);
+
+    // A new SSH CIDR (IPv6) replaces the old rules instead of adding to them.
+    let v6 = "2001:db8:1234::/48";
+    let out = aws(&moto, st, &with("fw", "us-east-1", v6, &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(security_rules(&moto, "fw"), vec![(22, v6.into()), (80, v6.into()), (443, v6.into())]);
+    let inv = inventory(&moto, "fw");
+    for p in inv["sgs"][0]["IpPermissions"].as_array().unwrap() {
+        assert!(p["IpRanges"].as_array().is_none_or(|r| r.is_empty()), "IPv6 is not in IpRanges: {p}");
+    }
+
+    // Plain HTTP to the world needs its own loud flag; refused, nothing changes.
+    let out = aws(&moto, st, &up_args("fw", &["--web-cidr", "0.0.0.0/0"]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("web-cidr") && err.contains("--allow-plain-http-from-anywhere"), "{err}");
+    assert_eq!(security_rules(&moto, "fw"), vec![(22, v6.into()), (80, v6.into()), (443, v6.into())]);
+    let out = aws(&moto, st, &up_args("fw", &["--web-cidr", "0.0.0.0/0", "--allow-plain-http-from-anywhere"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("plain HTTP to the whole internet"), "said loudly: {}", text(&out.stderr));
+    assert_eq!(security_rules(&moto, "fw"), vec![(22, CIDR.into()), (80, "0.0.0.0/0".into()), (443, "0.0.0.0/0".into())]);
+}
+
+#[test]
+fn what_ec2_does_not_show_yet_is_waited_for_not_made_twice() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    // Every create's next two reads miss it (NotFound by id, empty by filter).
+    let proxy = Proxy::with_args(&moto, 0.0, None, &["--lag"]);
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    let out = run(c.args(up_args("lag", &[])));
+    assert!(out.status.success(), "up through eventual consistency: {}", text(&out.stderr));
+    assert!(proxy.calls().iter().any(|(_, fwd, status)| !fwd && *status == 400), "the proxy really hid a new resource: {:?}", proxy.calls());
+    one_of_each(&moto, "lag");
+    drop(proxy);
+
+    // Killed after its address was allocated and recorded; a quick re-run does not see the
+    // address's tag yet. The recorded id is read instead of allocating a second one.
+    let proxy = Proxy::start(&moto, 0.0, Some("AssociateAddress"));
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    c.args(up_args("eip", &[])).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !proxy.calls().iter().any(|(a, fwd, _)| a == "AssociateAddress" && *fwd) {
+        assert!(child.try_wait().unwrap().is_none() && std::time::Instant::now() < until, "{:?}", proxy.calls());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(proxy);
+    let proxy = Proxy::with_args(&moto, 0.0, None, &["--stale", "address"]);
+    let mut c = sgbox(st);
+    moto.env(&mut c, &proxy.url());
+    let out = run(c.args(up_args("eip", &[])));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let allocs = proxy.calls().iter().filter(|(a, _, _)| a == "AllocateAddress").count();
+    assert_eq!(allocs, 0, "no second Elastic IP: {:?}", proxy.calls());
+    one_of_each(&moto, "eip");
+
+    // `down` releases every address of the deployment, not only the first it finds.
+    moto.py(r#"
+t = [{'Key': 'sgbox:deployment', 'Value': 'eip'}, {'Key': 'sgbox:managed', 'Value': 'true'}, {'Key': 'sgbox:role', 'Value': 'address'}]
+ec2.allocate_address(Domain='vpc', TagSpecifications=[{'ResourceType': 'elastic-ip', 'Tags': t}])
+print(json.dumps(1))
+"#);
+    assert_eq!(inventory(&moto, "eip")["eips"].as_array().unwrap().len(), 2);
+    let out = aws(&moto, st, &["down", "--name", "eip", "--yes", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(inventory(&moto, "eip")["eips"].as_array().unwrap().is_empty(), "both released");
+}
+
+#[test]
+fn another_account_is_refused_before_anything_is_deleted() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let out = aws(&moto, st, &up_args("home", &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let aws_json: Value = serde_json::from_str(&std::fs::read_to_string(st.join("home/aws.json")).unwrap()).unwrap();
+    assert_eq!(aws_json["account"], "123456789012", "{aws_json}");
+    assert_eq!(aws_json["region"], "us-east-1");
+
+    // Credentials of another account (moto answers for the account a role is assumed into).
+    let creds = moto.py(r#"
+sts = boto3.client('sts', endpoint_url=ec2.meta.endpoint_url, region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')
+c = sts.assume_role(RoleArn='arn:aws:iam::111111111111:role/other', RoleSessionName='sgbox-test')['Credentials']
+print(json.dumps([c['AccessKeyId'], c['SecretAccessKey'], c['SessionToken']]))
+"#);
+    for cmd in [&["down", "--name", "home", "--yes", "--delete-data"][..], &["status", "--name", "home"][..]] {
+        let mut c = sgbox(st);
+        moto.env(&mut c, &moto.url());
+        c.env("AWS_ACCESS_KEY_ID", creds[0].as_str().unwrap())
+            .env("AWS_SECRET_ACCESS_KEY", creds[1].as_str().unwrap())
+            .env("AWS_SESSION_TOKEN", creds[2].as_str().unwrap());
+        let out = run(c.args(cmd));
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains("123456789012") && err.contains("111111111111"), "{err}");
+    }
+    assert!(st.join("home/deployment.json").exists(), "the local state is kept");
+    one_of_each(&moto, "home");
 }

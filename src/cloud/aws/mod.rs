@@ -5,10 +5,21 @@
 //! stop/start.
 //!
 //! Everything is tagged `sgbox:deployment=<name>` and `sgbox:managed=true` and found by those
-//! tags before anything is created, so a re-run after an interruption at any point converges to
-//! one of each (ClientToken is sent too, but not relied on). Ids go into `aws.json` in the state
-//! folder as soon as their create call returns. Credentials, region and endpoint come from
-//! aws-config's standard chain (`AWS_ENDPOINT_URL` included).
+//! tags (or by the ids recorded in `aws.json`, which EC2 shows sooner) before anything is
+//! created, so a re-run after an interruption at any point converges to one of each.
+//!
+//! What real EC2 does that moto does not, and how it is handled here:
+//! - ClientTokens are honoured long after the instance they created is terminated, so each
+//!   creation gets its own random token, written to `aws.json` before the call and dropped once
+//!   the id is recorded: a retried or resumed call dedupes, an `up` after `down` creates anew.
+//! - Describe right after Create may not see the new resource yet (eventual consistency): create
+//!   responses are used as they are, and by-id reads retry `*.NotFound` for a while.
+//! - A volume attaches only in its own Availability Zone: a kept data volume decides the zone.
+//! - `aws.json` keeps the account and region the deployment lives in; commands run with
+//!   credentials of another account, or in another region, are refused before they act.
+//!
+//! Credentials, region and endpoint come from aws-config's standard chain (`AWS_ENDPOINT_URL`
+//! included).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +30,7 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, DomainType, EbsBlockDevice, Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag, TagSpecification, VolumeType,
+    InstanceStateName, IpPermission, IpRange, Ipv6Range, LocationType, Placement, ResourceType, Tag, TagSpecification, VolumeType,
 };
 use aws_smithy_runtime_api::client::waiters::error::WaiterError;
 use base64::Engine;
@@ -27,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{classify, failed, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, Machine, Resource, Result, Spec};
 use crate::error::UserError;
+use crate::output;
 use crate::state::write_atomic;
 
 /// Debian's AWS account, owner of the official AMIs.
@@ -40,10 +52,16 @@ const ROOT_GB: i32 = 30;
 /// so the box finds it by size, not by this name.
 const DATA_DEVICE: &str = "/dev/sdf";
 
-/// `aws.json`: ids as soon as they exist.
+/// `aws.json`: ids as soon as they exist, and where the deployment lives.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AwsRecord {
     pub region: String,
+    /// The AWS account (STS GetCallerIdentity) the deployment was created in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// ClientTokens of creations under way (what → token); dropped once the id is recorded.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tokens: std::collections::BTreeMap<String, String>,
     pub security_group: Option<String>,
     pub key_pair: Option<String>,
     pub image: Option<String>,
@@ -57,7 +75,35 @@ pub struct Aws {
     dir: PathBuf,
     ec2: aws_sdk_ec2::Client,
     ssm: aws_sdk_ssm::Client,
+    sts: aws_sdk_sts::Client,
     region: String,
+    /// The credentials' account, once asked.
+    account: std::sync::OnceLock<String>,
+}
+
+/// Minimum machine for Sourcegraph (its docker-compose requirements).
+pub const MIN_VCPUS: i32 = 8;
+pub const MIN_MEMORY_GIB: i64 = 32;
+/// How long EC2 may take to show a resource it just created (by-id reads retry NotFound).
+const CONSISTENCY_WAIT: Duration = Duration::from_secs(90);
+
+/// Retry `f` while EC2 answers NotFound for something just created, for up to CONSISTENCY_WAIT.
+async fn eventually<T, F, Fut>(mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let until = std::time::Instant::now() + CONSISTENCY_WAIT;
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match f().await {
+            Err(CloudError::Api { kind: super::ErrorKind::NotFound, .. }) if std::time::Instant::now() + pause < until => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(8));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn api<E: ProvideErrorMetadata + std::fmt::Debug>(
@@ -101,7 +147,15 @@ impl Aws {
         }
         let conf = loader.load().await;
         let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
-        Aws { ec2: aws_sdk_ec2::Client::new(&conf), ssm: aws_sdk_ssm::Client::new(&conf), spec, dir: deployment_dir, region }
+        Aws {
+            ec2: aws_sdk_ec2::Client::new(&conf),
+            ssm: aws_sdk_ssm::Client::new(&conf),
+            sts: aws_sdk_sts::Client::new(&conf),
+            account: std::sync::OnceLock::new(),
+            spec,
+            dir: deployment_dir,
+            region,
+        }
     }
 
     fn record(&self) -> AwsRecord {
@@ -146,9 +200,124 @@ impl Aws {
         f
     }
 
-    fn token(&self, what: &str) -> String {
-        // Same per deployment and step: a real EC2 would dedupe a retried create.
-        format!("sgbox-{}-{what}", self.spec.name)
+    /// The ClientToken of the creation `what`: new for each creation, the same for its retries
+    /// and resumes (it is recorded before the call and dropped once the created id is).
+    fn token(&self, what: &str) -> Result<String> {
+        if let Some(t) = self.record().tokens.get(what) {
+            return Ok(t.clone());
+        }
+        use rand::distr::{Alphanumeric, SampleString};
+        let t = format!("sgbox-{what}-{}", Alphanumeric.sample_string(&mut rand::rng(), 20));
+        self.update(|r| {
+            r.tokens.insert(what.to_string(), t.clone());
+        })?;
+        Ok(t)
+    }
+
+    /// The account the credentials belong to.
+    async fn account(&self) -> Result<String> {
+        if let Some(a) = self.account.get() {
+            return Ok(a.clone());
+        }
+        let out = self.sts.get_caller_identity().send().await.map_err(|e| match e.as_service_error() {
+            Some(s) => {
+                let code = s.code().unwrap_or("error").to_string();
+                CloudError::Api { op: "GetCallerIdentity".into(), kind: classify(&code), message: s.message().unwrap_or("").to_string(), code }
+            }
+            None => failed("GetCallerIdentity", format!("{e:?}").chars().take(300).collect::<String>()),
+        })?;
+        let a = out.account().unwrap_or_default().to_string();
+        Ok(self.account.get_or_init(|| a).clone())
+    }
+
+    /// Refuse to act when the credentials or region are not the deployment's own: a `down` in
+    /// the wrong account would find nothing, and then forget a box that keeps billing.
+    async fn same_home(&self) -> Result<Option<String>> {
+        let path = self.dir.join("aws.json");
+        let Some(rec) = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<AwsRecord>(&t).ok()) else {
+            return Ok(None);
+        };
+        if !rec.region.is_empty() && !self.region.is_empty() && rec.region != self.region {
+            return Err(UserError::field(
+                "region",
+                format!("the deployment \"{}\" lives in {}, not {} (recorded in {})", self.spec.name, rec.region, self.region, path.display()),
+            )
+            .hint(format!("pass --region {} (or set AWS_REGION={})", rec.region, rec.region))
+            .into());
+        }
+        let account = self.account().await?;
+        if let Some(want) = rec.account.filter(|a| !a.is_empty()) {
+            if want != account {
+                return Err(UserError::field(
+                    "credentials",
+                    format!(
+                        "the deployment \"{}\" lives in AWS account {want}, but these credentials are for account {account} (recorded in {})",
+                        self.spec.name,
+                        path.display()
+                    ),
+                )
+                .hint(format!("use credentials of account {want} (e.g. the right AWS_PROFILE); nothing was changed"))
+                .into());
+            }
+        }
+        Ok(Some(account))
+    }
+
+    /// A by-id volume read that waits out EC2's eventual consistency after a create.
+    async fn volume_by_id(&self, id: &str) -> Result<aws_sdk_ec2::types::Volume> {
+        eventually(|| async {
+            let out = self.ec2.describe_volumes().volume_ids(id).send().await.map_err(api("DescribeVolumes"))?;
+            out.volumes().first().cloned().ok_or_else(|| CloudError::Api {
+                op: "DescribeVolumes".into(),
+                kind: super::ErrorKind::NotFound,
+                code: "InvalidVolume.NotFound".into(),
+                message: format!("{id} not visible yet"),
+            })
+        })
+        .await
+    }
+
+    /// Wait until a volume is available, tolerating a NotFound right after its creation.
+    async fn volume_available(&self, id: &str, what: &str, timeout: Duration) -> Result<()> {
+        self.volume_by_id(id).await?;
+        self.ec2.wait_until_volume_available().volume_ids(id).wait(timeout).await.map_err(waited(what, timeout))?;
+        Ok(())
+    }
+
+    /// vCPUs and memory (GiB) of an instance type, from EC2; None if EC2 does not know it.
+    async fn type_shape(&self, t: &str) -> Result<Option<(i32, i64)>> {
+        match self.ec2.describe_instance_types().instance_types(t.into()).send().await {
+            Ok(o) => Ok(o.instance_types().first().map(|i| {
+                (i.v_cpu_info().and_then(|v| v.default_v_cpus()).unwrap_or(0), i.memory_info().and_then(|m| m.size_in_mib()).unwrap_or(0) / 1024)
+            })),
+            Err(e) if code_of(&e).is_some_and(|c| c.contains("InvalidInstanceType") || c == "InvalidParameterValue") => Ok(None),
+            Err(e) if code_of(&e).is_some_and(|c| c.contains("AuthFailure") || c.contains("UnrecognizedClient")) => {
+                Err(UserError::new("AWS rejected the credentials")
+                    .hint("configure credentials (aws configure, AWS_PROFILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+                    .into())
+            }
+            Err(e) => Err(api("DescribeInstanceTypes")(e)),
+        }
+    }
+
+    /// Whether the instance type is offered in an Availability Zone.
+    async fn offered_in(&self, zone: &str) -> Result<bool> {
+        let out = self
+            .ec2
+            .describe_instance_type_offerings()
+            .location_type(LocationType::AvailabilityZone)
+            .filters(Filter::builder().name("location").values(zone).build())
+            .filters(Filter::builder().name("instance-type").values(&self.spec.machine.instance_type).build())
+            .send()
+            .await
+            .map_err(api("DescribeInstanceTypeOfferings"))?;
+        Ok(!out.instance_type_offerings().is_empty())
+    }
+
+    fn not_offered(&self, zone: &str, why: &str) -> CloudError {
+        UserError::field("instance-type", format!("{} is not offered in {zone}{why}", self.spec.machine.instance_type))
+            .hint("pick another --instance-type or --size")
+            .into()
     }
 
     async fn security_group(&self) -> Result<Option<aws_sdk_ec2::types::SecurityGroup>> {
@@ -172,9 +341,120 @@ impl Aws {
         Ok(out.volumes().iter().find(|v| v.state().is_some_and(|s| s.as_str() != "deleting" && s.as_str() != "deleted")).cloned())
     }
 
+    /// The deployment's Elastic IP: by tag, else by the recorded allocation id.
     async fn address(&self) -> Result<Option<aws_sdk_ec2::types::Address>> {
+        Ok(self.addresses().await?.into_iter().next())
+    }
+
+    /// Every Elastic IP of the deployment: the tagged ones and the recorded one (so `down`
+    /// releases an address a re-run allocated before its tag was visible).
+    async fn addresses(&self) -> Result<Vec<aws_sdk_ec2::types::Address>> {
         let out = self.ec2.describe_addresses().set_filters(Some(self.role("address"))).send().await.map_err(api("DescribeAddresses"))?;
-        Ok(out.addresses().first().cloned())
+        let mut all: Vec<_> = out.addresses().to_vec();
+        if let Some(id) = self.record().eip_allocation {
+            if !all.iter().any(|a| a.allocation_id() == Some(id.as_str())) {
+                // Just allocated, it may not be visible yet: wait that out before calling it gone.
+                let found = eventually(|| async { self.ec2.describe_addresses().allocation_ids(&id).send().await.map_err(api("DescribeAddresses")) });
+                match found.await {
+                    Ok(o) => all.extend(o.addresses().iter().cloned()),
+                    Err(CloudError::Api { kind: super::ErrorKind::NotFound, .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// The recorded instance when tags do not show it yet (and it is not terminated).
+    async fn recorded_instance(&self, id: Option<&str>) -> Result<Option<aws_sdk_ec2::types::Instance>> {
+        let Some(id) = id else { return Ok(None) };
+        let out = match self.ec2.describe_instances().instance_ids(id).send().await {
+            Ok(o) => o,
+            Err(e) if code_of(&e).is_some_and(|c| c.contains("NotFound")) => return Ok(None),
+            Err(e) => return Err(api("DescribeInstances")(e)),
+        };
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.state().and_then(|s| s.name()).is_some_and(|n| !matches!(n, InstanceStateName::Terminated | InstanceStateName::ShuttingDown)))
+            .cloned())
+    }
+
+    /// The zone a new instance must go to: the kept data volume's, checked against the zone and
+    /// subnet asked for, and against where the instance type is offered.
+    async fn zone_for(&self, kept: Option<&aws_sdk_ec2::types::Volume>, kept_zone: Option<&str>) -> Result<Option<String>> {
+        let Some(vz) = kept_zone else { return Ok(self.spec.zone.clone()) };
+        let vid = kept.and_then(|v| v.volume_id()).unwrap_or_default();
+        if let Some(z) = self.spec.zone.as_deref().filter(|z| *z != vz) {
+            return Err(UserError::field(
+                "zone",
+                format!("the kept data volume {vid} is in {vz}, not {z}; EBS volumes attach only in their own zone"),
+            )
+            .hint(format!("drop --zone (or pass --zone {vz}); to start afresh elsewhere, `sgbox down --delete-data` first"))
+            .into());
+        }
+        if let Some(subnet) = &self.spec.aws.subnet_id {
+            let out = self.ec2.describe_subnets().subnet_ids(subnet).send().await.map_err(api("DescribeSubnets"))?;
+            let sz = out.subnets().first().and_then(|s| s.availability_zone()).unwrap_or_default().to_string();
+            if sz != vz {
+                return Err(UserError::field("subnet-id", format!("{subnet} is in {sz}, but the kept data volume {vid} is in {vz}"))
+                    .hint(format!("pass a --subnet-id in {vz}, or drop it to use the default VPC's"))
+                    .into());
+            }
+        }
+        if !self.offered_in(vz).await? {
+            return Err(self.not_offered(vz, &format!(", where the kept data volume {vid} is")));
+        }
+        Ok(Some(vz.to_string()))
+    }
+
+    async fn run_instance(&self, image: &BaseImage, spec: &InstanceSpec<'_>, zone: Option<String>) -> Result<aws_sdk_ec2::types::Instance> {
+        let rec = self.record();
+        let img = self.ec2.describe_images().image_ids(&image.id).send().await.map_err(api("DescribeImages"))?;
+        let root = img.images().first().and_then(|i| i.root_device_name()).unwrap_or("/dev/xvda").to_string();
+        let sg = rec.security_group.clone().ok_or_else(|| failed("creating the instance", "no security group recorded"))?;
+        let key = rec.key_pair.clone().ok_or_else(|| failed("creating the instance", "no key pair recorded"))?;
+        let token = self.token("instance")?;
+        let out = self
+            .ec2
+            .run_instances()
+            .image_id(&image.id)
+            .instance_type(self.spec.machine.instance_type.clone().as_str().into())
+            .min_count(1)
+            .max_count(1)
+            .key_name(key)
+            .security_group_ids(sg)
+            .set_subnet_id(self.spec.aws.subnet_id.clone())
+            .set_placement(zone.map(|z| Placement::builder().availability_zone(z).build()))
+            .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .http_put_response_hop_limit(1)
+                    .build(),
+            )
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(root)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .volume_size(ROOT_GB)
+                            .volume_type(VolumeType::Gp3)
+                            .encrypted(true)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .tag_specifications(self.tags(ResourceType::Instance, "box"))
+            .tag_specifications(self.tags(ResourceType::Volume, "root"))
+            .client_token(token)
+            .send()
+            .await
+            .map_err(api("RunInstances"))?;
+        out.instances().first().cloned().ok_or_else(|| failed("RunInstances", "no instance returned"))
     }
 
     async fn ssh_cidr(&self) -> Result<String> {
@@ -200,32 +480,65 @@ impl Machine for Aws {
         if let Some(subnet) = &self.spec.aws.subnet_id {
             self.subnet_vpc(subnet).await?;
         }
-        // Credentials and region, and that the instance type exists there: one read-only call.
+        // Credentials and region, and that the instance type exists there and is big enough.
         let t = self.spec.machine.instance_type.clone();
-        let out = self.ec2.describe_instance_types().instance_types(t.as_str().into()).send().await;
-        match out {
-            Ok(_) => Ok(()),
-            Err(e) if code_of(&e).is_some_and(|c| c.contains("InvalidInstanceType") || c == "InvalidParameterValue") => {
-                Err(UserError::field("instance-type", format!("{t} is not offered in {}", self.region))
-                    .hint("pick another --instance-type or --size")
-                    .into())
-            }
-            Err(e) if code_of(&e).is_some_and(|c| c.contains("AuthFailure") || c.contains("UnrecognizedClient")) => {
-                Err(UserError::new("AWS rejected the credentials")
-                    .hint("configure credentials (aws configure, AWS_PROFILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
-                    .into())
-            }
-            Err(e) => Err(api("DescribeInstanceTypes")(e)),
+        let Some((vcpus, gib)) = self.type_shape(&t).await? else {
+            return Err(UserError::field("instance-type", format!("{t} is not offered in {}", self.region))
+                .hint("pick another --instance-type or --size")
+                .into());
+        };
+        if (vcpus < MIN_VCPUS || gib < MIN_MEMORY_GIB) && !self.spec.allow_undersized {
+            return Err(UserError::field(
+                "instance-type",
+                format!("{t} has {vcpus} vCPU and {gib} GiB; Sourcegraph needs at least {MIN_VCPUS} vCPU and {MIN_MEMORY_GIB} GiB"),
+            )
+            .hint("pick a bigger --instance-type or a --size, or pass --allow-undersized to accept a slow, memory-starved box")
+            .into());
         }
+        if let Some(z) = &self.spec.zone {
+            if !self.offered_in(z).await? {
+                return Err(self.not_offered(z, ""));
+            }
+        }
+        // A kept data volume (an `up` after `down`) fixes the zone: refuse a conflicting one now.
+        if self.live_instances().await?.is_empty() {
+            if let Some(v) = self.data_volume().await? {
+                self.zone_for(Some(&v), v.availability_zone()).await?;
+            }
+        }
+        // The credentials' account and the region are the deployment's own (when it has any).
+        let account = self.same_home().await?;
+        let account = match account {
+            Some(a) => a,
+            None => self.account().await?,
+        };
+        output::detail(format!("AWS account {account}, region {}", self.region));
+        Ok(())
+    }
+
+    async fn check_home(&self) -> Result<()> {
+        self.same_home().await.map(|_| ())
     }
 
     async fn ensure_network(&self) -> Result<()> {
-        let cidr = self.ssh_cidr().await?;
+        let ssh = self.ssh_cidr().await?;
+        let web = self.spec.web_cidr.map(|c| c.to_string()).unwrap_or_else(|| ssh.clone());
+        // Where the deployment lives, before the first thing is created there.
+        let account = self.account().await?;
+        self.update(|r| {
+            r.region = self.region.clone();
+            r.account.get_or_insert(account);
+        })?;
         let existing = self.security_group().await?;
         let have: Vec<(i32, String)> = existing
             .iter()
             .flat_map(|g| g.ip_permissions())
-            .flat_map(|p| p.ip_ranges().iter().map(move |r| (p.from_port().unwrap_or(-1), r.cidr_ip().unwrap_or_default().to_string())))
+            .flat_map(|p| {
+                let port = p.from_port().unwrap_or(-1);
+                let v4 = p.ip_ranges().iter().map(move |r| (port, r.cidr_ip().unwrap_or_default().to_string()));
+                let v6 = p.ipv6_ranges().iter().map(move |r| (port, r.cidr_ipv6().unwrap_or_default().to_string()));
+                v4.chain(v6)
+            })
             .collect();
         let id = match existing.and_then(|g| g.group_id().map(str::to_string)) {
             Some(id) => id,
@@ -253,7 +566,7 @@ impl Machine for Aws {
                     .ec2
                     .create_security_group()
                     .group_name(self.name("firewall"))
-                    .description(format!("sgbox {}: HTTP/HTTPS open, SSH from {cidr}", self.spec.name))
+                    .description(format!("sgbox {}: the box's firewall (HTTP/HTTPS and SSH only)", self.spec.name))
                     .vpc_id(&vpc)
                     .tag_specifications(self.tags(ResourceType::SecurityGroup, "firewall"))
                     .send()
@@ -264,25 +577,29 @@ impl Machine for Aws {
         };
         // Recorded at once, found or just created.
         self.update(|r| r.security_group = Some(id.clone()))?;
-        let rule = |port: i32, cidr: &str, what: &str| {
-            IpPermission::builder()
-                .ip_protocol("tcp")
-                .from_port(port)
-                .to_port(port)
-                .ip_ranges(IpRange::builder().cidr_ip(cidr).description(what).build())
-                .build()
-        };
-        for (port, from, what) in [(80, "0.0.0.0/0", "HTTP"), (443, "0.0.0.0/0", "HTTPS"), (22, cidr.as_str(), "SSH (sgbox ssh-cidr)")] {
-            // Only what is missing: a converged re-run makes no mutating call.
-            if have.contains(&(port, from.to_string())) {
+        let want = firewall_rules(&ssh, &web);
+        // Only what differs: a converged re-run makes no mutating call; a changed CIDR loses its
+        // old rule, so the firewall is exactly what the settings say.
+        for (port, from) in have.iter().filter(|h| !want.iter().any(|(p, c, _)| (*p, c.as_str()) == (h.0, h.1.as_str()))) {
+            match self.ec2.revoke_security_group_ingress().group_id(&id).ip_permissions(rule(*port, from, "")).send().await {
+                Ok(_) => {}
+                Err(e) if code_of(&e).as_deref() == Some("InvalidPermission.NotFound") => {}
+                Err(e) => return Err(api("RevokeSecurityGroupIngress")(e)),
+            }
+        }
+        for (port, from, what) in want {
+            if have.contains(&(port, from.clone())) {
                 continue;
             }
-            let p = rule(port, from, what);
-            match self.ec2.authorize_security_group_ingress().group_id(&id).ip_permissions(p).send().await {
-                Ok(_) => {}
-                Err(e) if code_of(&e).as_deref() == Some("InvalidPermission.Duplicate") => {}
-                Err(e) => return Err(api("AuthorizeSecurityGroupIngress")(e)),
-            }
+            // A group just created may not be visible to the next call yet.
+            let r = eventually(|| async {
+                match self.ec2.authorize_security_group_ingress().group_id(&id).ip_permissions(rule(port, &from, what)).send().await {
+                    Ok(_) => Ok(()),
+                    Err(e) if code_of(&e).as_deref() == Some("InvalidPermission.Duplicate") => Ok(()),
+                    Err(e) => Err(api("AuthorizeSecurityGroupIngress")(e)),
+                }
+            });
+            r.await?;
         }
         Ok(())
     }
@@ -358,62 +675,31 @@ impl Machine for Aws {
 
     async fn create_instance(&self, image: &BaseImage, spec: &InstanceSpec<'_>) -> Result<String> {
         let rec = self.record();
+        // A kept data volume (an `up` after `down`) decides the zone: EBS attaches only in its own.
+        let kept = self.data_volume().await?;
+        let kept_zone = kept.as_ref().and_then(|v| v.availability_zone()).map(str::to_string);
         let instance = match self.live_instances().await?.into_iter().next() {
             Some(i) => i,
-            None => {
-                let img = self.ec2.describe_images().image_ids(&image.id).send().await.map_err(api("DescribeImages"))?;
-                let root = img.images().first().and_then(|i| i.root_device_name()).unwrap_or("/dev/xvda").to_string();
-                let sg = rec.security_group.clone().ok_or_else(|| failed("creating the instance", "no security group recorded"))?;
-                let key = rec.key_pair.clone().ok_or_else(|| failed("creating the instance", "no key pair recorded"))?;
-                let out = self
-                    .ec2
-                    .run_instances()
-                    .image_id(&image.id)
-                    .instance_type(self.spec.machine.instance_type.clone().as_str().into())
-                    .min_count(1)
-                    .max_count(1)
-                    .key_name(key)
-                    .security_group_ids(sg)
-                    .set_subnet_id(self.spec.aws.subnet_id.clone())
-                    .set_placement(self.spec.zone.as_ref().map(|z| Placement::builder().availability_zone(z).build()))
-                    .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
-                    .metadata_options(
-                        InstanceMetadataOptionsRequest::builder()
-                            .http_tokens(HttpTokensState::Required)
-                            .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                            .http_put_response_hop_limit(1)
-                            .build(),
-                    )
-                    .block_device_mappings(
-                        BlockDeviceMapping::builder()
-                            .device_name(root)
-                            .ebs(
-                                EbsBlockDevice::builder()
-                                    .volume_size(ROOT_GB)
-                                    .volume_type(VolumeType::Gp3)
-                                    .encrypted(true)
-                                    .delete_on_termination(true)
-                                    .build(),
-                            )
-                            .build(),
-                    )
-                    .tag_specifications(self.tags(ResourceType::Instance, "box"))
-                    .tag_specifications(self.tags(ResourceType::Volume, "root"))
-                    .client_token(self.token("instance"))
-                    .send()
-                    .await
-                    .map_err(api("RunInstances"))?;
-                out.instances().first().cloned().ok_or_else(|| failed("RunInstances", "no instance returned"))?
-            }
+            None => match self.recorded_instance(rec.instance.as_deref()).await? {
+                Some(i) => i,
+                None => {
+                    let zone = self.zone_for(kept.as_ref(), kept_zone.as_deref()).await?;
+                    self.run_instance(image, spec, zone).await?
+                }
+            },
         };
         let id = instance.instance_id().unwrap_or_default().to_string();
-        self.update(|r| r.instance = Some(id.clone()))?;
+        self.update(|r| {
+            r.instance = Some(id.clone());
+            r.tokens.remove("instance");
+        })?;
         let az = instance.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string();
 
         // The data volume: created once, kept on termination, attached to this instance.
-        let vol = match self.data_volume().await? {
+        let vol = match kept {
             Some(v) => v,
             None => {
+                let token = self.token("data")?;
                 let v = self
                     .ec2
                     .create_volume()
@@ -422,30 +708,41 @@ impl Machine for Aws {
                     .volume_type(VolumeType::Gp3)
                     .encrypted(true)
                     .tag_specifications(self.tags(ResourceType::Volume, "data"))
-                    .client_token(self.token("data"))
+                    .client_token(token)
                     .send()
                     .await
                     .map_err(api("CreateVolume"))?;
-                let vid = v.volume_id().unwrap_or_default().to_string();
-                self.update(|r| r.data_volume = Some(vid.clone()))?;
-                self.data_volume().await?.ok_or_else(|| failed("CreateVolume", format!("{vid} vanished")))?
+                // The create's answer, not a Describe that may not see the volume yet.
+                aws_sdk_ec2::types::Volume::builder()
+                    .set_volume_id(v.volume_id().map(str::to_string))
+                    .set_availability_zone(v.availability_zone().map(str::to_string))
+                    .build()
             }
         };
         let vid = vol.volume_id().unwrap_or_default().to_string();
-        self.update(|r| r.data_volume = Some(vid.clone()))?;
+        self.update(|r| {
+            r.data_volume = Some(vid.clone());
+            r.tokens.remove("data");
+        })?;
+        if vol.availability_zone().is_some_and(|z| z != az) {
+            // Real EC2 refuses this attach; say why instead.
+            return Err(failed(
+                "attaching the data volume",
+                format!(
+                    "{vid} is in {}, the instance {id} in {az}; delete the instance (`sgbox down`) and run `up` again",
+                    vol.availability_zone().unwrap_or("")
+                ),
+            ));
+        }
         let attached_here = vol.attachments().iter().any(|a| a.instance_id() == Some(id.as_str()));
         if !attached_here {
-            self.ec2
-                .wait_until_volume_available()
-                .volume_ids(&vid)
-                .wait(Duration::from_secs(300))
-                .await
-                .map_err(waited("the data volume to be available", Duration::from_secs(300)))?;
+            self.volume_available(&vid, "the data volume to be available", Duration::from_secs(300)).await?;
             self.running(&id, Duration::from_secs(600)).await?;
             self.ec2.attach_volume().volume_id(&vid).instance_id(&id).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
         }
 
-        // The Elastic IP: the URL survives stop/start.
+        // The Elastic IP: the URL survives stop/start. Found by tag, else by the recorded id (a
+        // quick re-run may not see the tag yet); AllocateAddress has no ClientToken.
         let addr = match self.address().await? {
             Some(a) => a,
             None => {
@@ -459,14 +756,17 @@ impl Machine for Aws {
                     .map_err(api("AllocateAddress"))?;
                 let alloc = a.allocation_id().unwrap_or_default().to_string();
                 self.update(|r| r.eip_allocation = Some(alloc.clone()))?;
-                self.address().await?.ok_or_else(|| failed("AllocateAddress", format!("{alloc} vanished")))?
+                aws_sdk_ec2::types::Address::builder().allocation_id(alloc).set_public_ip(a.public_ip().map(str::to_string)).build()
             }
         };
         let alloc = addr.allocation_id().unwrap_or_default().to_string();
         self.update(|r| r.eip_allocation = Some(alloc.clone()))?;
         if addr.instance_id() != Some(id.as_str()) {
             self.running(&id, Duration::from_secs(600)).await?;
-            self.ec2.associate_address().allocation_id(&alloc).instance_id(&id).send().await.map_err(api("AssociateAddress"))?;
+            eventually(|| async {
+                self.ec2.associate_address().allocation_id(&alloc).instance_id(&id).send().await.map_err(api("AssociateAddress"))
+            })
+            .await?;
         }
         Ok(id)
     }
@@ -522,28 +822,70 @@ impl Machine for Aws {
         Ok(out.snapshot_id().unwrap_or_default().to_string())
     }
 
+    async fn wait_snapshot(&self, snapshot: &str, timeout: Duration, note: &(dyn for<'s> Fn(&'s str) + Send + Sync)) -> Result<()> {
+        // EBS copies a snapshot in the background (a first one of 250 GB can take an hour); a
+        // restore from an unfinished one fails, so nothing that changes data runs before this.
+        let started = std::time::Instant::now();
+        let mut said = String::new();
+        loop {
+            let out = eventually(|| async {
+                let o = self.ec2.describe_snapshots().snapshot_ids(snapshot).send().await.map_err(api("DescribeSnapshots"))?;
+                o.snapshots().first().cloned().ok_or_else(|| failed("DescribeSnapshots", format!("{snapshot} not found")))
+            })
+            .await?;
+            let state = out.state().map(|s| s.as_str().to_string()).unwrap_or_default();
+            match state.as_str() {
+                "completed" => return Ok(()),
+                "error" | "recoverable" | "recovering" => {
+                    return Err(failed(
+                        "waiting for the data snapshot",
+                        format!("{snapshot} is {state}: {}", out.state_message().unwrap_or("EBS gave no reason")),
+                    ))
+                }
+                _ => {}
+            }
+            let pct: f64 = out.progress().unwrap_or("0%").trim_end_matches('%').parse().unwrap_or(0.0);
+            let spent = started.elapsed();
+            let line = if pct >= 1.0 && spent.as_secs() >= 10 {
+                let left = spent.as_secs_f64() * (100.0 - pct) / pct;
+                format!("snapshot {snapshot}: {pct:.0}% (about {} left at this rate)", humantime::format_duration(Duration::from_secs(left as u64)))
+            } else {
+                format!("snapshot {snapshot}: {pct:.0}% (EBS copies the whole disk the first time)")
+            };
+            if line != said {
+                note(&line);
+                said = line;
+            }
+            if spent >= timeout {
+                return Err(CloudError::Timeout { what: format!("the data snapshot {snapshot} to complete"), waited: timeout });
+            }
+            tokio::time::sleep(Duration::from_secs(if spent.as_secs() < 60 { 3 } else { 15 })).await;
+        }
+    }
+
     async fn restore_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()> {
         // EBS cannot roll a volume back: a new volume is made from the snapshot and swapped in
         // while the instance is stopped. The replaced volume is kept (role data-before-restore).
+        // The new volume is made and `available` before anything is stopped, so a failure there
+        // leaves the box running as it was.
         let inst = self.live_instances().await?.into_iter().next().ok_or_else(|| failed("restoring the data disk", "no instance"))?;
         let iid = inst.instance_id().unwrap_or_default().to_string();
         let az = inst.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string();
-        if inst.state().and_then(|s| s.name()) != Some(&InstanceStateName::Stopped) {
-            self.ec2.stop_instances().instance_ids(&iid).send().await.map_err(api("StopInstances"))?;
-            self.ec2.wait_until_instance_stopped().instance_ids(&iid).wait(timeout).await.map_err(waited("the instance to stop", timeout))?;
-        }
         let source = Filter::builder().name("tag:sgbox:restored-from").values(snapshot).build();
         let mut f = self.ours();
         f.push(source);
         let found = self.ec2.describe_volumes().set_filters(Some(f)).send().await.map_err(api("DescribeVolumes"))?;
+        let token_key = format!("restore-{snapshot}");
         let restored = match found.volumes().iter().find(|v| v.state().is_some_and(|s| s.as_str() != "deleting" && s.as_str() != "deleted")) {
             Some(v) => v.volume_id().unwrap_or_default().to_string(),
             None => {
+                self.wait_snapshot(snapshot, timeout, &|l: &str| output::note(l)).await?;
                 let base = self.tags(ResourceType::Volume, "data-restoring");
                 let tags = TagSpecification::builder()
                     .resource_type(ResourceType::Volume)
                     .set_tags(Some(base.tags().iter().cloned().chain([Tag::builder().key("sgbox:restored-from").value(snapshot).build()]).collect()))
                     .build();
+                let token = self.token(&token_key)?;
                 let v = self
                     .ec2
                     .create_volume()
@@ -552,20 +894,23 @@ impl Machine for Aws {
                     .volume_type(VolumeType::Gp3)
                     .encrypted(true)
                     .tag_specifications(tags)
+                    .client_token(token)
                     .send()
                     .await
                     .map_err(api("CreateVolume"))?;
                 v.volume_id().unwrap_or_default().to_string()
             }
         };
-        let state = self.ec2.describe_volumes().volume_ids(&restored).send().await.map_err(api("DescribeVolumes"))?;
-        if state.volumes().first().and_then(|v| v.state()).is_none_or(|s| s.as_str() != "in-use") {
-            self.ec2
-                .wait_until_volume_available()
-                .volume_ids(&restored)
-                .wait(timeout)
-                .await
-                .map_err(waited("the restored volume to be available", timeout))?;
+        self.update(|r| {
+            r.tokens.remove(&token_key);
+        })?;
+        let state = self.volume_by_id(&restored).await?;
+        if state.state().is_none_or(|s| s.as_str() != "in-use") {
+            self.volume_available(&restored, "the restored volume to be available", timeout).await?;
+        }
+        if inst.state().and_then(|s| s.name()) != Some(&InstanceStateName::Stopped) {
+            self.ec2.stop_instances().instance_ids(&iid).send().await.map_err(api("StopInstances"))?;
+            self.ec2.wait_until_instance_stopped().instance_ids(&iid).wait(timeout).await.map_err(waited("the instance to stop", timeout))?;
         }
         if let Some(old) = self.data_volume().await?.filter(|v| v.volume_id() != Some(restored.as_str())) {
             let oid = old.volume_id().unwrap_or_default().to_string();
@@ -577,8 +922,8 @@ impl Machine for Aws {
         }
         self.retag_role(&restored, "data").await?;
         self.update(|r| r.data_volume = Some(restored.clone()))?;
-        let o = self.ec2.describe_volumes().volume_ids(&restored).send().await.map_err(api("DescribeVolumes"))?;
-        if !o.volumes().first().is_some_and(|v| v.attachments().iter().any(|a| a.instance_id() == Some(iid.as_str()))) {
+        let o = self.volume_by_id(&restored).await?;
+        if !o.attachments().iter().any(|a| a.instance_id() == Some(iid.as_str())) {
             self.ec2.attach_volume().volume_id(&restored).instance_id(&iid).device(DATA_DEVICE).send().await.map_err(api("AttachVolume"))?;
         }
         self.ec2.start_instances().instance_ids(&iid).send().await.map_err(api("StartInstances"))?;
@@ -591,7 +936,7 @@ impl Machine for Aws {
         for i in self.live_instances().await? {
             out.push(r("instance", i.instance_id().unwrap_or_default(), false));
         }
-        if let Some(a) = self.address().await? {
+        for a in self.addresses().await? {
             out.push(r("elastic ip", a.allocation_id().unwrap_or_default(), false));
         }
         if let Some(v) = self.data_volume().await? {
@@ -620,7 +965,7 @@ impl Machine for Aws {
 
     async fn destroy(&self, delete_data: bool, timeout: Duration) -> Result<Vec<Resource>> {
         // Dependency order: address, instance (and wait), data volume, key, security group.
-        if let Some(a) = self.address().await? {
+        for a in self.addresses().await? {
             if let Some(assoc) = a.association_id() {
                 self.ec2.disassociate_address().association_id(assoc).send().await.map_err(api("DisassociateAddress"))?;
             }
@@ -663,7 +1008,14 @@ impl Machine for Aws {
         if let Some(sg) = self.find_security_group().await? {
             self.ec2.delete_security_group().group_id(sg).send().await.map_err(api("DeleteSecurityGroup"))?;
         }
-        let _ = std::fs::remove_file(self.dir.join("aws.json"));
+        // The ids go; where the deployment lives stays while its state folder does (a kept data
+        // volume is still in that account and region).
+        let rec = self.record();
+        if self.dir.join("aws.json").exists() {
+            let kept = AwsRecord { region: rec.region, account: rec.account, ..Default::default() };
+            write_atomic(&self.dir.join("aws.json"), serde_json::to_string_pretty(&kept).expect("json").as_bytes(), 0o600)
+                .map_err(|e| failed("recording AWS ids", format!("{e:#}")))?;
+        }
         let mut left = self.resources().await?;
         left.retain(|r| delete_data || !r.kept_by_default);
         Ok(left)
@@ -750,10 +1102,42 @@ impl Aws {
     }
 }
 
+/// The rules the box's security group holds: (port, CIDR, description).
+fn firewall_rules(ssh: &str, web: &str) -> Vec<(i32, String, &'static str)> {
+    vec![
+        (80, web.to_string(), "HTTP (sgbox web-cidr)"),
+        (443, web.to_string(), "HTTPS (sgbox web-cidr)"),
+        (22, ssh.to_string(), "SSH (sgbox ssh-cidr)"),
+    ]
+}
+
+/// One TCP ingress rule; IPv6 blocks go in Ipv6Ranges (EC2 rejects them in IpRanges).
+fn rule(port: i32, cidr: &str, what: &str) -> IpPermission {
+    let b = IpPermission::builder().ip_protocol("tcp").from_port(port).to_port(port);
+    let b = if cidr.contains(':') {
+        let r = Ipv6Range::builder().cidr_ipv6(cidr);
+        b.ipv6_ranges(if what.is_empty() { r } else { r.description(what) }.build())
+    } else {
+        let r = IpRange::builder().cidr_ip(cidr);
+        b.ip_ranges(if what.is_empty() { r } else { r.description(what) }.build())
+    };
+    b.build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::settings::{Layer, Prompter, Settings};
+
+    #[test]
+    fn ipv6_blocks_go_to_ipv6_ranges() {
+        let p = rule(22, "2001:db8::/48", "SSH");
+        assert!(p.ip_ranges().is_empty());
+        assert_eq!(p.ipv6_ranges()[0].cidr_ipv6(), Some("2001:db8::/48"));
+        let p = rule(22, "203.0.113.7/32", "SSH");
+        assert_eq!(p.ip_ranges()[0].cidr_ip(), Some("203.0.113.7/32"));
+        assert!(p.ipv6_ranges().is_empty());
+    }
 
     #[tokio::test]
     async fn a_box_that_never_answers_points_at_its_ec2_console() {

@@ -113,6 +113,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(moto: &Moto, throttle: f64, hang_after: Option<&str>) -> Proxy {
+        Proxy::with_args(moto, throttle, hang_after, &[])
+    }
+
+    /// With more of fault_proxy.py's options, e.g. `--lag` or `--stale address`.
+    pub fn with_args(moto: &Moto, throttle: f64, hang_after: Option<&str>, extra: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let log = dir.path().join("calls.jsonl");
@@ -124,6 +129,7 @@ impl Proxy {
         if let Some(a) = hang_after {
             cmd.args(["--hang-after", a]);
         }
+        cmd.args(extra);
         let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("python3 runs the fault proxy");
         let until = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -135,6 +141,17 @@ impl Proxy {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The form parameters of every forwarded call of `action`, in order.
+    pub fn params(&self, action: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["action"] == action && v["forwarded"] == true)
+            .map(|v| v["params"].clone())
+            .collect()
     }
 
     /// (action, forwarded, status) of every call so far.
