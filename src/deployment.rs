@@ -10,7 +10,7 @@ use crate::cloud::{Endpoint, Machine};
 use crate::onbox::ssh::{self, Target};
 use crate::onbox::Session;
 use crate::output;
-use crate::render::{self, Bundle, Inputs, TlsMaterial};
+use crate::render::{self, Bundle, Inputs};
 use crate::settings::{Settings, Tls};
 use crate::state::{write_atomic, DeploymentDir, Record};
 
@@ -68,17 +68,20 @@ pub async fn stream(d: &mut Deployment, insecure: bool, cmd: String) -> Result<i
     s.stream(cmd).await
 }
 
-/// Render a deployment's files, with its secrets and SSH key (generated on first use) and, for
-/// custom TLS, the user's certificate files: the I/O around the pure [`crate::render::render`].
+/// Render a deployment's files with its SSH key (generated on first use): the I/O around the
+/// pure [`crate::render::render`]. Nothing is read from the user's files, so an upgrade or
+/// rollback never depends on paths that may have moved since `up`.
 pub fn bundle(dir: &DeploymentDir, s: &Settings) -> Result<Bundle> {
-    let secrets = dir.secrets()?;
     let ssh_public_key = dir.ssh_public_key()?;
-    let tls = match &s.tls {
-        Tls::Custom { cert, key } => Some(TlsMaterial {
-            cert_pem: std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?,
-            key_pem: std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
-        }),
-        _ => None,
-    };
-    render::render(&Inputs { settings: s, release: s.release(), secrets: &secrets, ssh_public_key: &ssh_public_key, tls })
+    render::render(&Inputs { settings: s, release: s.release(), ssh_public_key: &ssh_public_key })
+}
+
+/// For `tls = custom`: send the user's certificate chain and key to the box over SSH (the key
+/// through stdin, 0600), where the stack waits for them. Only `up` reads the user's files.
+pub async fn send_tls(on: &Session, s: &Settings) -> Result<()> {
+    let Tls::Custom { cert, key } = &s.tls else { return Ok(()) };
+    let cert_pem = std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let key_pem = std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    on.put(render::TLS_CERT, &cert_pem, 0o644).await?;
+    on.put_private(render::TLS_KEY, &key_pem, 0o600).await
 }

@@ -71,6 +71,8 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// The deployments and upgrades of a box: when, from, to, by whom.
     History(TargetArgs),
+    /// The site admin `up` created: username, email and password (printed only here).
+    Admin(TargetArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell to complete for.
@@ -252,9 +254,13 @@ pub struct UpgradeArgs {
     /// Allow going to an older release (migrator downgrade). Never across the Postgres 16 line.
     #[arg(long)]
     pub allow_downgrade: bool,
-    /// How long each long step (pull, migrations, start) and each wait may take.
+    /// How long sgbox waits for the box at each check (services healthy, Sourcegraph answering).
     #[arg(long, value_name = "DURATION", default_value = "60m")]
     pub timeout: String,
+    /// How long one step on the box (a pull, a migration, a start) may run before the box stops
+    /// it. Migrating a large instance (Postgres 12 to 16, many versions) can take hours.
+    #[arg(long, value_name = "DURATION", default_value = "12h")]
+    pub step_limit: String,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,6 @@
 //! Commands: each takes the global context and resolved settings; only `main` knows about clap.
 
+mod admin;
 pub mod boxctl;
 mod down;
 mod history;
@@ -74,6 +75,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Upgrade(a) => upgrade::run(&ctx, a),
         Command::Rollback(a) => upgrade::rollback(&ctx, a),
         Command::History(a) => history::run(&ctx, a),
+        Command::Admin(a) => admin::run(&ctx, a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sgbox", &mut std::io::stdout());
             Ok(())

@@ -16,7 +16,7 @@ use crate::render::{self, Bundle};
 use crate::settings::Settings;
 use crate::state::write_atomic;
 
-/// Render a deployment's files (creating its secrets and SSH key on first use).
+/// Render a deployment's files (creating its SSH key on first use).
 pub fn bundle_for(ctx: &Context, s: &Settings) -> Result<Bundle> {
     crate::deployment::bundle(&ctx.deployment_dir(&s.name)?, s)
 }
@@ -27,13 +27,13 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
     let out = &args.out;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
-    // (path, holds secrets)
-    let mut written: Vec<(PathBuf, bool)> = Vec::new();
+    // No file holds a secret: the box makes its own passwords, and `up` sends a TLS key by SSH.
+    let mut written: Vec<PathBuf> = Vec::new();
     let mut kept = Vec::new();
-    write_atomic(&out.join("user-data"), b.user_data.as_bytes(), 0o600)?;
-    written.push((out.join("user-data"), true));
+    write_atomic(&out.join("user-data"), b.user_data.as_bytes(), 0o644)?;
+    written.push(out.join("user-data"));
     write_atomic(&out.join("sgbox.toml"), s.to_toml().as_bytes(), 0o644)?;
-    written.push((out.join("sgbox.toml"), false));
+    written.push(out.join("sgbox.toml"));
     for f in &b.files {
         let dest = box_path(out, &f.path);
         if let Some(parent) = dest.parent() {
@@ -44,7 +44,7 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
             continue;
         }
         write_atomic(&dest, f.content.as_bytes(), f.mode)?;
-        written.push((dest, f.secret));
+        written.push(dest);
     }
 
     if output::json() {
@@ -52,15 +52,15 @@ pub fn run(ctx: &Context, args: RenderArgs) -> Result<()> {
             "deployment": s.name,
             "release": s.version.to_string(),
             "out": out,
-            "written": written.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            "written": written,
             "kept": kept,
             "user_data_bytes": b.user_data.len(),
             "rendered_sha256": b.rendered_sha256,
         }));
     }
     println!("Rendered Sourcegraph {} for \"{}\" ({}) into {}:", s.version, s.name, s.cloud, out.display());
-    for (p, private) in &written {
-        println!("  wrote {}{}", p.display(), if *private { "  (holds secrets: mode 0600)" } else { "" });
+    for p in &written {
+        println!("  wrote {}", p.display());
     }
     for p in &kept {
         println!("  kept  {} (yours; never overwritten)", p.display());

@@ -2,8 +2,9 @@
 //!
 //! Order: check everything that can be checked without side effects (settings, tools, ports)
 //! → record the deployment → network, key, image, instance (each idempotent, ids recorded as
-//! they exist) → running → SSH with the host key pinned from the console → cloud-init done →
-//! every service healthy → `/__version` equals the release.
+//! they exist) → running → SSH with the host key pinned from the console → a custom TLS key
+//! sent → cloud-init done → the data disk mounted → every service healthy → `/__version` equals
+//! the release → the site admin claimed (nobody else can create it first).
 
 use std::time::{Duration, Instant};
 
@@ -108,14 +109,26 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
             }
         };
         step("ssh", p.done());
+        if matches!(d.settings.tls, crate::settings::Tls::Custom { .. }) {
+            let p = Phase::start("TLS certificate and key (over SSH)");
+            crate::deployment::send_tls(&box_ssh, &d.settings).await?;
+            p.done();
+        }
 
         let p = Phase::start("cloud-init");
-        if let Err(e) = readiness::cloud_init(&box_ssh, &deadline, &p).await {
-            p.fail();
-            eprint!("{}", readiness::diagnostics(&box_ssh, &[]).await);
-            return Err(e);
+        match readiness::cloud_init(&box_ssh, &deadline, &p).await {
+            Ok(()) => step("cloud_init", p.done()),
+            Err(e) => {
+                p.fail();
+                // A boot script that found no data disk fails cloud-init; the disk may be there now.
+                if readiness::data_disk(&box_ssh).await.is_err() {
+                    eprint!("{}", readiness::diagnostics(&box_ssh, &[]).await);
+                    return Err(e);
+                }
+                output::warn(format!("cloud-init had failed ({e:#}); the data disk is mounted now, so the box goes on"));
+            }
         }
-        step("cloud_init", p.done());
+        readiness::data_disk(&box_ssh).await?;
 
         let release = d.settings.release();
         let expected: Vec<String> = release.services.keys().cloned().collect();
@@ -135,6 +148,15 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
         }
         step("version", p.done_with(&format!("/__version = {}", d.settings.version)));
 
+        let p = Phase::start("site admin");
+        match crate::stack::site::claim(&box_ssh, &d.dir, &d.settings.name).await {
+            Ok(c) => step("site_admin", p.done_with(if c == crate::stack::site::Claim::Created { "created" } else { "already sgbox's" })),
+            Err(e) => {
+                p.fail();
+                return Err(e);
+            }
+        }
+
         let rec = d.record.as_mut().expect("record saved above");
         if rec.history.is_empty() {
             rec.history.push(HistoryEntry { at: now_rfc3339(), action: "up".into(), release: rec.release, from: None, by: whoami() });
@@ -143,6 +165,7 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
     }
 
     let total = started.elapsed().as_secs_f64();
+    let admin = d.dir.admin()?;
     let rec = d.record.as_ref().expect("record");
     let fingerprint = rec.host_key.as_deref().and_then(|k| crate::onbox::hostkeys::fingerprint(k).ok());
     if output::json() {
@@ -156,6 +179,7 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
             "ssh": { "host": ep.host, "port": ep.ssh_port, "user": ssh::USER, "key": target.key, "command": ssh_cmd, "host_key_fingerprint": fingerprint },
             "ports": { "ssh": ep.ssh_port, "http": ep.http_port, "https": ep.https_port },
             "state_dir": d.dir.path,
+            "admin": admin.as_ref().map(|a| json!({ "username": a.username, "email": a.email, "claimed": a.claimed_at.is_some(), "show": format!("sgbox admin --name {}", d.settings.name) })),
             "seconds": (total * 10.0).round() / 10.0,
             "timings": timings,
         }));
@@ -164,6 +188,9 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
         println!("The box \"{}\" is running (not waiting for Sourcegraph): {}", d.settings.name, ep.url());
     } else {
         println!("Sourcegraph {} is ready: {}", rec.release, ep.url());
+    }
+    if let Some(a) = admin.as_ref().filter(|a| a.claimed_at.is_some()) {
+        println!("  admin: {} (password: `sgbox admin --name {}`)", a.username, d.settings.name);
     }
     println!("  ssh:   sgbox ssh --name {}   (or: {ssh_cmd})", d.settings.name);
     println!("  state: {}", d.dir.path.display());

@@ -20,7 +20,7 @@ use crate::stack::upgrade::{self as engine, describe, disk_needed, gib, Probe, U
 use crate::state::{now_rfc3339, whoami, HistoryEntry};
 
 /// Reach the box of the deployment `target` names, for an upgrade or a rollback.
-async fn reach(ctx: &Context, target: &crate::cli::TargetArgs, timeout: Duration, what: &str) -> Result<Upgrade> {
+async fn reach(ctx: &Context, target: &crate::cli::TargetArgs, timeout: Duration, step_limit: Duration, what: &str) -> Result<Upgrade> {
     let mut d = boxctl::open(ctx, target).await?;
     if d.record.is_none() {
         return Err(UserError::field("name", format!("no deployment named \"{}\" to {what}", d.settings.name))
@@ -30,7 +30,7 @@ async fn reach(ctx: &Context, target: &crate::cli::TargetArgs, timeout: Duration
     let insecure = target.reach.insecure_accept_host_key;
     let ep = boxctl::running_endpoint(&d).await?;
     let on = boxctl::connect(&mut d, &ep, insecure, Instant::now() + Duration::from_secs(60)).await?;
-    Ok(Upgrade { d, on, ep, timeout, insecure })
+    Ok(Upgrade { d, on, ep, timeout, step_limit, insecure })
 }
 
 pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
@@ -38,6 +38,7 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
         return Err(UserError::field("output", "json output never prompts, so `upgrade` needs --yes with it").hint("add --yes").into());
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
+    let step_limit = parse_duration("step-limit", &args.step_limit)?;
     let to_spec = match &args.to {
         Some(t) => Some(
             t.parse::<VersionSpec>()
@@ -46,7 +47,7 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
         None => None,
     };
     boxctl::runtime()?.block_on(async move {
-        let mut s = reach(ctx, &args.target, timeout, "upgrade").await?;
+        let mut s = reach(ctx, &args.target, timeout, step_limit, "upgrade").await?;
         let _lock = if args.dry_run { None } else { Some(s.d.dir.lock("upgrade")?) };
         let from = s.d.record.as_ref().map(|r| r.release).expect("reach checks the record");
         let to = match to_spec {
@@ -63,7 +64,7 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
             }
             if args.dry_run {
                 let replanned = planner::plan(catalog(), PlanRequest { from: j.from, to: j.to, postgres_major: None, allow_downgrade: true }).ok();
-                return print_plan(&s.d.settings.name, &j, replanned.as_ref(), None, true);
+                return print_plan(&s.d.settings.name, &j, replanned.as_ref(), None, true, s.step_limit);
             }
             output::note(format!("resuming the upgrade {} -> {} started {} by {}", j.from, j.to, j.started_at, j.started_by));
             let started = Instant::now();
@@ -84,7 +85,7 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
 
         let probe = engine::preflight(&s, &plan, from).await;
         if args.dry_run {
-            return print_plan(&s.d.settings.name, &Journal::new("dry-run", &plan), Some(&plan), Some(&probe), false);
+            return print_plan(&s.d.settings.name, &Journal::new("dry-run", &plan), Some(&plan), Some(&probe), false, s.step_limit);
         }
         let probe = probe?;
         confirm(ctx, &s, &plan)?;
@@ -123,7 +124,14 @@ fn print_done(s: &Upgrade, j: &Journal, started: Instant) -> Result<()> {
 
 /// `--dry-run`: the journal's steps (those done marked, when resuming), the plan's downtime and
 /// notes, and what preflight found.
-fn print_plan(name: &str, j: &Journal, plan: Option<&UpgradePlan>, probe: Option<&Result<Probe>>, resuming: bool) -> Result<()> {
+fn print_plan(
+    name: &str,
+    j: &Journal,
+    plan: Option<&UpgradePlan>,
+    probe: Option<&Result<Probe>>,
+    resuming: bool,
+    step_limit: Duration,
+) -> Result<()> {
     let steps: Vec<String> = j.steps.iter().map(|e| describe(&e.step, j)).collect();
     let downtime = plan.map(|p| p.downtime).unwrap_or("as planned when the upgrade started");
     let notes: &[String] = plan.map(|p| p.notes.as_slice()).unwrap_or_default();
@@ -145,20 +153,32 @@ fn print_plan(name: &str, j: &Journal, plan: Option<&UpgradePlan>, probe: Option
             "snapshot": "the data disk, before anything changes",
             "steps": steps,
             "resuming": resuming.then(|| j.id.clone()),
+            "step_limit_seconds": step_limit.as_secs(),
             "preflight": check,
             "notes": notes,
         }));
     }
-    print!("{}", plan_text(name, j, downtime, notes, probe.zip(plan)));
+    print!("{}", plan_text(name, j, downtime, notes, probe.zip(plan), step_limit));
     Ok(())
 }
 
-fn plan_text(name: &str, j: &Journal, downtime: &str, notes: &[String], probe: Option<(&Result<Probe>, &UpgradePlan)>) -> String {
+fn plan_text(
+    name: &str,
+    j: &Journal,
+    downtime: &str,
+    notes: &[String],
+    probe: Option<(&Result<Probe>, &UpgradePlan)>,
+    step_limit: Duration,
+) -> String {
     let mut out = String::new();
     let kind = serde_json::to_value(j.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     out.push_str(&format!("Upgrade plan for \"{name}\": {} -> {} ({kind})\n", j.from, j.to));
     out.push_str(&format!("downtime: {downtime}\n"));
     out.push_str("snapshot: the data disk, before anything changes (rollback restores it if migrations ran)\n");
+    out.push_str(&format!(
+        "step limit: {} per step on the box (--step-limit), apart from how long sgbox waits\n",
+        humantime::format_duration(step_limit)
+    ));
     for (i, e) in j.steps.iter().enumerate() {
         let done = if e.status == Status::Done { "  [done]" } else { "" };
         out.push_str(&format!("  {}. {}{done}\n", i + 1, describe(&e.step, j)));
@@ -200,7 +220,8 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
     boxctl::runtime()?.block_on(async move {
-        let mut s = reach(ctx, &args.target, timeout, "roll back").await?;
+        // A rollback's steps (stop, restore, start) are short; its limit is the wait's.
+        let mut s = reach(ctx, &args.target, timeout, timeout.max(Duration::from_secs(3600)), "roll back").await?;
         let _lock = s.d.dir.lock("rollback")?;
         let Some(mut j) = s.read_journal().await? else {
             return Err(UserError::new(format!("the box \"{}\" has no upgrade to roll back", s.d.settings.name)).hint("see `sgbox history`").into());
@@ -259,6 +280,6 @@ mod tests {
         let mut j = Journal::new("dry-run", &plan);
         j.mark(0, Status::Done, "2026-12-01T10:00:00Z", None);
         let probe = Ok(Probe { avail: 40 << 30, image_bytes: 3 << 30, images_missing: 31, db_bytes: 1 << 30, errors: vec![] });
-        insta::assert_snapshot!(plan_text("eval", &j, plan.downtime, &plan.notes, Some((&probe, &plan))));
+        insta::assert_snapshot!(plan_text("eval", &j, plan.downtime, &plan.notes, Some((&probe, &plan)), Duration::from_secs(12 * 3600)));
     }
 }

@@ -120,6 +120,29 @@ impl Session {
         Ok(out.stdout)
     }
 
+    /// Run a command with `input` on its stdin; its stdout, or an error with its stderr. What
+    /// goes in (a secret) is never part of a command line.
+    pub async fn run_input(&self, cmd: &str, input: &[u8]) -> Result<String> {
+        output::trace(format!("  on the box (with input): {}", shown(cmd)));
+        let out = self.ssh.exec_input(cmd, Some(input.to_vec())).await.with_context(|| format!("running `{}` on the box", shown(cmd)))?;
+        if out.status != 0 {
+            bail!("`{}` on the box exited {}: {}", shown(cmd), out.status, out.stderr.trim());
+        }
+        Ok(out.stdout)
+    }
+
+    /// Write a private file (a key) on the box atomically as root, through stdin: created with
+    /// its mode (never briefly readable), its content in no command line.
+    pub async fn put_private(&self, path: &str, content: &str, mode: u32) -> Result<()> {
+        let dir = path.rsplit_once('/').map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
+        let (p, tmp) = (quote(path), quote(&format!("{path}.sgbox-tmp")));
+        let cmd = format!(
+            "sudo install -d -m 0755 {} && sudo sh -c 'umask 077 && cat > \"$1\" && chmod {mode:o} \"$1\" && mv \"$1\" \"$2\"' sh {tmp} {p}",
+            quote(dir)
+        );
+        self.run_input(&cmd, content.as_bytes()).await.map(|_| ())
+    }
+
     /// Write a file on the box atomically (as root), creating its folder.
     pub async fn put(&self, path: &str, content: &str, mode: u32) -> Result<()> {
         let dir = path.rsplit_once('/').map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });

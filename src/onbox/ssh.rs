@@ -128,19 +128,30 @@ impl Ssh {
     }
 
     /// Run a command; collect its output.
-    pub fn exec_blocking(&self, cmd: &str) -> Result<Output, SshError> {
+    /// Run a command with `input` on its stdin (then EOF); collect its output. Secrets travel
+    /// this way: never in a command line, where `ps` on the box would show them.
+    pub fn exec_input_blocking(&self, cmd: &str, input: Option<&[u8]>) -> Result<Output, SshError> {
         let mut out = Vec::new();
         let mut err = Vec::new();
-        let status = self.stream_blocking(cmd, &mut out, &mut err)?;
+        let status = self.stream_input_blocking(cmd, input, &mut out, &mut err)?;
         Ok(Output { status, stdout: String::from_utf8_lossy(&out).into_owned(), stderr: String::from_utf8_lossy(&err).into_owned() })
     }
 
     /// Run a command, copying its stdout and stderr as they arrive. Returns the exit status.
     pub fn stream_blocking(&self, cmd: &str, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, SshError> {
+        self.stream_input_blocking(cmd, None, out, err)
+    }
+
+    fn stream_input_blocking(&self, cmd: &str, input: Option<&[u8]>, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, SshError> {
         let addr = self.addr();
         let sess = self.session.lock().expect("ssh session lock");
         let mut ch = sess.channel_session().map_err(proto(&addr))?;
         ch.exec(cmd).map_err(proto(&addr))?;
+        if let Some(input) = input {
+            // Small payloads (a key, a JSON body): written whole before reading, in blocking mode.
+            ch.write_all(input).map_err(|e| SshError::Protocol { addr: addr.clone(), message: e.to_string() })?;
+            ch.send_eof().map_err(proto(&addr))?;
+        }
         // Interleave both streams without blocking on either: poll in non-blocking mode.
         sess.set_blocking(false);
         let mut buf = [0u8; 16 * 1024];
@@ -176,9 +187,13 @@ impl Ssh {
     }
 
     pub async fn exec(&self, cmd: &str) -> Result<Output, SshError> {
+        self.exec_input(cmd, None).await
+    }
+
+    pub async fn exec_input(&self, cmd: &str, input: Option<Vec<u8>>) -> Result<Output, SshError> {
         let me = self.clone();
         let cmd = cmd.to_string();
-        tokio::task::spawn_blocking(move || me.exec_blocking(&cmd)).await.expect("ssh exec task")
+        tokio::task::spawn_blocking(move || me.exec_input_blocking(&cmd, input.as_deref())).await.expect("ssh exec task")
     }
 }
 

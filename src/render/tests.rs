@@ -7,13 +7,8 @@ fn settings(pairs: &[(&'static str, &str)]) -> Settings {
     Settings::resolve(&Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string())))), &Prompter { interactive: false }).unwrap()
 }
 
-fn secrets() -> Secrets {
-    serde_json::from_str(r#"{"pgsql_password":"Pw1aaaaaaaaaaaaaaaaaaaaaaaaaaaaa","codeintel_db_password":"Pw2bbbbbbbbbbbbbbbbbbbbbbbbbbbbb","codeinsights_db_password":"Pw3ccccccccccccccccccccccccccccc"}"#).unwrap()
-}
-
 fn bundle(s: &Settings, r: &Release) -> Bundle {
-    render(&Inputs { settings: s, release: r, secrets: &secrets(), ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 test", tls: None })
-        .unwrap()
+    render(&Inputs { settings: s, release: r, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 test" }).unwrap()
 }
 
 /// Service names in file order and their `image:` values, read back from the rendered text.
@@ -76,10 +71,54 @@ fn no_default_passwords_and_private_ports() {
             }
         }
         assert!(c.contains("\"127.0.0.1:9090:9090\""), "{}", r.version);
-        let env = &b.file("/opt/sgbox/.env").unwrap();
-        assert!(env.secret && env.mode == 0o600);
-        assert!(env.content.contains("PGSQL_PASSWORD=Pw1aaaa"));
+        assert!(b.file("/opt/sgbox/.env").is_none(), "the box makes its own passwords");
     }
+}
+
+/// Every file the user-data writes, decoded.
+fn user_data_files(ud: &str) -> String {
+    let mut all = String::new();
+    for line in ud.lines() {
+        if let Some(b64) = line.trim().strip_prefix("content: ") {
+            let gz = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
+            all.push_str(&text);
+        }
+    }
+    all
+}
+
+#[test]
+fn user_data_carries_no_secret_and_the_box_makes_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = (tmp.path().join("c.pem"), tmp.path().join("k.pem"));
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nSECRETKEYMATERIAL\n-----END PRIVATE KEY-----\n").unwrap();
+    let s = settings(&[
+        ("cloud", "aws"),
+        ("hostname", "sg.example.com"),
+        ("tls", "custom"),
+        ("tls-cert", cert.to_str().unwrap()),
+        ("tls-key", key.to_str().unwrap()),
+    ]);
+    let b = bundle(&s, catalog().latest());
+    let files = user_data_files(&b.user_data);
+    for text in [&b.user_data, &files] {
+        assert!(!text.contains("PRIVATE KEY") && !text.contains("SECRETKEYMATERIAL"), "no TLS key in user-data");
+        assert!(!text.contains("BEGIN CERTIFICATE"), "the certificate goes by SSH with its key");
+        assert!(!text.contains("PGSQL_PASSWORD=") || text.contains("PGSQL_PASSWORD=%s"), "no password, only the generator");
+    }
+    // The boot script makes the passwords on the data disk and links the project's .env there.
+    assert!(b.user_data.contains("/dev/urandom") && b.user_data.contains("ln -sfn \\\"$S\\\" /opt/sgbox/.env"), "{}", b.user_data);
+    let unit = b.file("/etc/systemd/system/sourcegraph.service").unwrap();
+    assert!(unit.content.contains(&format!("while [ ! -s {TLS_KEY} ]")), "the stack waits for the key: {}", unit.content);
+    let docker = b.file("/etc/systemd/system/docker.service.d/60-sgbox.conf").unwrap();
+    assert!(docker.content.contains("ExecStartPre=/bin/sh -c 'mountpoint -q /mnt/sgbox-data ||"), "{}", docker.content);
+    assert!(b.file(BOOT_SCRIPT).is_some_and(|f| f.mode == 0o755 && f.content.contains("secrets.env")));
+    // Without custom TLS the unit does not wait for a key.
+    let plain = bundle(&settings(&[("cloud", "aws")]), catalog().latest());
+    assert!(!plain.file("/etc/systemd/system/sourcegraph.service").unwrap().content.contains("TLS key"));
 }
 
 #[test]

@@ -1,7 +1,8 @@
-//! The Sourcegraph stack on a running box (docker compose): readiness, the upgrade journal, and
-//! the upgrade and rollback engine that the journal drives. Everything here reaches the box only
+//! The Sourcegraph stack on a running box (docker compose): readiness, the first site admin, the
+//! upgrade journal, and the upgrade and rollback engine that the journal drives. Everything here reaches the box only
 //! through [`crate::onbox::Session`].
 
 pub mod journal;
 pub mod readiness;
+pub mod site;
 pub mod upgrade;

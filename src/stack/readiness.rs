@@ -108,6 +108,26 @@ pub async fn cloud_init(ssh: &Session, deadline: &Deadline, phase: &Phase) -> Re
     }
 }
 
+/// The data disk is mounted. When it is not (it arrived after the boot script gave up, as when an
+/// interrupted `up` attaches it late), run the boot script again and start Docker and the stack;
+/// Docker itself refuses to start without the disk, so nothing lands on the root disk.
+pub async fn data_disk(ssh: &Session) -> Result<()> {
+    let mount = crate::render::DATA_MOUNT;
+    if ssh.exec(&format!("mountpoint -q {mount}")).await?.status == 0 {
+        return Ok(());
+    }
+    crate::output::warn(format!("the data disk is not mounted on {mount}; running the boot script again"));
+    let out = ssh.exec(&format!("sudo {} 2>&1 && sudo systemctl start docker.service sourcegraph.service 2>&1", crate::render::BOOT_SCRIPT)).await?;
+    if out.status == 0 && ssh.exec(&format!("mountpoint -q {mount}")).await?.status == 0 {
+        return Ok(());
+    }
+    let tail: Vec<&str> = out.stdout.lines().rev().take(5).collect();
+    bail!(
+        "the data disk is not mounted on {mount}, so Docker was not started (nothing was written to the root disk): {}",
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    )
+}
+
 /// Poll compose until every expected service is ok. Returns the final states.
 pub async fn services(ssh: &Session, expected: &[String], deadline: &Deadline, phase: &Phase) -> Result<Vec<ServiceState>, (String, Vec<String>)> {
     let mut last_missing = expected.to_vec();

@@ -55,6 +55,9 @@ pub struct Upgrade {
     pub on: Session,
     pub ep: Endpoint,
     pub timeout: Duration,
+    /// How long one step may run on the box (its unit's RuntimeMaxSec), apart from the waits: a
+    /// long migration is not the same thing as a box that does not answer.
+    pub step_limit: Duration,
     /// `--insecure-accept-host-key`, for reconnecting after a restore.
     pub insecure: bool,
 }
@@ -78,7 +81,7 @@ impl Upgrade {
 
     /// Run `script` as the step `name` through the runner; Ok(()) or the end of its log.
     async fn step(&self, name: &str, script: &str) -> Result<()> {
-        self.on.step(name, script, self.timeout).await
+        self.on.step(name, script, self.step_limit).await
     }
 
     /// The files of `release` for this deployment, staged on the box under RELEASES/<release>.

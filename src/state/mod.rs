@@ -1,10 +1,11 @@
-//! The local state of deployments: one folder per deployment under the state root, holding the
-//! generated secrets and SSH key (mode 0600), the typed deployment record (`deployment.json`: the
-//! settings a deployment was created with, its release, pinned host key and history), all written
-//! atomically, and the lock that keeps two changing commands off one deployment.
+//! The local state of deployments: one folder per deployment under the state root (mode 0700),
+//! holding the SSH key and the site admin's credentials (mode 0600), the typed deployment record
+//! (`deployment.json`: the settings a deployment was created with, its release, pinned host key
+//! and history), all written atomically, and the lock that keeps two changing commands off one
+//! deployment.
 //!
-//! Secrets are generated once and reused, so renders stay byte-identical and a re-run never
-//! changes a database password under a running box.
+//! The database passwords are not here: the box generates them and keeps them on its data disk
+//! (see `render`), so they never travel, and stay with the data they open.
 
 use std::fs;
 use std::io::Write;
@@ -43,18 +44,37 @@ impl DeploymentDir {
         fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700)).with_context(|| format!("restricting {}", self.path.display()))
     }
 
-    /// Load the secrets, generating and saving them on first use.
-    pub fn secrets(&self) -> Result<Secrets> {
-        let file = self.path.join("secrets.json");
-        if file.exists() {
-            let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            // Never echo the file's content: it holds the passwords.
-            return serde_json::from_str(&text).with_context(|| format!("{} is damaged (not the JSON sgbox wrote)", file.display()));
+    /// Where the site admin's credentials are kept.
+    pub fn admin_path(&self) -> PathBuf {
+        self.path.join("admin.json")
+    }
+
+    /// The site admin's credentials, if `up` made them.
+    pub fn admin(&self) -> Result<Option<Admin>> {
+        let file = self.admin_path();
+        if !file.exists() {
+            return Ok(None);
+        }
+        let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        // Never echo the file's content: it holds the password.
+        serde_json::from_str(&text).map(Some).with_context(|| format!("{} is damaged (not the JSON sgbox wrote)", file.display()))
+    }
+
+    /// The site admin's credentials, generated and saved (0600) before they are first used, so a
+    /// run interrupted after the site accepted them still has them.
+    pub fn admin_or_new(&self, name: &str) -> Result<Admin> {
+        if let Some(a) = self.admin()? {
+            return Ok(a);
         }
         self.ensure()?;
-        let s = Secrets::generate();
-        write_atomic(&file, serde_json::to_string_pretty(&s)?.as_bytes(), 0o600)?;
-        Ok(s)
+        let a = Admin::generate(name);
+        write_atomic(&self.admin_path(), (serde_json::to_string_pretty(&a)? + "\n").as_bytes(), 0o600)?;
+        Ok(a)
+    }
+
+    /// Record that the site accepted the credentials (or was found claimed by them).
+    pub fn save_admin(&self, a: &Admin) -> Result<()> {
+        write_atomic(&self.admin_path(), (serde_json::to_string_pretty(a)? + "\n").as_bytes(), 0o600)
     }
 
     /// The deployment's SSH key pair (OpenSSH format), generated on first use. Returns the
@@ -210,26 +230,28 @@ pub fn cache_root() -> Result<PathBuf> {
     Ok(dirs.cache_dir().to_path_buf())
 }
 
+/// The first site admin, whom `up` creates through Sourcegraph's site-init.
 #[derive(Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Secrets {
-    pub pgsql_password: String,
-    pub codeintel_db_password: String,
-    pub codeinsights_db_password: String,
+pub struct Admin {
+    pub username: String,
+    pub email: String,
+    pub password: String,
+    /// When the site accepted these credentials (None: not yet).
+    #[serde(default)]
+    pub claimed_at: Option<String>,
 }
 
-impl std::fmt::Debug for Secrets {
+impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secrets(<redacted>)")
+        write!(f, "Admin({}, <redacted>)", self.username)
     }
 }
 
-impl Secrets {
-    fn generate() -> Secrets {
-        // Alphanumeric only: the passwords also go into postgres:// URLs unescaped.
-        let mut rng = rand::rng();
-        let mut pw = || Alphanumeric.sample_string(&mut rng, 32);
-        Secrets { pgsql_password: pw(), codeintel_db_password: pw(), codeinsights_db_password: pw() }
+impl Admin {
+    fn generate(deployment: &str) -> Admin {
+        let password = Alphanumeric.sample_string(&mut rand::rng(), 24);
+        // .invalid never resolves (RFC 2606): the address is a placeholder the admin replaces.
+        Admin { username: "admin".into(), email: format!("admin@{deployment}.sgbox.invalid"), password, claimed_at: None }
     }
 }
 
@@ -237,9 +259,14 @@ impl Secrets {
 /// the start (secrets are never briefly world-readable).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    // A random name, created new: nobody can have placed a file or symlink there beforehand.
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        Alphanumeric.sample_string(&mut rand::rng(), 12)
+    ));
     let result = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
@@ -260,16 +287,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_and_key_are_generated_once_with_private_modes() {
+    fn admin_and_key_are_generated_once_with_private_modes() {
         let tmp = tempfile::tempdir().unwrap();
         let d = DeploymentDir::new(tmp.path(), "demo");
-        let a = d.secrets().unwrap();
-        let b = d.secrets().unwrap();
-        assert_eq!(a.pgsql_password, b.pgsql_password);
-        assert_ne!(a.pgsql_password, a.codeintel_db_password);
-        assert_eq!(a.pgsql_password.len(), 32);
-        assert_eq!(format!("{a:?}"), "Secrets(<redacted>)");
-        let mode = fs::metadata(d.path.join("secrets.json")).unwrap().permissions().mode() & 0o777;
+        assert!(d.admin().unwrap().is_none());
+        let a = d.admin_or_new("demo").unwrap();
+        let b = d.admin_or_new("demo").unwrap();
+        assert_eq!(a.password, b.password);
+        assert_eq!(a.password.len(), 24);
+        assert_eq!(a.email, "admin@demo.sgbox.invalid");
+        assert_eq!(format!("{a:?}"), "Admin(admin, <redacted>)");
+        let mode = fs::metadata(d.admin_path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let k1 = d.ssh_public_key().unwrap();
         assert!(k1.starts_with("ssh-ed25519 "), "{k1}");
@@ -278,6 +306,22 @@ mod tests {
         assert_eq!(mode, 0o600);
         let dmode = fs::metadata(&d.path).unwrap().permissions().mode() & 0o777;
         assert_eq!(dmode, 0o700);
+    }
+
+    #[test]
+    fn atomic_writes_never_follow_a_planted_temp_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("aws.json");
+        // The old temp name was predictable: a symlink planted there was written through.
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.path().join(format!(".aws.json.tmp{}", std::process::id()))).unwrap();
+        write_atomic(&target, b"{}", 0o600).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "{}");
+        let left: Vec<_> =
+            fs::read_dir(tmp.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+        assert!(left.is_empty(), "no temp file left");
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! and root (debootstrap): `bash .ci/setup`. Missing tools fail the test; nothing is skipped.
 
 use std::io::BufRead;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -201,17 +202,71 @@ fn local_box_lifecycle() {
     assert_eq!(status["unhealthy"], Value::Array(vec![]));
 
     // The box is the one rendered: data on the separate disk, Docker's root there, SSH only for sgbox.
-    let out = ssh_out(st, "findmnt -n -o SOURCE,FSTYPE /mnt/sgbox-data; sudo docker info --format '{{.DockerRootDir}}'; sudo sshd -T | grep -i '^allowusers'; cloud-init status");
+    // An image's own drop-in (sorting after 00-) cannot loosen sshd: the first value read wins.
+    let out = ssh_out(
+        st,
+        "echo 'PasswordAuthentication yes' | sudo tee /etc/ssh/sshd_config.d/10-image.conf >/dev/null; findmnt -n -o SOURCE,FSTYPE /mnt/sgbox-data; sudo docker info --format '{{.DockerRootDir}}'; sudo sshd -T | grep -i '^allowusers\\|^passwordauthentication'; sudo rm /etc/ssh/sshd_config.d/10-image.conf; cloud-init status",
+    );
     let o = text(&out.stdout);
     assert!(out.status.success(), "{o}\n{}", text(&out.stderr));
     assert!(o.contains("ext4"), "data disk mounted: {o}");
     assert!(o.contains("/mnt/sgbox-data/docker"), "docker root on the data disk: {o}");
     assert!(o.contains("allowusers sgbox"), "sshd restricted: {o}");
+    assert!(o.contains("passwordauthentication no"), "an image's drop-in does not win: {o}");
     assert!(o.contains("status: done"), "{o}");
-    // Secrets never leave the state folder through our output.
-    let secrets = std::fs::read_to_string(st.join(NAME).join("secrets.json")).unwrap();
-    let pw: Value = serde_json::from_str(&secrets).unwrap();
     stderr_all.push_str(&text(&out.stderr));
+
+    // No secret in the user-data: the box made its database passwords at first boot, on the data
+    // disk (the compose project's .env links there), and a box that loses its root disk but keeps
+    // the data disk gets the same ones back from the boot script.
+    let secrets_cmd = "readlink /opt/sgbox/.env; sudo cat /mnt/sgbox-data/sgbox/secrets.env; sudo stat -c %a /mnt/sgbox-data/sgbox/secrets.env";
+    let out = ssh_out(st, secrets_cmd);
+    let on_box = text(&out.stdout);
+    assert!(out.status.success(), "{on_box}\n{}", text(&out.stderr));
+    assert!(on_box.starts_with("/mnt/sgbox-data/sgbox/secrets.env\n") && on_box.trim_end().ends_with("\n600"), "{on_box}");
+    let passwords: Vec<String> = on_box.lines().filter_map(|l| l.split_once("PASSWORD=").map(|(_, v)| v.to_string())).collect();
+    assert_eq!(passwords.len(), 3, "{on_box}");
+    for p in &passwords {
+        assert!(p.len() == 32 && p.bytes().all(|b| b.is_ascii_alphanumeric()), "{p}");
+    }
+    let ud = text(&ssh_out(st, "sudo cat /var/lib/cloud/instance/user-data.txt").stdout);
+    assert!(ud.contains("#cloud-config") && !ud.contains("PASSWORD"), "the user-data carries no password");
+    assert!(passwords.iter().all(|p| !ud.contains(p.as_str())));
+    let out = ssh_out(st, &format!("sudo rm /opt/sgbox/.env && sudo /usr/local/sbin/sgbox-data-disk 2>/dev/null && {{ {secrets_cmd}; }}"));
+    assert_eq!(text(&out.stdout), on_box, "the same passwords after the root disk lost its link: {}", text(&out.stderr));
+    for f in std::fs::read_dir(st.join(NAME)).unwrap() {
+        let body = std::fs::read_to_string(f.unwrap().path()).unwrap_or_default();
+        assert!(passwords.iter().all(|p| !body.contains(p.as_str())), "a database password is in the local state");
+    }
+
+    // The site admin is sgbox's: created through site-init, kept 0600, shown only when asked;
+    // nobody else can claim the site now.
+    assert_eq!(up["admin"]["claimed"], true, "{up:#}");
+    let admin_file = st.join(NAME).join("admin.json");
+    assert_eq!(std::fs::metadata(&admin_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let out = run(sgbox(st).args(["admin", "--name", NAME, "--output", "json"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let admin = json_of(&out);
+    let admin_pw = admin["password"].as_str().unwrap().to_string();
+    assert!(admin_pw.len() >= 12, "{admin:#}");
+    let page = http_get(&format!("{url}/sign-in")).unwrap_or_default();
+    assert!(page.contains("\"needsSiteInit\":false"), "{page}");
+    let post = |path: &str, body: &str| -> String {
+        let o = std::process::Command::new("curl")
+            .args(["-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Content-Type: application/json", "--data", body])
+            .arg(format!("{url}{path}"))
+            .output()
+            .unwrap();
+        text(&o.stdout)
+    };
+    assert_eq!(
+        post("/-/site-init", r#"{"email":"mallory@example.com","username":"mallory","password":"mallory-wants-in"}"#),
+        "500",
+        "already initialized"
+    );
+    assert_eq!(post("/-/sign-in", &serde_json::json!({ "email": "admin", "password": admin_pw }).to_string()), "200");
+    assert!(!up.to_string().contains(admin_pw.as_str()), "up's result does not carry the admin password");
+    let pw: Vec<String> = passwords.clone();
 
     // Re-running `up` on the running box changes nothing and answers at once.
     let out = run(sgbox(st).args(up_args()));
@@ -221,10 +276,11 @@ fn local_box_lifecycle() {
     assert_eq!(again["instance_id"], up["instance_id"]);
     assert_eq!(qemu_pids(&overlay.display().to_string()), pids, "no second VM");
     stderr_all.push_str(&text(&out.stderr));
-    for p in [&pw["pgsql_password"], &pw["codeintel_db_password"], &pw["codeinsights_db_password"]] {
-        let p = p.as_str().unwrap();
-        assert!(!stderr_all.contains(p) && !text(&out.stdout).contains(p), "a password was printed");
+    let printed = format!("{}{}", text(&out.stderr), text(&out.stdout));
+    for p in pw.iter().chain([&admin_pw]) {
+        assert!(!printed.contains(p.as_str()), "a password was printed");
     }
+    assert!(!stderr_all.contains(admin_pw.as_str()), "the admin password was printed by up");
     clock.lap("status, the box's disks and sshd, idempotent re-run of up");
 
     // User data in the database, which every upgrade and rollback must keep.
@@ -444,7 +500,6 @@ fn local_box_lifecycle() {
     }
     assert!(!overlay.exists(), "overlay left behind");
     assert!(data.exists(), "data disk must be kept");
-    assert!(st.join(NAME).join("secrets.json").exists(), "secrets kept with the data disk");
 
     let out = run(sgbox(st).args(["down", "--name", NAME, "--cloud", "local", "--delete-data", "--yes"]));
     assert!(out.status.success(), "down --delete-data: {}", text(&out.stderr));

@@ -15,7 +15,13 @@
 //!   `CHECKSUM`, `INFO`);
 //! * `migrator` applies Sourcegraph's upgrade policy (`up`: one minor at a time, `upgrade --from
 //!   --to`: multi-version) to the schema versions of the DBs;
-//! * `frontend` is healthy only when the schema matches its own major.minor;
+//! * `frontend` is healthy only when the schema matches its own major.minor, and keeps
+//!   Sourcegraph's site-init contract: `POST /-/site-init` with JSON `{"email","username",
+//!   "password"}` creates the first site admin (200; 400 on a body that is not such JSON or a bad
+//!   email/username; 409 for a password outside 12–256 characters, checked first; 500 "Signup
+//!   failed unexpectedly." once a site admin exists), kept in the frontend database (key
+//!   `site-admin`); `POST /-/sign-in` with `{"email" (or username),"password"}` answers 200 or 401;
+//!   `GET /sign-in` carries `"needsSiteInit":true|false` in its page context, like Sourcegraph's;
 //! * `caddy` reverse-proxies to the `reverse_proxy` upstream of /etc/caddy/Caddyfile;
 //! * everything else answers 200 on its usual port(s).
 //!
@@ -481,6 +487,9 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        409 => "Conflict",
+        500 => "Internal Server Error",
         404 => "Not Found",
         411 => "Length Required",
         502 => "Bad Gateway",
@@ -1024,7 +1033,85 @@ fn migrator_main(image: &str, own: &str, args: &[String]) -> i32 {
 // ---------------------------------------------------------------------------------------------
 // frontend
 
+/// FNV-1a 64 of a salted password: enough for a stand-in that never leaves a test.
+fn pw_hash(pw: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in "sgbox-standin:".bytes().chain(pw.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+fn frontend_db() -> Result<DbClient, String> {
+    let host = env::var("PGHOST").unwrap_or_else(|_| "127.0.0.1".into());
+    DbClient::open(&host, pg_port("PGPORT"), 2, Duration::from_secs(2))
+}
+
+/// The stored site admin: (username, email, password hash).
+fn site_admin(db: &mut DbClient) -> Result<Option<(String, String, String)>, String> {
+    let r = db.cmd("GET site-admin")?;
+    Ok(r.strip_prefix("VALUE ").and_then(|v| {
+        let mut it = v.split(' ');
+        Some((it.next()?.to_string(), it.next()?.to_string(), it.next()?.to_string()))
+    }))
+}
+
+fn json_fields(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let Ok(Json::Obj(fields)) = (JsonParser { b: text.as_bytes(), p: 0 }).value() else { return None };
+    Some(fields.into_iter().filter_map(|(k, v)| if let Json::Str(s) = v { Some((k, s)) } else { None }).collect())
+}
+
+fn site_init(req: &Request) -> (u16, String) {
+    let Some(f) = json_fields(&req.body) else { return (400, "could not decode request body".into()) };
+    let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let (email, username, password) = (get("email"), get("username"), get("password"));
+    let n = password.chars().count();
+    if !(12..=256).contains(&n) {
+        return (409, "Your password may not be less than 12 or be more than 256 characters.".into());
+    }
+    if !email.contains('@') || email.contains(' ') {
+        return (400, "invalid email address".into());
+    }
+    if username.is_empty() || !username.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+        return (400, "invalid username".into());
+    }
+    let mut db = match frontend_db() {
+        Ok(d) => d,
+        Err(e) => return (500, format!("database unavailable: {e}")),
+    };
+    match site_admin(&mut db) {
+        Ok(Some(_)) => (500, "Signup failed unexpectedly.".into()),
+        Ok(None) => match db.cmd(&format!("PUT site-admin {username} {email} {}", pw_hash(&password))) {
+            Ok(r) if r == "OK" => (200, String::new()),
+            Ok(r) | Err(r) => (500, format!("storing the user: {r}")),
+        },
+        Err(e) => (500, format!("database unavailable: {e}")),
+    }
+}
+
+fn sign_in(req: &Request) -> (u16, String) {
+    let Some(f) = json_fields(&req.body) else { return (400, "could not decode request body".into()) };
+    let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let (who, password) = (get("email"), get("password"));
+    match frontend_db().and_then(|mut db| site_admin(&mut db)) {
+        Ok(Some((u, e, h))) if (who == u || who == e) && h == pw_hash(&password) => (200, String::new()),
+        Ok(_) => (401, "Authentication failed".into()),
+        Err(e) => (500, format!("database unavailable: {e}")),
+    }
+}
+
 fn frontend_handle(req: &Request, own: &str) -> (u16, String) {
+    match (req.method.as_str(), req.path.split('?').next().unwrap_or("")) {
+        ("POST", "/-/site-init") => return site_init(req),
+        ("POST", "/-/sign-in") => return sign_in(req),
+        (_, "/sign-in") => {
+            let needs = frontend_db().and_then(|mut db| site_admin(&mut db)).map(|a| a.is_none()).unwrap_or(false);
+            return (200, format!("<!doctype html><html><head><title>Sourcegraph (stand-in)</title><script>window.context = {{\"needsSiteInit\":{needs}}}</script></head><body></body></html>\n"));
+        }
+        _ => {}
+    }
     match req.path.split('?').next().unwrap_or("") {
         "/__version" => (200, own.to_string()),
         "/healthz" => {
@@ -1313,6 +1400,14 @@ mod tests {
         assert_eq!(parse_ver("v5.9.17785"), Some(Ver { major: 5, minor: 9, patch: 17785 }));
         assert_eq!(parse_ver("6.0"), Some(Ver { major: 6, minor: 0, patch: 0 }));
         assert_eq!(parse_ver("insiders"), None);
+    }
+
+    #[test]
+    fn site_init_checks_the_body_before_the_database() {
+        let req = |b: &str| Request { method: "POST".into(), path: "/-/site-init".into(), headers: vec![], body: b.as_bytes().to_vec() };
+        assert_eq!(site_init(&req("email=a@b.c&username=admin")).0, 400, "form bodies are not JSON");
+        assert_eq!(site_init(&req(r#"{"email":"a@b.c","username":"admin","password":"short"}"#)).0, 409);
+        assert_eq!(site_init(&req(r#"{"email":"nope","username":"admin","password":"long enough pw"}"#)).0, 400);
     }
 
     #[test]
