@@ -73,6 +73,13 @@ pub enum Command {
     History(TargetArgs),
     /// The site admin `up` created: username, email and password (printed only here).
     Admin(TargetArgs),
+    /// Print the least-privilege IAM policy sgbox needs (JSON): attach it to the user or role
+    /// that runs sgbox.
+    IamPolicy {
+        /// The cloud (only aws has one).
+        #[arg(long, value_name = "CLOUD", default_value = "aws")]
+        cloud: String,
+    },
     /// Print a shell completion script.
     Completions {
         /// The shell to complete for.

@@ -76,6 +76,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Rollback(a) => upgrade::rollback(&ctx, a),
         Command::History(a) => history::run(&ctx, a),
         Command::Admin(a) => admin::run(&ctx, a),
+        Command::IamPolicy { cloud } => {
+            if cloud != "aws" {
+                return Err(crate::error::UserError::field("cloud", format!("'{cloud}' has no IAM policy from sgbox"))
+                    .hint("use --cloud aws (GCP comes with its own roles when it lands; the local cloud needs none)")
+                    .into());
+            }
+            println!("{}", serde_json::to_string_pretty(&crate::cloud::aws::policy::document())?);
+            Ok(())
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sgbox", &mut std::io::stdout());
             Ok(())

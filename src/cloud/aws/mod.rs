@@ -36,6 +36,8 @@ use aws_smithy_runtime_api::client::waiters::error::WaiterError;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+pub mod policy;
+
 use super::{classify, failed, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, Machine, Resource, Result, Spec};
 use crate::error::UserError;
 use crate::output;
@@ -133,24 +135,33 @@ fn code_of<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E, aws_sdk_
 }
 
 impl Aws {
-    pub async fn new(spec: Spec, deployment_dir: PathBuf) -> Aws {
-        // One HTTPS client for every AWS call (EC2, SSM, and the credential chain's STS/SSO):
+    /// The SDK configuration sgbox uses: the standard chain (credentials, region, endpoint from
+    /// `AWS_ENDPOINT_URL`), its HTTPS client, and patient retries.
+    pub fn loader() -> aws_config::ConfigLoader {
+        // One HTTPS client for every AWS call (EC2, SSM, STS, and the credential chain's STS/SSO):
         // hyper 1 + rustls on ring. The SDK's default client would build aws-lc from C.
         let https = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
             .build_https();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
             .http_client(https)
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(8).with_initial_backoff(Duration::from_millis(200)));
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(8).with_initial_backoff(Duration::from_millis(200)))
+    }
+
+    pub async fn new(spec: Spec, deployment_dir: PathBuf) -> Aws {
+        let mut loader = Aws::loader();
         if let Some(r) = &spec.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
-        let conf = loader.load().await;
+        Aws::with_config(spec, deployment_dir, &loader.load().await)
+    }
+
+    pub fn with_config(spec: Spec, deployment_dir: PathBuf, conf: &aws_config::SdkConfig) -> Aws {
         let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
         Aws {
-            ec2: aws_sdk_ec2::Client::new(&conf),
-            ssm: aws_sdk_ssm::Client::new(&conf),
-            sts: aws_sdk_sts::Client::new(&conf),
+            ec2: aws_sdk_ec2::Client::new(conf),
+            ssm: aws_sdk_ssm::Client::new(conf),
+            sts: aws_sdk_sts::Client::new(conf),
             account: std::sync::OnceLock::new(),
             spec,
             dir: deployment_dir,
@@ -566,7 +577,9 @@ impl Machine for Aws {
                     .ec2
                     .create_security_group()
                     .group_name(self.name("firewall"))
-                    .description(format!("sgbox {}: the box's firewall (HTTP/HTTPS and SSH only)", self.spec.name))
+                    // Free text without spaces: moto's SigV4 check encodes spaces in form bodies
+                    // unlike the Rust SDK, so with IAM on it refuses any call that has one.
+                    .description(format!("sgbox:{}:firewall:HTTP/HTTPS-from-web-cidr,SSH-from-ssh-cidr", self.spec.name))
                     .vpc_id(&vpc)
                     .tag_specifications(self.tags(ResourceType::SecurityGroup, "firewall"))
                     .send()
@@ -638,14 +651,24 @@ impl Machine for Aws {
             self.update(|r| r.image = Some(id.clone()))?;
             return Ok(BaseImage { id: id.clone(), description: format!("{id} ({name}, given by image-id)") });
         }
-        let via_ssm = self
-            .ssm
-            .get_parameter()
-            .name(DEBIAN_SSM_PARAMETER)
-            .send()
-            .await
-            .ok()
-            .and_then(|o| o.parameter().and_then(|p| p.value()).map(str::to_string));
+        // Debian's public parameter; where a region lacks it, Debian's images by owner. Any other
+        // refusal (credentials, policy) is reported, not papered over.
+        let via_ssm = match self.ssm.get_parameter().name(DEBIAN_SSM_PARAMETER).send().await {
+            Ok(o) => o.parameter().and_then(|p| p.value()).map(str::to_string),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_parameter_not_found()) => None,
+            Err(e) => {
+                // An answer the JSON protocol cannot read still has its HTTP status.
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let fallback = if status == Some(403) { "AccessDenied" } else { "error" };
+                let code = e.as_service_error().and_then(|s| s.code()).unwrap_or(fallback).to_string();
+                return Err(CloudError::Api {
+                    op: "GetParameter".into(),
+                    kind: classify(&code),
+                    message: e.as_service_error().and_then(|s| s.message()).unwrap_or("").to_string(),
+                    code,
+                });
+            }
+        };
         let id = match via_ssm {
             Some(id) => id,
             None => {
@@ -814,7 +837,7 @@ impl Machine for Aws {
             .ec2
             .create_snapshot()
             .volume_id(vid)
-            .description(format!("sgbox {}: {label}", self.spec.name))
+            .description(format!("sgbox:{}:{label}", self.spec.name))
             .tag_specifications(self.tags(ResourceType::Snapshot, "snapshot"))
             .send()
             .await
@@ -914,8 +937,15 @@ impl Machine for Aws {
         }
         if let Some(old) = self.data_volume().await?.filter(|v| v.volume_id() != Some(restored.as_str())) {
             let oid = old.volume_id().unwrap_or_default().to_string();
-            if !old.attachments().is_empty() {
-                self.ec2.detach_volume().volume_id(&oid).send().await.map_err(api("DetachVolume"))?;
+            if let Some(att) = old.attachments().first() {
+                // The instance named too: EC2 accepts without, moto does not.
+                self.ec2
+                    .detach_volume()
+                    .volume_id(&oid)
+                    .set_instance_id(att.instance_id().map(str::to_string))
+                    .send()
+                    .await
+                    .map_err(api("DetachVolume"))?;
                 self.detached(&oid, timeout).await?;
             }
             self.retag_role(&oid, "data-before-restore").await?;
@@ -1104,11 +1134,7 @@ impl Aws {
 
 /// The rules the box's security group holds: (port, CIDR, description).
 fn firewall_rules(ssh: &str, web: &str) -> Vec<(i32, String, &'static str)> {
-    vec![
-        (80, web.to_string(), "HTTP (sgbox web-cidr)"),
-        (443, web.to_string(), "HTTPS (sgbox web-cidr)"),
-        (22, ssh.to_string(), "SSH (sgbox ssh-cidr)"),
-    ]
+    vec![(80, web.to_string(), "HTTP:sgbox-web-cidr"), (443, web.to_string(), "HTTPS:sgbox-web-cidr"), (22, ssh.to_string(), "SSH:sgbox-ssh-cidr")]
 }
 
 /// One TCP ingress rule; IPv6 blocks go in Ipv6Ranges (EC2 rejects them in IpRanges).
@@ -1123,6 +1149,9 @@ fn rule(port: i32, cidr: &str, what: &str) -> IpPermission {
     };
     b.build()
 }
+
+#[cfg(test)]
+mod moto_tests;
 
 #[cfg(test)]
 mod tests {
