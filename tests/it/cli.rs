@@ -345,6 +345,8 @@ fn every_commands_help_reads_as_reviewed() {
         &["upgrade"],
         &["rollback"],
         &["history"],
+        &["admin"],
+        &["iam-policy"],
         &["completions"],
     ] {
         let o = run(sgbox(tmp.path()).args(cmd).arg("--help").env("COLUMNS", "100"));
@@ -382,4 +384,20 @@ fn plan_reads_as_reviewed_for_each_cloud() {
         all.push_str(&format!("===== sgbox {}\n{}\n", args.join(" "), text(&o.stdout)));
     }
     insta::assert_snapshot!(all);
+}
+
+#[test]
+fn iam_policy_prints_the_documented_policy_and_admin_names_a_missing_deployment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(sgbox(tmp.path()).args(["iam-policy", "--cloud", "aws"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let docs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/aws-iam-policy.json")).unwrap()).unwrap();
+    assert_eq!(printed, docs, "docs/aws-iam-policy.json is what `sgbox iam-policy` prints");
+    let o = run(sgbox(tmp.path()).args(["iam-policy", "--cloud", "gcp"]));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    let o = run(sgbox(tmp.path()).args(["admin", "--name", "nobox"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("nobox"), "{}", text(&o.stderr));
 }
