@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 
 use crate::cloud::{Endpoint, Machine};
+use crate::onbox::hostkeys;
 use crate::onbox::ssh::{self, Target};
 use crate::onbox::Session;
 use crate::output;
@@ -30,6 +31,8 @@ pub async fn connect(d: &mut Deployment, ep: &Endpoint, insecure: bool, deadline
         output::warn("--insecure-accept-host-key: trusting whatever host key the box offers, without checking it");
     }
     let machine = &d.machine;
+    // Per instance: a new instance (an `up` after `down`) has new host keys.
+    let saved = d.dir.path.join(format!("console-hostkeys-{}.txt", d.record.as_ref().and_then(|r| r.instance_id.as_deref()).unwrap_or("unknown")));
     output::detail(format!(
         "ssh {}@{}:{} with {}; host key {}",
         ssh::USER,
@@ -42,14 +45,36 @@ pub async fn connect(d: &mut Deployment, ep: &Endpoint, insecure: bool, deadline
             (None, false) => "checked against the console's fingerprints",
         }
     ));
-    let s = Session::connect(target.clone(), pinned.as_deref(), insecure, || async { Ok(machine.console_output().await?) }, deadline).await?;
+    // The console as read now, and the fingerprint block the first complete read found, kept in
+    // the state folder: an AWS console keeps only its last 64 KiB, so later kernel and Docker
+    // messages can push the block out before sgbox connects.
+    let console = || async {
+        let text = machine.console_output().await?;
+        let found = hostkeys::parse_console(&text);
+        if !found.fingerprints.is_empty() {
+            if let Some(block) = hostkeys::fingerprint_block(&found) {
+                write_atomic(&saved, block.as_bytes(), 0o600)?;
+            }
+            return Ok(text);
+        }
+        Ok(std::fs::read_to_string(&saved).unwrap_or_default() + &text)
+    };
+    let s = Session::connect(target.clone(), pinned.as_deref(), insecure, console, deadline).await?;
+    if let Some(old) = pinned.as_deref().filter(|p| p.split_whitespace().take(2).ne(s.host_key().split_whitespace().take(2))) {
+        // Only with --insecure-accept-host-key: said loudly, both fingerprints named.
+        output::warn(format!(
+            "--insecure-accept-host-key: the box's host key changed from {} to {}; the new one is pinned now",
+            hostkeys::fingerprint(old).unwrap_or_else(|_| old.to_string()),
+            hostkeys::fingerprint(s.host_key()).unwrap_or_else(|_| s.host_key().to_string())
+        ));
+    }
     if pinned.as_deref() != Some(s.host_key()) {
-        write_atomic(&d.dir.known_hosts_path(), ssh::known_hosts_line(&target, s.host_key()).as_bytes(), 0o600)?;
         if let Some(r) = d.record.as_mut() {
             r.host_key = Some(s.host_key().to_string());
             d.dir.save_record(r)?;
         }
     }
+    ssh::ensure_known_hosts(&d.dir.known_hosts_path(), &target, s.host_key())?;
     Ok(s)
 }
 

@@ -31,13 +31,21 @@ pub enum HostKeyError {
     Unreadable(String),
 }
 
-/// The last block of each kind in the console text (a rebooted box prints again; the latest
-/// boot is the one answering).
+/// The last complete block of each kind in the console text (a rebooted box prints again; the
+/// latest boot is the one answering). A block without its END line is not trusted: the console
+/// may have been read while it was being printed, or cut.
 pub fn parse_console(text: &str) -> ConsoleHostKeys {
     let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
     let block = |begin: &str, end: &str| -> Vec<&str> {
-        let Some(start) = lines.iter().rposition(|l| l.contains(begin)) else { return vec![] };
-        lines[start + 1..].iter().take_while(|l| !l.contains(end)).copied().collect()
+        let mut from = lines.len();
+        while let Some(start) = lines[..from].iter().rposition(|l| l.contains(begin)) {
+            let body: Vec<&str> = lines[start + 1..].iter().take_while(|l| !l.contains(end) && !l.contains(begin)).copied().collect();
+            if lines.get(start + 1 + body.len()).is_some_and(|l| l.contains(end)) {
+                return body;
+            }
+            from = start;
+        }
+        vec![]
     };
     let fingerprints =
         block(FP_BEGIN, FP_END).into_iter().filter_map(|l| l.split_whitespace().find(|w| w.starts_with("SHA256:")).map(str::to_string)).collect();
@@ -51,6 +59,19 @@ pub fn parse_console(text: &str) -> ConsoleHostKeys {
         })
         .collect();
     ConsoleHostKeys { fingerprints, keys }
+}
+
+/// A complete fingerprint block with `keys`' fingerprints, in the console's own format.
+pub fn fingerprint_block(keys: &ConsoleHostKeys) -> Option<String> {
+    if keys.fingerprints.is_empty() {
+        return None;
+    }
+    let mut s = format!("{FP_BEGIN}\n");
+    for f in &keys.fingerprints {
+        s.push_str(&format!("{f}\n"));
+    }
+    s.push_str(&format!("{FP_END}\n"));
+    Some(s)
 }
 
 /// SHA-256 fingerprint of an OpenSSH public key line, as ssh-keygen prints it.
@@ -109,6 +130,29 @@ mod tests {
             }
             other => panic!("expected a mismatch, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_block_without_its_end_line_is_not_trusted() {
+        let end = CONSOLE.find(FP_END).unwrap();
+        let cut = &CONSOLE[..end];
+        assert!(parse_console(cut).fingerprints.is_empty(), "a cut-off block is not a list of fingerprints");
+        // An earlier complete block (an earlier boot) still counts when the latest one is cut.
+        let twice = format!("{CONSOLE}\n{cut}");
+        assert_eq!(parse_console(&twice), parse_console(CONSOLE));
+        // The box's own reprint (sgbox-hostkeys, after the stack starts) reads the same.
+        let reprint = format!("noise\n{}", sgbox_block(&parse_console(CONSOLE).fingerprints));
+        assert_eq!(parse_console(&reprint).fingerprints, parse_console(CONSOLE).fingerprints);
+    }
+
+    /// What the box's timer prints (see the rendered `sgbox-hostkeys` unit).
+    fn sgbox_block(fps: &[String]) -> String {
+        let mut s = format!("{FP_BEGIN}\n");
+        for f in fps {
+            s.push_str(&format!("256 {f} root@box (ED25519)\n"));
+        }
+        s.push_str(&format!("{FP_END}\n"));
+        s
     }
 
     #[test]

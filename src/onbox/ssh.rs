@@ -209,6 +209,18 @@ pub fn command_line(target: &Target, known_hosts: &Path) -> String {
 }
 
 /// The known_hosts line pinning `key` for the target (OpenSSH's `[host]:port` form).
+/// Rewrite `path` to hold exactly the line for this address, port and key, when it does not
+/// already (the Elastic IP or the forwarded port changed, or the pin did). Returns whether it
+/// wrote.
+pub fn ensure_known_hosts(path: &std::path::Path, target: &Target, key: &str) -> anyhow::Result<bool> {
+    let want = known_hosts_line(target, key);
+    if std::fs::read_to_string(path).ok().as_deref() == Some(want.as_str()) {
+        return Ok(false);
+    }
+    crate::state::write_atomic(path, want.as_bytes(), 0o600)?;
+    Ok(true)
+}
+
 pub fn known_hosts_line(target: &Target, key: &str) -> String {
     let host = if target.port == 22 { target.host.clone() } else { format!("[{}]:{}", target.host, target.port) };
     format!("{host} {key}\n")
@@ -217,6 +229,18 @@ pub fn known_hosts_line(target: &Target, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_hosts_follows_the_address_and_port() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("known_hosts");
+        let a = Target { host: "198.51.100.7".into(), port: 22, key: "/k".into() };
+        assert!(ensure_known_hosts(&p, &a, "ssh-ed25519 AAAA").unwrap());
+        assert!(!ensure_known_hosts(&p, &a, "ssh-ed25519 AAAA").unwrap(), "unchanged: not written");
+        let b = Target { host: "203.0.113.9".into(), port: 2222, key: "/k".into() };
+        assert!(ensure_known_hosts(&p, &b, "ssh-ed25519 AAAA").unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "[203.0.113.9]:2222 ssh-ed25519 AAAA\n");
+    }
 
     #[test]
     fn known_hosts_uses_bracketed_ports() {

@@ -212,6 +212,19 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
             0o644,
             "# sgbox: zoekt maps many index shards; gitserver and searcher watch many files.\nvm.max_map_count = 300000\nfs.inotify.max_user_watches = 128000\n".into(),
         ),
+        // The host key fingerprints again on the console, in cloud-init's block format, after the
+        // stack has started and every half hour: an AWS console keeps only its last 64 KiB, and a
+        // boot's kernel and Docker messages can push cloud-init's block out of it.
+        f(
+            "/etc/systemd/system/sgbox-hostkeys.service",
+            0o644,
+            "# sgbox: print the SSH host key fingerprints on the console, where sgbox pins them from.\n[Unit]\nDescription=sgbox: SSH host key fingerprints on the console\nAfter=ssh.service sourcegraph.service\n\n[Service]\nType=oneshot\nExecStart=/bin/sh -c 'for k in /etc/ssh/ssh_host_*_key.pub; do ssh-keygen -l -f \"$k\"; done > /run/sgbox-hostkeys && { echo -----BEGIN SSH HOST KEY FINGERPRINTS-----; cat /run/sgbox-hostkeys; echo -----END SSH HOST KEY FINGERPRINTS-----; } > /dev/console'\n".into(),
+        ),
+        f(
+            "/etc/systemd/system/sgbox-hostkeys.timer",
+            0o644,
+            "[Unit]\nDescription=sgbox: SSH host key fingerprints on the console, again\n\n[Timer]\nOnBootSec=3min\nOnUnitActiveSec=30min\n\n[Install]\nWantedBy=timers.target\n".into(),
+        ),
         f("/etc/security/limits.d/60-sourcegraph.conf", 0o644, "# sgbox\n* soft nofile 262144\n* hard nofile 262144\n".into()),
         f(
             "/etc/ssh/sshd_config.d/00-sgbox.conf",
@@ -254,14 +267,26 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
         mode: String,
         b64: String,
     }
-    let wf: Vec<Wf> = files.iter().map(|f| Wf { path: f.path.clone(), mode: format!("{:04o}", f.mode), b64: gz_b64(&f.content) }).collect();
+    // The boot script travels once, in bootcmd (which runs before write_files, at every boot).
+    let wf: Vec<Wf> = files
+        .iter()
+        .filter(|f| f.path != BOOT_SCRIPT)
+        .map(|f| Wf { path: f.path.clone(), mode: format!("{:04o}", f.mode), b64: gz_b64(&f.content) })
+        .collect();
+    let boot = files.iter().find(|f| f.path == BOOT_SCRIPT).expect("the boot script is rendered");
+    let bootcmd = format!(
+        "mkdir -p {dir} && echo {b64} | base64 -d | gunzip > {BOOT_SCRIPT}.tmp && chmod 0755 {BOOT_SCRIPT}.tmp && mv {BOOT_SCRIPT}.tmp {BOOT_SCRIPT} && {BOOT_SCRIPT}",
+        dir = BOOT_SCRIPT.rsplit_once('/').map_or("/", |(d, _)| d),
+        b64 = gz_b64(&boot.content)
+    );
     let mut ud = tera::Context::new();
     ud.insert("sgbox_version", version);
     ud.insert("release", &inp.release.version.to_string());
     ud.insert("deployment", &s.name);
     ud.insert("cloud", &s.cloud.to_string());
     ud.insert("ssh_public_key", inp.ssh_public_key.trim());
-    ud.insert("data_disk_script", &boot_script);
+    ud.insert("bootcmd", &bootcmd);
+    ud.insert("boot_script", BOOT_SCRIPT);
     ud.insert("files", &wf);
     ud.insert("crun", &uses_crun(s.cloud));
     let user_data = render_one(&t, "user-data", &ud)?;

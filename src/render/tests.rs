@@ -110,7 +110,9 @@ fn user_data_carries_no_secret_and_the_box_makes_its_own() {
         assert!(!text.contains("PGSQL_PASSWORD=") || text.contains("PGSQL_PASSWORD=%s"), "no password, only the generator");
     }
     // The boot script makes the passwords on the data disk and links the project's .env there.
-    assert!(b.user_data.contains("/dev/urandom") && b.user_data.contains("ln -sfn \\\"$S\\\" /opt/sgbox/.env"), "{}", b.user_data);
+    let boot = b.file(BOOT_SCRIPT).unwrap();
+    assert!(boot.content.contains("/dev/urandom") && boot.content.contains("ln -sfn \"$S\" /opt/sgbox/.env"), "{}", boot.content);
+    assert!(b.user_data.contains(&gz_b64(&boot.content)), "bootcmd installs and runs the boot script");
     let unit = b.file("/etc/systemd/system/sourcegraph.service").unwrap();
     assert!(unit.content.contains(&format!("while [ ! -s {TLS_KEY} ]")), "the stack waits for the key: {}", unit.content);
     let docker = b.file("/etc/systemd/system/docker.service.d/60-sgbox.conf").unwrap();

@@ -393,7 +393,8 @@ fn iam_policy_prints_the_documented_policy_and_admin_names_a_missing_deployment(
     assert!(o.status.success(), "{}", text(&o.stderr));
     let printed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let docs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/aws-iam-policy.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/aws-iam-policy.json")).unwrap())
+            .unwrap();
     assert_eq!(printed, docs, "docs/aws-iam-policy.json is what `sgbox iam-policy` prints");
     let o = run(sgbox(tmp.path()).args(["iam-policy", "--cloud", "gcp"]));
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
