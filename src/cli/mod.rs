@@ -71,6 +71,9 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// The deployments and upgrades of a box: when, from, to, by whom.
     History(TargetArgs),
+    /// The data snapshots a box keeps (one per upgrade) and disks a restore set aside; `--prune`
+    /// deletes all but the newest.
+    Snapshots(SnapshotsArgs),
     /// The site admin `up` created: username, email and password (printed only here).
     Admin(TargetArgs),
     /// Print the least-privilege IAM policy sgbox needs (JSON): attach it to the user or role
@@ -277,6 +280,18 @@ pub struct RollbackArgs {
     /// How long the restore and each wait may take.
     #[arg(long, value_name = "DURATION", default_value = "30m")]
     pub timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Delete all snapshots but the newest --keep, and every data disk a restore set aside.
+    #[arg(long)]
+    pub prune: bool,
+    /// How many of the newest snapshots --prune keeps.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub keep: usize,
 }
 
 #[derive(Debug, Args)]

@@ -184,6 +184,25 @@ pub struct Resource {
     pub kept_by_default: bool,
 }
 
+/// A data snapshot a deployment keeps (`sgbox upgrade` takes one before it changes anything).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    /// What it was taken for (e.g. `sgbox-pre-7.5.4453`).
+    pub label: String,
+    /// RFC 3339.
+    pub created: String,
+    pub size_gib: Option<u64>,
+}
+
+/// Snapshots to delete so that the newest `keep` remain (`all` is oldest first).
+pub fn beyond_retention(all: &[Snapshot], keep: usize) -> Vec<Snapshot> {
+    let mut sorted = all.to_vec();
+    sorted.sort_by(|a, b| a.created.cmp(&b.created));
+    let n = sorted.len().saturating_sub(keep);
+    sorted.into_iter().take(n).collect()
+}
+
 /// One deployment's box on one cloud.
 #[async_trait]
 pub trait Machine: Send + Sync {
@@ -245,6 +264,20 @@ pub trait Machine: Send + Sync {
     /// leaves the caller to fall back to [`Machine::restore_data_disk`].
     async fn swap_data_disk(&self, _snapshot: &str, _timeout: Duration) -> Result<()> {
         Err(failed("swapping the data disk", "this cloud restores by restarting the box"))
+    }
+
+    /// The data snapshots the deployment keeps, oldest first.
+    async fn snapshots(&self) -> Result<Vec<Snapshot>>;
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()>;
+
+    /// Data disks a restore replaced and kept aside (AWS: volumes `data-before-restore`).
+    async fn replaced_disks(&self) -> Result<Vec<Resource>> {
+        Ok(vec![])
+    }
+
+    async fn delete_replaced_disk(&self, _id: &str) -> Result<()> {
+        Ok(())
     }
 
     /// Everything the deployment owns, found by the cloud's own records (tags, files).

@@ -8,6 +8,7 @@ mod image;
 mod logs;
 mod plan;
 mod render;
+mod snapshots;
 mod ssh;
 mod status;
 mod up;
@@ -76,6 +77,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Rollback(a) => upgrade::rollback(&ctx, a),
         Command::History(a) => history::run(&ctx, a),
         Command::Admin(a) => admin::run(&ctx, a),
+        Command::Snapshots(a) => snapshots::run(&ctx, a),
         Command::IamPolicy { cloud } => {
             if cloud != "aws" {
                 return Err(crate::error::UserError::field("cloud", format!("'{cloud}' has no IAM policy from sgbox"))

@@ -69,7 +69,7 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
             output::note(format!("resuming the upgrade {} -> {} started {} by {}", j.from, j.to, j.started_at, j.started_by));
             let started = Instant::now();
             let j = engine::drive(&mut s, j).await?;
-            return print_done(&s, &j, started);
+            return print_done(&s, &j, started).await;
         }
 
         let plan = planner::plan(catalog(), PlanRequest { from, to, postgres_major: None, allow_downgrade: args.allow_downgrade })?;
@@ -102,16 +102,32 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
         j.mark(0, Status::Done, &now_rfc3339(), Some(format!("free {} of {} needed", gib(probe.avail), gib(disk_needed(&plan, &probe)))));
         s.save_journal(&j).await?;
         let j = engine::drive(&mut s, j).await?;
-        print_done(&s, &j, started)
+        print_done(&s, &j, started).await
     })
 }
 
-fn print_done(s: &Upgrade, j: &Journal, started: Instant) -> Result<()> {
+async fn print_done(s: &Upgrade, j: &Journal, started: Instant) -> Result<()> {
+    // The retention rule: the newest snapshots stay (this upgrade's is the rollback point).
+    let pruned = match super::snapshots::prune(s.d.machine.as_ref(), super::snapshots::KEEP_AFTER_UPGRADE, false).await {
+        Ok(gone) => gone,
+        Err(e) => {
+            output::warn(format!("the upgrade is done, but older snapshots could not be pruned: {e:#}"));
+            vec![]
+        }
+    };
+    if !pruned.is_empty() {
+        output::note(format!(
+            "deleted {} older data snapshot(s), keeping the newest {}: {}",
+            pruned.len(),
+            super::snapshots::KEEP_AFTER_UPGRADE,
+            pruned.join(", ")
+        ));
+    }
     let secs = started.elapsed().as_secs_f64();
     if output::json() {
         return output::result_json(json!({
             "name": s.d.settings.name, "from": j.from.to_string(), "to": j.to.to_string(), "kind": j.kind,
-            "snapshot": j.snapshot, "journal": j.id, "url": s.ep.url(), "seconds": (secs * 10.0).round() / 10.0,
+            "snapshot": j.snapshot, "pruned_snapshots": pruned, "journal": j.id, "url": s.ep.url(), "seconds": (secs * 10.0).round() / 10.0,
         }));
     }
     println!("Sourcegraph {} -> {} on \"{}\": done and verified: {}", j.from, j.to, s.d.settings.name, s.ep.url());

@@ -590,3 +590,60 @@ print(json.dumps([c['AccessKeyId'], c['SecretAccessKey'], c['SessionToken']]))
     assert!(st.join("home/deployment.json").exists(), "the local state is kept");
     one_of_each(&moto, "home");
 }
+
+#[test]
+fn snapshots_are_listed_and_pruned_to_the_newest_and_no_tagged_volume_is_hidden() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let out = aws(&moto, st, &up_args("keep", &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Three upgrades' snapshots, a disk a restore set aside, and a tagged volume of no known role.
+    let made = moto.py(
+        r#"
+import time
+f = [{'Name': 'tag:sgbox:deployment', 'Values': ['keep']}, {'Name': 'tag:sgbox:role', 'Values': ['data']}]
+vol = ec2.describe_volumes(Filters=f)['Volumes'][0]
+tags = lambda role: [{'Key': 'sgbox:deployment', 'Value': 'keep'}, {'Key': 'sgbox:managed', 'Value': 'true'}, {'Key': 'sgbox:role', 'Value': role}]
+snaps = []
+for v in ['7.3.0', '7.4.0', '7.5.4453']:
+    s = ec2.create_snapshot(VolumeId=vol['VolumeId'], Description='sgbox:keep:sgbox-pre-' + v, TagSpecifications=[{'ResourceType': 'snapshot', 'Tags': tags('snapshot')}])
+    snaps.append(s['SnapshotId'])
+    time.sleep(1.1)
+aside = ec2.create_volume(AvailabilityZone=vol['AvailabilityZone'], Size=250, TagSpecifications=[{'ResourceType': 'volume', 'Tags': tags('data-before-restore')}])['VolumeId']
+odd = ec2.create_volume(AvailabilityZone=vol['AvailabilityZone'], Size=8, TagSpecifications=[{'ResourceType': 'volume', 'Tags': tags('scratch')}])['VolumeId']
+print(json.dumps({'snaps': snaps, 'aside': aside, 'odd': odd}))
+"#,
+    );
+    let snaps: Vec<&str> = made["snaps"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let out = aws(&moto, st, &["snapshots", "--name", "keep", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<&str> = v["snapshots"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, snaps, "oldest first: {v:#}");
+    assert_eq!(v["snapshots"][2]["label"], "sgbox-pre-7.5.4453");
+    assert_eq!(v["replaced_disks"][0]["id"], made["aside"]);
+
+    // Nothing tagged is hidden from status (and down deletes it with the data).
+    let out = aws(&moto, st, &["status", "--name", "keep", "--output", "json"]);
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(s["resources"].as_array().into_iter().flatten().any(|r| r["id"] == made["odd"]), "{s:#}");
+
+    // Prune: the newest two snapshots stay; the set-aside disk goes. Refused without --yes.
+    let out = aws(&moto, st, &["snapshots", "--name", "keep", "--prune"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = aws(&moto, st, &["snapshots", "--name", "keep", "--prune", "--keep", "2", "--yes", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["deleted"], serde_json::json!([snaps[0], made["aside"]]), "{p:#}");
+    let left = moto.py(
+        "print(json.dumps(sorted(s['SnapshotId'] for s in ec2.describe_snapshots(OwnerIds=['self'], Filters=[{'Name': 'tag:sgbox:deployment', 'Values': ['keep']}])['Snapshots'])))",
+    );
+    let mut want = vec![snaps[1], snaps[2]];
+    want.sort();
+    assert_eq!(left, serde_json::json!(want));
+
+    let out = aws(&moto, st, &["down", "--name", "keep", "--delete-data", "--yes", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(inventory(&moto, "keep")["volumes"].as_array().unwrap().is_empty(), "the odd volume went with the data");
+}

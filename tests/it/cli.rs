@@ -346,6 +346,7 @@ fn every_commands_help_reads_as_reviewed() {
         &["rollback"],
         &["history"],
         &["admin"],
+        &["snapshots"],
         &["iam-policy"],
         &["completions"],
     ] {

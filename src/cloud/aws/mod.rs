@@ -960,6 +960,38 @@ impl Machine for Aws {
         self.running(&iid, timeout).await
     }
 
+    async fn snapshots(&self) -> Result<Vec<super::Snapshot>> {
+        self.snapshot_list().await
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        if !self.snapshot_ids().await?.iter().any(|s| s == id) {
+            return Err(UserError::field("snapshot", format!("{id} is not a snapshot of \"{}\"", self.spec.name))
+                .hint("list them with `sgbox snapshots`")
+                .into());
+        }
+        self.ec2.delete_snapshot().snapshot_id(id).send().await.map_err(api("DeleteSnapshot"))?;
+        Ok(())
+    }
+
+    async fn replaced_disks(&self) -> Result<Vec<Resource>> {
+        Ok(self
+            .volumes_with_role("data-before-restore")
+            .await?
+            .into_iter()
+            .map(|id| Resource { kind: "replaced data volume".into(), id, kept_by_default: true })
+            .collect())
+    }
+
+    async fn delete_replaced_disk(&self, id: &str) -> Result<()> {
+        if !self.volumes_with_role("data-before-restore").await?.iter().any(|v| v == id) {
+            return Err(failed("deleting a replaced data volume", format!("{id} is not one of this deployment's")));
+        }
+        self.detached(id, Duration::from_secs(300)).await?;
+        self.ec2.delete_volume().volume_id(id).send().await.map_err(api("DeleteVolume"))?;
+        Ok(())
+    }
+
     async fn resources(&self) -> Result<Vec<Resource>> {
         let r = |kind: &str, id: &str, kept: bool| Resource { kind: kind.into(), id: id.into(), kept_by_default: kept };
         let mut out = Vec::new();
@@ -987,8 +1019,11 @@ impl Machine for Aws {
         for v in self.volumes_with_role("data-restoring").await? {
             out.push(r("restoring data volume", &v, true));
         }
-        for sn in self.snapshots().await? {
+        for sn in self.snapshot_ids().await? {
             out.push(r("data snapshot", &sn, true));
+        }
+        for (v, role) in self.other_volumes().await? {
+            out.push(r(&format!("volume (role {})", if role.is_empty() { "none" } else { &role }), &v, true));
         }
         Ok(out)
     }
@@ -1021,8 +1056,12 @@ impl Machine for Aws {
                 self.detached(&vid, timeout).await?;
                 self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
             }
-            for sn in self.snapshots().await? {
+            for sn in self.snapshot_ids().await? {
                 self.ec2.delete_snapshot().snapshot_id(&sn).send().await.map_err(api("DeleteSnapshot"))?;
+            }
+            for (vid, _) in self.other_volumes().await? {
+                self.detached(&vid, timeout).await?;
+                self.ec2.delete_volume().volume_id(&vid).send().await.map_err(api("DeleteVolume"))?;
             }
         }
         let keys = self.ec2.describe_key_pairs().set_filters(Some(self.role("key"))).send().await.map_err(api("DescribeKeyPairs"))?;
@@ -1090,7 +1129,11 @@ impl Aws {
             .collect())
     }
 
-    async fn snapshots(&self) -> Result<Vec<String>> {
+    async fn snapshot_ids(&self) -> Result<Vec<String>> {
+        Ok(self.snapshot_list().await?.into_iter().map(|s| s.id).collect())
+    }
+
+    async fn snapshot_list(&self) -> Result<Vec<super::Snapshot>> {
         let out = self
             .ec2
             .describe_snapshots()
@@ -1099,7 +1142,35 @@ impl Aws {
             .send()
             .await
             .map_err(api("DescribeSnapshots"))?;
-        Ok(out.snapshots().iter().filter_map(|s| s.snapshot_id().map(str::to_string)).collect())
+        let mut all: Vec<super::Snapshot> = out
+            .snapshots()
+            .iter()
+            .map(|s| super::Snapshot {
+                id: s.snapshot_id().unwrap_or_default().to_string(),
+                label: s.description().unwrap_or_default().rsplit(':').next().unwrap_or_default().to_string(),
+                created: s.start_time().and_then(|t| t.fmt(aws_sdk_ec2::primitives::DateTimeFormat::DateTime).ok()).unwrap_or_default(),
+                size_gib: s.volume_size().map(|g| g as u64),
+            })
+            .collect();
+        all.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(all)
+    }
+
+    /// Tagged volumes of the deployment in no role `resources` knows (nothing tagged is hidden).
+    async fn other_volumes(&self) -> Result<Vec<(String, String)>> {
+        let out = self.ec2.describe_volumes().set_filters(Some(self.ours())).send().await.map_err(api("DescribeVolumes"))?;
+        let live: Vec<String> = self.live_instances().await?.iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+        Ok(out
+            .volumes()
+            .iter()
+            .filter(|v| v.state().is_some_and(|s| s.as_str() != "deleting" && s.as_str() != "deleted"))
+            .filter_map(|v| {
+                let role = v.tags().iter().find(|t| t.key() == Some(TAG_ROLE)).and_then(|t| t.value()).unwrap_or("").to_string();
+                let on_live = v.attachments().iter().any(|a| a.instance_id().is_some_and(|i| live.iter().any(|l| l == i)));
+                let known = matches!(role.as_str(), "data" | "data-before-restore" | "data-restoring") || (role == "root" && on_live);
+                (!known).then(|| (v.volume_id().unwrap_or_default().to_string(), role))
+            })
+            .collect())
     }
 
     async fn retag_role(&self, id: &str, role: &str) -> Result<()> {

@@ -454,6 +454,58 @@ impl Machine for Local {
         Ok(name)
     }
 
+    async fn snapshots(&self) -> Result<Vec<crate::cloud::Snapshot>> {
+        if !self.files.data.exists() {
+            return Ok(vec![]);
+        }
+        // Internal qcow2 snapshots; -U reads the image while QEMU holds it.
+        let data = self.files.data.display().to_string();
+        let out = self
+            .blocking(move |_| Command::new("qemu-img").args(["info", "-U", "--output=json", &data]).output())
+            .await
+            .map_err(io_err("running qemu-img info"))?;
+        if !out.status.success() {
+            return Err(failed("qemu-img info", String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| failed("qemu-img info", e.to_string()))?;
+        let mut all: Vec<crate::cloud::Snapshot> = v["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let name = s["name"].as_str().unwrap_or_default().to_string();
+                let at = std::time::UNIX_EPOCH + Duration::from_secs(s["date-sec"].as_u64().unwrap_or(0));
+                crate::cloud::Snapshot {
+                    label: name.rsplit_once('-').map_or(name.as_str(), |(l, _)| l).to_string(),
+                    id: name,
+                    created: humantime::format_rfc3339_seconds(at).to_string(),
+                    size_gib: None,
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(all)
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        if !self.snapshots().await?.iter().any(|s| s.id == id) {
+            return Err(UserError::field("snapshot", format!("{id} is not a snapshot of this box's data disk"))
+                .hint("list them with `sgbox snapshots`")
+                .into());
+        }
+        if self.running_pid().is_some() {
+            let qmp = self.files.qmp.clone();
+            let args = serde_json::json!({ "device": qemu::DATA_NODE, "name": id });
+            tokio::task::spawn_blocking(move || qemu::qmp(&qmp, "blockdev-snapshot-delete-internal-sync", Some(args)))
+                .await
+                .expect("qmp task")
+                .map_err(|m| failed("deleting a data snapshot", m))?;
+            Ok(())
+        } else {
+            self.data_snapshot("-d", id).await
+        }
+    }
+
     async fn resources(&self) -> Result<Vec<Resource>> {
         let mut out = Vec::new();
         for pid in qemu::find_vms(&self.files.overlay) {
@@ -526,6 +578,17 @@ mod tests {
         assert!(id.starts_with("pre-upgrade-"), "{id}");
         let out = Command::new("qemu-img").args(["snapshot", "-l"]).arg(&l.files.data).output().unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains(&id), "snapshot listed");
+        // Listed, oldest first; the retention rule keeps the newest; a deleted one is gone.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let id2 = l.snapshot_data_disk("sgbox-pre-7.5.4453").await.unwrap();
+        let all = l.snapshots().await.unwrap();
+        assert_eq!(all.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec![id.as_str(), id2.as_str()]);
+        assert_eq!(all[1].label, "sgbox-pre-7.5.4453");
+        let doomed = crate::cloud::beyond_retention(&all, 1);
+        assert_eq!(doomed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
+        l.delete_snapshot(&id).await.unwrap();
+        assert_eq!(l.snapshots().await.unwrap().len(), 1);
+        assert!(l.delete_snapshot("not-there").await.is_err());
         let r = l.resources().await.unwrap();
         assert_eq!(r.len(), 1);
         assert!(r[0].kept_by_default, "the data disk is kept by default");
