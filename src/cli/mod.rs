@@ -271,6 +271,10 @@ pub struct UpgradeArgs {
     /// it. Migrating a large instance (Postgres 12 to 16, many versions) can take hours.
     #[arg(long, value_name = "DURATION", default_value = "12h")]
     pub step_limit: String,
+    /// Take the box's lease even though another sgbox holds it (only when that one is gone for
+    /// good: two upgrades at once corrupt the box).
+    #[arg(long)]
+    pub break_lock: bool,
 }
 
 #[derive(Debug, Args)]
@@ -280,6 +284,9 @@ pub struct RollbackArgs {
     /// How long the restore and each wait may take.
     #[arg(long, value_name = "DURATION", default_value = "30m")]
     pub timeout: String,
+    /// Take the box's lease even though another sgbox holds it (only when that one is gone).
+    #[arg(long)]
+    pub break_lock: bool,
 }
 
 #[derive(Debug, Args)]

@@ -49,6 +49,17 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
     boxctl::runtime()?.block_on(async move {
         let mut s = reach(ctx, &args.target, timeout, step_limit, "upgrade").await?;
         let _lock = if args.dry_run { None } else { Some(s.d.dir.lock("upgrade")?) };
+        let lease = if args.dry_run { None } else { Some(s.lease("upgrade", args.break_lock).await?) };
+        let r = upgrade_holding(ctx, &args, &mut s, to_spec).await;
+        if let Some(l) = lease {
+            l.release(&s.on).await;
+        }
+        r
+    })
+}
+
+async fn upgrade_holding(ctx: &Context, args: &UpgradeArgs, s: &mut Upgrade, to_spec: Option<VersionSpec>) -> Result<()> {
+    {
         let from = s.d.record.as_ref().map(|r| r.release).expect("reach checks the record");
         let to = match to_spec {
             Some(spec) => catalog().resolve(spec).map_err(|e| UserError { field: Some("to".into()), ..e })?.version,
@@ -68,8 +79,8 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
             }
             output::note(format!("resuming the upgrade {} -> {} started {} by {}", j.from, j.to, j.started_at, j.started_by));
             let started = Instant::now();
-            let j = engine::drive(&mut s, j).await?;
-            return print_done(&s, &j, started).await;
+            let j = engine::drive(s, j).await?;
+            return print_done(s, &j, started).await;
         }
 
         let plan = planner::plan(catalog(), PlanRequest { from, to, postgres_major: None, allow_downgrade: args.allow_downgrade })?;
@@ -83,12 +94,12 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
             return Ok(());
         }
 
-        let probe = engine::preflight(&s, &plan, from).await;
+        let probe = engine::preflight(s, &plan, from).await;
         if args.dry_run {
             return print_plan(&s.d.settings.name, &Journal::new("dry-run", &plan), Some(&plan), Some(&probe), false, s.step_limit);
         }
         let probe = probe?;
-        confirm(ctx, &s, &plan)?;
+        confirm(ctx, s, &plan)?;
 
         let started = Instant::now();
         let mut j = Journal::new(format!("{}-{}-{}", from, to, now_rfc3339().replace([':', '-'], "")), &plan);
@@ -101,9 +112,9 @@ pub fn run(ctx: &Context, args: UpgradeArgs) -> Result<()> {
         .await?;
         j.mark(0, Status::Done, &now_rfc3339(), Some(format!("free {} of {} needed", gib(probe.avail), gib(disk_needed(&plan, &probe)))));
         s.save_journal(&j).await?;
-        let j = engine::drive(&mut s, j).await?;
-        print_done(&s, &j, started).await
-    })
+        let j = engine::drive(s, j).await?;
+        print_done(s, &j, started).await
+    }
 }
 
 async fn print_done(s: &Upgrade, j: &Journal, started: Instant) -> Result<()> {
@@ -239,6 +250,15 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         // A rollback's steps (stop, restore, start) are short; its limit is the wait's.
         let mut s = reach(ctx, &args.target, timeout, timeout.max(Duration::from_secs(3600)), "roll back").await?;
         let _lock = s.d.dir.lock("rollback")?;
+        let lease = s.lease("rollback", args.break_lock).await?;
+        let r = rollback_holding(ctx, &mut s).await;
+        lease.release(&s.on).await;
+        r
+    })
+}
+
+async fn rollback_holding(ctx: &Context, s: &mut Upgrade) -> Result<()> {
+    {
         let Some(mut j) = s.read_journal().await? else {
             return Err(UserError::new(format!("the box \"{}\" has no upgrade to roll back", s.d.settings.name)).hint("see `sgbox history`").into());
         };
@@ -267,11 +287,11 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
             )?;
         }
         let undo = j.undo_plan();
-        engine::undo_steps(&mut s, &undo).await?;
+        engine::undo_steps(s, &undo).await?;
         j.outcome = Some("rolled-back".into());
         s.save_journal(&j).await?;
         let entry = HistoryEntry { at: now_rfc3339(), action: "rollback".into(), release: j.from, from: Some(j.to), by: whoami() };
-        engine::record(&mut s, entry, j.from).await?;
+        engine::record(s, entry, j.from).await?;
         if output::json() {
             return output::result_json(
                 json!({ "name": s.d.settings.name, "release": j.from.to_string(), "from": j.to.to_string(), "snapshot": j.snapshot }),
@@ -279,7 +299,7 @@ pub fn rollback(ctx: &Context, args: RollbackArgs) -> Result<()> {
         }
         println!("\"{}\" is back at {} (snapshot {}), verified: {}", s.d.settings.name, j.from, j.snapshot.as_deref().unwrap_or(""), s.ep.url());
         Ok(())
-    })
+    }
 }
 
 #[cfg(test)]

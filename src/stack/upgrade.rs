@@ -67,6 +67,13 @@ fn compose(file: &str) -> String {
 }
 
 impl Upgrade {
+    /// Take the box's lease for `command` (see [`crate::stack::lease`]).
+    pub async fn lease(&self, command: &str, break_lock: bool) -> Result<crate::stack::lease::Lease> {
+        let target = crate::onbox::ssh::Target { host: self.ep.host.clone(), port: self.ep.ssh_port, key: self.d.dir.ssh_private_key_path() };
+        let pinned = self.d.record.as_ref().and_then(|r| r.host_key.clone()).unwrap_or_else(|| self.on.host_key().to_string());
+        crate::stack::lease::acquire(&self.on, target, pinned, &self.d.settings.name, command, break_lock).await
+    }
+
     pub async fn read_journal(&self) -> Result<Option<Journal>> {
         let text = self.on.run(&format!("sudo cat {PATH_ON_BOX} 2>/dev/null || true")).await?;
         if text.trim().is_empty() {

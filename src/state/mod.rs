@@ -210,6 +210,11 @@ pub fn now_rfc3339() -> String {
 }
 
 /// Who ran the command, for history entries.
+/// `n` random alphanumerics.
+pub fn random_token(n: usize) -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), n)
+}
+
 pub fn whoami() -> String {
     let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
     let host = fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();

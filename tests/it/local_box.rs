@@ -435,10 +435,20 @@ fn local_box_lifecycle() {
     assert!(info3.contains(&format!("schema={NEW}")), "{info3}");
     clock.lap("standard upgrade 7.4 -> 7.5 under a 100 ms poller");
 
-    // 6. `sgbox rollback`: back to 7.4 and the data of before the upgrade.
+    // 6. `sgbox rollback`: back to 7.4 and the data of before the upgrade. First, another
+    //    laptop's sgbox holds the box's lease (fresh heartbeat): refused, naming it, nothing
+    //    changed; --break-lock takes over.
     let boot_before = ssh(st, "cat /proc/sys/kernel/random/boot_id");
-    let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--output", "json", "--timeout", "20m"]));
+    ssh(st, "printf 'id=99-other\\nowner=bob@desk\\nhost=desk\\npid=99\\ncommand=upgrade\\nstarted=2026-12-01T10:00:00Z\\nheartbeat=%s\\n' $(date +%s) | sudo tee /var/lib/sgbox/upgrade.lease >/dev/null");
+    let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--timeout", "20m"]));
+    assert_eq!(out.status.code(), Some(2), "a held lease refuses: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("bob@desk") && err.contains("--break-lock"), "{err}");
+    assert_eq!(journal(st)["outcome"], "done", "nothing changed");
+    let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--output", "json", "--timeout", "20m", "--break-lock"]));
     assert!(out.status.success(), "rollback: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--break-lock"), "said loudly: {}", text(&out.stderr));
+    assert!(ssh_out(st, "test -e /var/lib/sgbox/upgrade.lease").status.code() == Some(1), "the lease is given back");
     assert_eq!(json_of(&out)["release"], MID);
     assert_eq!(version(&url).as_deref(), Some(MID));
     let (sum4, info4) = db_state(st);
