@@ -66,8 +66,17 @@ fn shown(cmd: &str) -> String {
 /// An SSH session to the box, the host key checked.
 #[derive(Clone)]
 pub struct Session {
-    ssh: Ssh,
+    /// Replaced by [`Session::reconnect`] when the connection dies.
+    ssh: std::sync::Arc<std::sync::RwLock<Ssh>>,
+    /// The host key the box presented; reconnects pin it.
+    host_key: String,
 }
+
+/// How long one poll of a running step may take before the connection counts as stalled.
+const STEP_POLL: u64 = 60;
+const STEP_POLL_STALL: Duration = Duration::from_secs(STEP_POLL + 90);
+/// Reconnects one step may need before sgbox gives up (the step keeps running on the box).
+const MAX_RECONNECTS: u32 = 30;
 
 impl Session {
     /// Connect, pinning the host key: `pinned` when the deployment has one; else one of the
@@ -87,7 +96,7 @@ impl Session {
                 (None, false) => HostKeyPolicy::Console(hostkeys::parse_console(&console().await?)),
             };
             match ssh::connect(target.clone(), policy, Duration::from_secs(15)).await {
-                Ok(s) => return Ok(Session { ssh: s }),
+                Ok(s) => return Ok(Session { host_key: s.host_key.clone(), ssh: std::sync::Arc::new(std::sync::RwLock::new(s)) }),
                 Err(e @ (SshError::ChangedHostKey { .. } | SshError::HostKey(hostkeys::HostKeyError::Mismatch { .. }))) => {
                     return Err(anyhow::Error::new(e).context("refusing the box's SSH host key"))
                 }
@@ -102,18 +111,52 @@ impl Session {
 
     /// The host key the box presented (OpenSSH `type base64`).
     pub fn host_key(&self) -> &str {
-        &self.ssh.host_key
+        &self.host_key
     }
 
-    /// Run a command; its exit status and output, whatever the status.
+    fn ssh(&self) -> Ssh {
+        self.ssh.read().expect("ssh lock").clone()
+    }
+
+    /// Open a new connection to the same box (its host key pinned), retrying for two minutes,
+    /// and use it from now on.
+    pub async fn reconnect(&self) -> Result<()> {
+        let target = self.ssh().target.clone();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match ssh::connect(target.clone(), HostKeyPolicy::Pinned(self.host_key.clone()), Duration::from_secs(15)).await {
+                Ok(s) => {
+                    *self.ssh.write().expect("ssh lock") = s;
+                    return Ok(());
+                }
+                Err(e @ SshError::ChangedHostKey { .. }) => return Err(anyhow::Error::new(e).context("reconnecting to the box")),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        bail!("could not reconnect to {}:{} within 2 minutes (last: {last})", target.host, target.port)
+    }
+
+    /// Run a read-only command; its exit status and output, whatever the status. A connection
+    /// that died is reopened once and the command asked again (it only reads).
     pub async fn exec(&self, cmd: &str) -> Result<Output, SshError> {
-        self.ssh.exec(cmd).await
+        match self.ssh().exec_within(cmd, None, Some(STEP_POLL_STALL)).await {
+            Err(e) if e.is_connection() => {
+                output::warn(format!("the SSH connection failed ({e}); reconnecting"));
+                if self.reconnect().await.is_err() {
+                    return Err(e);
+                }
+                self.ssh().exec_within(cmd, None, Some(STEP_POLL_STALL)).await
+            }
+            other => other,
+        }
     }
 
     /// Run a command; its stdout, or an error with its stderr.
     pub async fn run(&self, cmd: &str) -> Result<String> {
         output::trace(format!("  on the box: {}", shown(cmd)));
-        let out = self.ssh.exec(cmd).await.with_context(|| format!("running `{}` on the box", shown(cmd)))?;
+        let out = self.ssh().exec(cmd).await.with_context(|| format!("running `{}` on the box", shown(cmd)))?;
         if out.status != 0 {
             bail!("`{}` on the box exited {}: {}", shown(cmd), out.status, out.stderr.trim());
         }
@@ -124,7 +167,7 @@ impl Session {
     /// goes in (a secret) is never part of a command line.
     pub async fn run_input(&self, cmd: &str, input: &[u8]) -> Result<String> {
         output::trace(format!("  on the box (with input): {}", shown(cmd)));
-        let out = self.ssh.exec_input(cmd, Some(input.to_vec())).await.with_context(|| format!("running `{}` on the box", shown(cmd)))?;
+        let out = self.ssh().exec_input(cmd, Some(input.to_vec())).await.with_context(|| format!("running `{}` on the box", shown(cmd)))?;
         if out.status != 0 {
             bail!("`{}` on the box exited {}: {}", shown(cmd), out.status, out.stderr.trim());
         }
@@ -155,16 +198,29 @@ impl Session {
     }
 
     /// Run `script` as the step `name`: a transient systemd unit that keeps going if this
-    /// connection drops, and that a re-run waits for instead of starting twice. Ok(()) or the
-    /// end of its log. Needs [`Session::install_runner`] first.
+    /// connection drops, and that a re-run waits for instead of starting twice. sgbox polls it a
+    /// minute at a time (so a silent connection is noticed), and when the connection dies it
+    /// reconnects and re-attaches to the same run (a token tells it from a new one). Ok(()) or
+    /// the end of its log. Needs [`Session::install_runner`] first.
     pub async fn step(&self, name: &str, script: &str, max: Duration) -> Result<()> {
         self.put(&format!("{STEPS}/{name}.sh"), &format!("set -eu\n{script}\n"), 0o700).await?;
         let max = max.as_secs().max(60);
-        let out = self
-            .ssh
-            .exec(&format!("sudo sh {HELPERS}/run-step {} {max}", quote(name)))
-            .await
-            .with_context(|| format!("running step {name} on the box"))?;
+        let token = crate::state::random_token(16);
+        let cmd = format!("sudo sh {HELPERS}/run-step {} {max} {STEP_POLL} {token}", quote(name));
+        let mut reconnects = 0;
+        let out = loop {
+            match self.ssh().exec_within(&cmd, None, Some(STEP_POLL_STALL)).await {
+                // Still running after a poll: attach again.
+                Ok(out) if out.status == 125 => continue,
+                Ok(out) => break out,
+                Err(e) if e.is_connection() && reconnects < MAX_RECONNECTS => {
+                    reconnects += 1;
+                    output::warn(format!("lost the connection during step `{name}` ({e}); it goes on on the box; reconnecting to re-attach"));
+                    self.reconnect().await.with_context(|| format!("re-attaching to step {name}"))?;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("running step {name} on the box"))),
+            }
+        };
         if out.status == 0 {
             return Ok(());
         }
@@ -174,7 +230,7 @@ impl Session {
 
     /// Run `cmd` with its output copied to ours as it arrives; its exit status.
     pub async fn stream(&self, cmd: String) -> Result<i32> {
-        let s = self.ssh.clone();
+        let s = self.ssh();
         tokio::task::spawn_blocking(move || {
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             let status = s.stream_blocking(&cmd, &mut out, &mut err);

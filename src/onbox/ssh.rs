@@ -24,6 +24,15 @@ pub enum SshError {
     ChangedHostKey { addr: String, offered: String, pinned: String },
     #[error("SSH to {addr}: {message}")]
     Protocol { addr: String, message: String },
+    #[error("SSH to {addr}: no answer within {}", humantime::format_duration(*.waited))]
+    Stalled { addr: String, waited: Duration },
+}
+
+impl SshError {
+    /// The connection itself failed (worth reconnecting), rather than the box refusing us.
+    pub fn is_connection(&self) -> bool {
+        matches!(self, SshError::Protocol { .. } | SshError::Stalled { .. } | SshError::Unreachable(..))
+    }
 }
 
 /// What the client accepts as the box's host key.
@@ -65,6 +74,8 @@ pub struct Ssh {
     pub target: Target,
 }
 
+const KEEPALIVE_SECS: u32 = 15;
+
 fn proto(addr: &str) -> impl Fn(ssh2::Error) -> SshError + '_ {
     move |e| SshError::Protocol { addr: addr.to_string(), message: e.message().to_string() }
 }
@@ -89,6 +100,9 @@ pub fn connect_blocking(target: &Target, policy: &HostKeyPolicy, timeout: Durati
     let tcp = TcpStream::connect_timeout(&sock, timeout).map_err(|e| SshError::Unreachable(addr.clone(), e.to_string()))?;
     let mut sess = ssh2::Session::new().map_err(proto(&addr))?;
     sess.set_timeout(timeout.as_millis() as u32);
+    // Keepalives every 15 s (sent from the read loop, where libssh2 needs us to send them): a
+    // quiet migration behind a NAT (AWS NAT gateways drop idle flows after 350 s) keeps its flow.
+    sess.set_keepalive(true, KEEPALIVE_SECS);
     sess.set_tcp_stream(tcp);
     // QEMU's forward accepts before the guest's sshd listens; a handshake failure is "not yet".
     sess.handshake().map_err(|e| SshError::Unreachable(addr.clone(), e.message().to_string()))?;
@@ -130,19 +144,30 @@ impl Ssh {
     /// Run a command; collect its output.
     /// Run a command with `input` on its stdin (then EOF); collect its output. Secrets travel
     /// this way: never in a command line, where `ps` on the box would show them.
-    pub fn exec_input_blocking(&self, cmd: &str, input: Option<&[u8]>) -> Result<Output, SshError> {
+    pub fn exec_input_blocking(&self, cmd: &str, input: Option<&[u8]>, within: Option<Duration>) -> Result<Output, SshError> {
         let mut out = Vec::new();
         let mut err = Vec::new();
-        let status = self.stream_input_blocking(cmd, input, &mut out, &mut err)?;
+        let status = self.stream_input_blocking(cmd, input, within, &mut out, &mut err)?;
         Ok(Output { status, stdout: String::from_utf8_lossy(&out).into_owned(), stderr: String::from_utf8_lossy(&err).into_owned() })
     }
 
     /// Run a command, copying its stdout and stderr as they arrive. Returns the exit status.
     pub fn stream_blocking(&self, cmd: &str, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, SshError> {
-        self.stream_input_blocking(cmd, None, out, err)
+        self.stream_input_blocking(cmd, None, None, out, err)
     }
 
-    fn stream_input_blocking(&self, cmd: &str, input: Option<&[u8]>, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, SshError> {
+    /// Run `cmd` (with `input` on its stdin), copying its output; `within` bounds the whole
+    /// command: past it the connection counts as stalled (a dead peer can leave reads waiting
+    /// for ever).
+    fn stream_input_blocking(
+        &self,
+        cmd: &str,
+        input: Option<&[u8]>,
+        within: Option<Duration>,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> Result<i32, SshError> {
+        let until = within.map(|w| std::time::Instant::now() + w);
         let addr = self.addr();
         let sess = self.session.lock().expect("ssh session lock");
         let mut ch = sess.channel_session().map_err(proto(&addr))?;
@@ -155,8 +180,19 @@ impl Ssh {
         // Interleave both streams without blocking on either: poll in non-blocking mode.
         sess.set_blocking(false);
         let mut buf = [0u8; 16 * 1024];
+        let mut next_keepalive = std::time::Instant::now();
         let result = (|| -> Result<(), SshError> {
             loop {
+                if std::time::Instant::now() >= next_keepalive {
+                    match sess.keepalive_send() {
+                        Ok(secs) => next_keepalive = std::time::Instant::now() + Duration::from_secs(secs.max(1) as u64),
+                        Err(e) if e.code() == ssh2::ErrorCode::Session(-37) => {}
+                        Err(e) => return Err(SshError::Protocol { addr: addr.clone(), message: format!("keepalive: {}", e.message()) }),
+                    }
+                }
+                if until.is_some_and(|u| std::time::Instant::now() >= u) {
+                    return Err(SshError::Stalled { addr: addr.clone(), waited: within.unwrap_or_default() });
+                }
                 let mut progressed = false;
                 for which in [0, 1] {
                     let n = if which == 0 { ch.read(&mut buf) } else { ch.stderr().read(&mut buf) };
@@ -191,9 +227,13 @@ impl Ssh {
     }
 
     pub async fn exec_input(&self, cmd: &str, input: Option<Vec<u8>>) -> Result<Output, SshError> {
+        self.exec_within(cmd, input, None).await
+    }
+
+    pub async fn exec_within(&self, cmd: &str, input: Option<Vec<u8>>, within: Option<Duration>) -> Result<Output, SshError> {
         let me = self.clone();
         let cmd = cmd.to_string();
-        tokio::task::spawn_blocking(move || me.exec_input_blocking(&cmd, input.as_deref())).await.expect("ssh exec task")
+        tokio::task::spawn_blocking(move || me.exec_input_blocking(&cmd, input.as_deref(), within)).await.expect("ssh exec task")
     }
 }
 

@@ -418,10 +418,59 @@ fn local_box_lifecycle() {
             }
         })
     };
-    let out = upgrade(st, &["--to", NEW, "--output", "json"]);
+    // Half-way, while the switch runs on the box, every SSH connection of sgbox's is cut from
+    // the box's side: sgbox reconnects and re-attaches to the running step.
+    let mut child = sgbox(st)
+        .args(["upgrade", "--name", NAME, "--yes", "--timeout", "20m", "--to", NEW, "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(stdout), &mut s).ok();
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut progress = String::new();
+    let until = Instant::now() + Duration::from_secs(1200);
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                progress.push_str(&line);
+                progress.push('\n');
+                if line.starts_with("… switch to") {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the upgrade ended before its switch:\n{progress}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        assert!(Instant::now() < until, "no switch step:\n{progress}");
+    }
+    let unit_until = Instant::now() + Duration::from_secs(120);
+    while !ssh(st, "systemctl list-units 'sgbox-step-*' --state=active --no-legend --plain").contains("sgbox-step-") && Instant::now() < unit_until {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let _ = ssh_out(st, "sudo pkill -f 'sgbox@notty'");
+    let status = child.wait().unwrap();
+    err_reader.join().unwrap();
+    for line in rx.try_iter() {
+        progress.push_str(&line);
+        progress.push('\n');
+    }
+    let out = std::process::Output { status, stdout: out_reader.join().unwrap().into_bytes(), stderr: progress.into_bytes() };
     stop.store(true, Ordering::Relaxed);
     poller.join().unwrap();
     assert!(out.status.success(), "standard upgrade: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("lost the connection during step"), "the cut was noticed and survived: {}", text(&out.stderr));
     assert_eq!(version(&url).as_deref(), Some(NEW));
     let seen = seen.lock().unwrap().clone();
     let failed = seen.iter().filter(|v| v.is_none()).count();
