@@ -251,6 +251,12 @@ pub trait Machine: Send + Sync {
     /// cannot swap in place (AWS: tagged `data-before-restore`).
     async fn restore_data_disk(&self, snapshot: &str, timeout: Duration) -> Result<()>;
 
+    /// Start a stopped box (a restore that stopped it and failed before starting it again);
+    /// returns once it runs. Clouds that cannot leave a box stopped say how to start it.
+    async fn start(&self, _timeout: Duration) -> Result<()> {
+        Err(failed("starting the box", "start it with `sgbox up` (same name and settings)"))
+    }
+
     /// Where to read the box's serial console, for a person diagnosing a box that never came up.
     fn console_hint(&self) -> String;
 

@@ -28,6 +28,12 @@ async fn reach(ctx: &Context, target: &crate::cli::TargetArgs, timeout: Duration
             .into());
     }
     let insecure = target.reach.insecure_accept_host_key;
+    // A restore that stopped the box and failed before starting it leaves it stopped, and the
+    // journal that says what to do next is on the box: start it first.
+    if d.machine.state().await? == crate::cloud::InstanceState::Stopped {
+        output::note(format!("the box \"{}\" is stopped; starting it to {what}", d.settings.name));
+        d.machine.start(timeout).await?;
+    }
     let ep = boxctl::running_endpoint(&d).await?;
     let on = boxctl::connect(&mut d, &ep, insecure, Instant::now() + Duration::from_secs(60)).await?;
     Ok(Upgrade { d, on, ep, timeout, step_limit, insecure })

@@ -647,3 +647,22 @@ print(json.dumps({'snaps': snaps, 'aside': aside, 'odd': odd}))
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(inventory(&moto, "keep")["volumes"].as_array().unwrap().is_empty(), "the odd volume went with the data");
 }
+
+#[test]
+fn a_box_left_stopped_is_started_again_by_up() {
+    let moto = Moto::start();
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path();
+    let out = aws(&moto, st, &up_args("stopped", &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // What a restore that failed after stopping the instance leaves behind.
+    moto.py(
+        "i = [i for r in ec2.describe_instances(Filters=[{'Name': 'tag:sgbox:deployment', 'Values': ['stopped']}])['Reservations'] for i in r['Instances']][0]\nec2.stop_instances(InstanceIds=[i['InstanceId']])\nprint(json.dumps(1))",
+    );
+    assert_eq!(inventory(&moto, "stopped")["instances"][0]["State"]["Name"], "stopped");
+    let out = aws(&moto, st, &up_args("stopped", &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("is stopped; starting it"), "{}", text(&out.stderr));
+    assert_eq!(inventory(&moto, "stopped")["instances"][0]["State"]["Name"], "running");
+    one_of_each(&moto, "stopped");
+}

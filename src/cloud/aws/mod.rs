@@ -716,6 +716,11 @@ impl Machine for Aws {
             r.instance = Some(id.clone());
             r.tokens.remove("instance");
         })?;
+        // A box left stopped (by a restore that failed half-way, or by hand) is started again.
+        if matches!(instance.state().and_then(|s| s.name()), Some(InstanceStateName::Stopped | InstanceStateName::Stopping)) {
+            output::note(format!("the instance {id} is stopped; starting it"));
+            self.start(Duration::from_secs(600)).await?;
+        }
         let az = instance.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string();
 
         // The data volume: created once, kept on termination, attached to this instance.
@@ -792,6 +797,16 @@ impl Machine for Aws {
             .await?;
         }
         Ok(id)
+    }
+
+    async fn start(&self, timeout: Duration) -> Result<()> {
+        let inst = self.live_instances().await?.into_iter().next().ok_or_else(|| failed("starting the box", "it has no instance"))?;
+        let id = inst.instance_id().unwrap_or_default().to_string();
+        if inst.state().and_then(|s| s.name()) == Some(&InstanceStateName::Stopping) {
+            self.ec2.wait_until_instance_stopped().instance_ids(&id).wait(timeout).await.map_err(waited("the instance to stop", timeout))?;
+        }
+        self.ec2.start_instances().instance_ids(&id).send().await.map_err(api("StartInstances"))?;
+        self.running(&id, timeout).await
     }
 
     async fn wait_running(&self, timeout: Duration) -> Result<Endpoint> {
