@@ -89,7 +89,7 @@ pub async fn running_endpoint(d: &Deployment) -> Result<Endpoint> {
 /// Run `cmd` on the running box, its output streamed to ours; returns its exit status.
 pub async fn stream(d: &mut Deployment, insecure: bool, cmd: String) -> Result<i32> {
     let ep = running_endpoint(d).await?;
-    let s = connect(d, &ep, insecure, Instant::now() + Duration::from_secs(30)).await?;
+    let s = connect(d, &ep, insecure, Instant::now() + Duration::from_secs(90)).await?;
     s.stream(cmd).await
 }
 

@@ -72,6 +72,9 @@ pub struct Session {
     host_key: String,
 }
 
+/// One connection attempt (TCP, key exchange, authentication): a box busy migrating (or an
+/// emulated one) can take many seconds to answer a key exchange.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one poll of a running step may take before the connection counts as stalled.
 const STEP_POLL: u64 = 60;
 const STEP_POLL_STALL: Duration = Duration::from_secs(STEP_POLL + 90);
@@ -95,7 +98,7 @@ impl Session {
                 (_, true) => HostKeyPolicy::AcceptAny,
                 (None, false) => HostKeyPolicy::Console(hostkeys::parse_console(&console().await?)),
             };
-            match ssh::connect(target.clone(), policy, Duration::from_secs(15)).await {
+            match ssh::connect(target.clone(), policy, CONNECT_TIMEOUT).await {
                 Ok(s) => return Ok(Session { host_key: s.host_key.clone(), ssh: std::sync::Arc::new(std::sync::RwLock::new(s)) }),
                 Err(e @ (SshError::ChangedHostKey { .. } | SshError::HostKey(hostkeys::HostKeyError::Mismatch { .. }))) => {
                     return Err(anyhow::Error::new(e).context("refusing the box's SSH host key"))
@@ -125,7 +128,7 @@ impl Session {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut last = String::new();
         while Instant::now() < deadline {
-            match ssh::connect(target.clone(), HostKeyPolicy::Pinned(self.host_key.clone()), Duration::from_secs(15)).await {
+            match ssh::connect(target.clone(), HostKeyPolicy::Pinned(self.host_key.clone()), CONNECT_TIMEOUT).await {
                 Ok(s) => {
                     *self.ssh.write().expect("ssh lock") = s;
                     return Ok(());

@@ -354,7 +354,8 @@ fn local_box_lifecycle() {
         assert!(Instant::now() < until, "no migrator hop started:\n{progress}");
     }
     let unit_until = Instant::now() + Duration::from_secs(120);
-    while !ssh(st, "systemctl list-units 'sgbox-step-migrate-*' --state=active --no-legend --plain").contains("sgbox-step-migrate-")
+    // (A poll that cannot connect, the box being busy, just polls again.)
+    while !text(&ssh_out(st, "systemctl list-units 'sgbox-step-migrate-*' --state=active --no-legend --plain").stdout).contains("sgbox-step-migrate-")
         && Instant::now() < unit_until
     {
         assert!(child.try_wait().unwrap().is_none(), "the upgrade ended before its migrator hop was seen running:\n{progress}");
@@ -456,7 +457,9 @@ fn local_box_lifecycle() {
         assert!(Instant::now() < until, "no switch step:\n{progress}");
     }
     let unit_until = Instant::now() + Duration::from_secs(120);
-    while !ssh(st, "systemctl list-units 'sgbox-step-*' --state=active --no-legend --plain").contains("sgbox-step-") && Instant::now() < unit_until {
+    while !text(&ssh_out(st, "systemctl list-units 'sgbox-step-*' --state=active --no-legend --plain").stdout).contains("sgbox-step-")
+        && Instant::now() < unit_until
+    {
         std::thread::sleep(Duration::from_secs(1));
     }
     let _ = ssh_out(st, "sudo pkill -f 'sgbox@notty'");
