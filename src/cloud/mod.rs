@@ -157,6 +157,16 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Where people open Sourcegraph: `https://<hostname>` once TLS is on (with the forwarded
+    /// port on the local box), else the address over HTTP.
+    pub fn site_url(&self, tls: &crate::settings::Tls, hostname: Option<&str>) -> String {
+        match (tls, hostname) {
+            (crate::settings::Tls::None, _) | (_, None) => self.url(),
+            (_, Some(h)) if self.https_port == 443 => format!("https://{h}"),
+            (_, Some(h)) => format!("https://{h}:{}", self.https_port),
+        }
+    }
+
     pub fn url(&self) -> String {
         if self.http_port == 80 {
             format!("http://{}", self.host)

@@ -28,14 +28,21 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     let mut ssh_error = None;
     if let (InstanceState::Running, Some(ep)) = (&state, &ep) {
         match boxctl::connect(&mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(8)).await {
-            Ok(s) => match s.exec(&readiness::services_cmd()).await {
-                Ok(o) if o.status == 0 => services = Some(readiness::parse_services(&o.stdout)),
-                Ok(o) => ssh_error = Some(format!("listing the containers: {}", o.stderr.trim())),
-                Err(e) => ssh_error = Some(e.to_string()),
-            },
-            Err(e) => ssh_error = Some(format!("{e:#}")),
+            Ok(s) => {
+                match s.exec(&readiness::services_cmd()).await {
+                    Ok(o) if o.status == 0 => services = Some(readiness::parse_services(&o.stdout)),
+                    Ok(o) => ssh_error = Some(format!("listing the containers: {}", o.stderr.trim())),
+                    Err(e) => ssh_error = Some(e.to_string()),
+                }
+                let cmd = readiness::version_cmd(&d.settings.tls, d.settings.hostname.as_deref());
+                answers = Some(readiness::version_on_box(&s, &cmd).await);
+            }
+            // Without SSH, the address from here (plain HTTP only says something without TLS).
+            Err(e) => {
+                ssh_error = Some(format!("{e:#}"));
+                answers = Some(readiness::version(&ep.url()).await);
+            }
         }
-        answers = Some(readiness::version(&ep.url()).await);
     }
     let expected: Vec<String> = d.settings.release().services.keys().cloned().collect();
     let unhealthy = services.as_ref().map(|s| readiness::not_ready(&expected, s));
@@ -47,7 +54,7 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
             "cloud": d.settings.cloud.to_string(),
             "state": state,
             "release": release,
-            "url": ep.as_ref().map(|e| e.url()),
+            "url": ep.as_ref().map(|e| e.site_url(&d.settings.tls, d.settings.hostname.as_deref())),
             "endpoint": ep,
             "healthy": healthy,
             "version_answer": answers.as_ref().map(|a| a.clone().unwrap_or_else(|e| format!("error: {e}"))),
@@ -63,7 +70,7 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
         println!("  release:  {r}");
     }
     if let Some(ep) = &ep {
-        println!("  url:      {}", ep.url());
+        println!("  url:      {}", ep.site_url(&d.settings.tls, d.settings.hostname.as_deref()));
         println!("  ssh:      sgbox ssh --name {}  ({}:{})", d.settings.name, ep.host, ep.ssh_port);
     }
     match &answers {

@@ -91,7 +91,7 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
     record.instance_id = Some(id.clone());
     dir.save_record(&record)?;
     let ep = machine.wait_running(timeout).await?;
-    record.url = Some(ep.url());
+    record.url = Some(ep.site_url(&settings.tls, settings.hostname.as_deref()));
     dir.save_record(&record)?;
     step("machine", p.done_with(&id));
 
@@ -141,7 +141,8 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
         step("services", p.done_with(&format!("{} services healthy", expected.len())));
 
         let p = Phase::start("sourcegraph answers");
-        if let Err(e) = readiness::answers(&ep.url(), &d.settings.version.to_string(), &deadline, &p).await {
+        let cmd = readiness::version_cmd(&d.settings.tls, d.settings.hostname.as_deref());
+        if let Err(e) = readiness::answers(&box_ssh, &cmd, &d.settings.version.to_string(), &deadline, &p).await {
             p.fail();
             eprint!("{}", readiness::diagnostics(&box_ssh, &["caddy".into(), "sourcegraph-frontend-0".into()]).await);
             return Err(e);
@@ -175,7 +176,7 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
             "release": rec.release,
             "ready": !args.no_wait,
             "instance_id": id,
-            "url": ep.url(),
+            "url": ep.site_url(&d.settings.tls, d.settings.hostname.as_deref()),
             "ssh": { "host": ep.host, "port": ep.ssh_port, "user": ssh::USER, "key": target.key, "command": ssh_cmd, "host_key_fingerprint": fingerprint },
             "ports": { "ssh": ep.ssh_port, "http": ep.http_port, "https": ep.https_port },
             "state_dir": d.dir.path,
@@ -185,9 +186,13 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
         }));
     }
     if args.no_wait {
-        println!("The box \"{}\" is running (not waiting for Sourcegraph): {}", d.settings.name, ep.url());
+        println!(
+            "The box \"{}\" is running (not waiting for Sourcegraph): {}",
+            d.settings.name,
+            ep.site_url(&d.settings.tls, d.settings.hostname.as_deref())
+        );
     } else {
-        println!("Sourcegraph {} is ready: {}", rec.release, ep.url());
+        println!("Sourcegraph {} is ready: {}", rec.release, ep.site_url(&d.settings.tls, d.settings.hostname.as_deref()));
     }
     if let Some(a) = admin.as_ref().filter(|a| a.claimed_at.is_some()) {
         println!("  admin: {} (password: `sgbox admin --name {}`)", a.username, d.settings.name);

@@ -144,10 +144,16 @@ async fn print_done(s: &Upgrade, j: &Journal, started: Instant) -> Result<()> {
     if output::json() {
         return output::result_json(json!({
             "name": s.d.settings.name, "from": j.from.to_string(), "to": j.to.to_string(), "kind": j.kind,
-            "snapshot": j.snapshot, "pruned_snapshots": pruned, "journal": j.id, "url": s.ep.url(), "seconds": (secs * 10.0).round() / 10.0,
+            "snapshot": j.snapshot, "pruned_snapshots": pruned, "journal": j.id, "url": s.ep.site_url(&s.d.settings.tls, s.d.settings.hostname.as_deref()), "seconds": (secs * 10.0).round() / 10.0,
         }));
     }
-    println!("Sourcegraph {} -> {} on \"{}\": done and verified: {}", j.from, j.to, s.d.settings.name, s.ep.url());
+    println!(
+        "Sourcegraph {} -> {} on \"{}\": done and verified: {}",
+        j.from,
+        j.to,
+        s.d.settings.name,
+        s.ep.site_url(&s.d.settings.tls, s.d.settings.hostname.as_deref())
+    );
     if let Some(sn) = &j.snapshot {
         println!("  pre-upgrade snapshot: {sn} (`sgbox rollback --name {}` restores it)", s.d.settings.name);
     }
@@ -303,7 +309,13 @@ async fn rollback_holding(ctx: &Context, s: &mut Upgrade) -> Result<()> {
                 json!({ "name": s.d.settings.name, "release": j.from.to_string(), "from": j.to.to_string(), "snapshot": j.snapshot }),
             );
         }
-        println!("\"{}\" is back at {} (snapshot {}), verified: {}", s.d.settings.name, j.from, j.snapshot.as_deref().unwrap_or(""), s.ep.url());
+        println!(
+            "\"{}\" is back at {} (snapshot {}), verified: {}",
+            s.d.settings.name,
+            j.from,
+            j.snapshot.as_deref().unwrap_or(""),
+            s.ep.site_url(&s.d.settings.tls, s.d.settings.hostname.as_deref())
+        );
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::onbox::Session;
 use crate::output::Phase;
+use crate::settings::Tls;
 
 pub const PROJECT: &str = crate::render::PROJECT;
 
@@ -171,17 +172,37 @@ pub async fn version(url: &str) -> Result<String, String> {
     .expect("http task")
 }
 
-/// Poll `/__version` until it equals `release`.
-pub async fn answers(url: &str, release: &str, deadline: &Deadline, phase: &Phase) -> Result<()> {
+/// Ask Sourcegraph's version from inside the box, the way a visitor reaches it: through Caddy,
+/// with the site's name as SNI and Host once TLS is on (Caddy then serves only that name, so a
+/// check of `http://<ip>/__version` could never pass). Over loopback, so the certificate is not
+/// what is checked here (an ACME one may still be on its way), the route is.
+pub fn version_cmd(tls: &Tls, hostname: Option<&str>) -> String {
+    match (tls, hostname) {
+        (Tls::None, _) | (_, None) => "curl -sS -m 10 -f http://127.0.0.1/__version".into(),
+        (_, Some(h)) => format!("curl -sS -m 10 -f --insecure --resolve {h}:443:127.0.0.1 https://{h}/__version"),
+    }
+}
+
+/// `/__version` once, asked on the box ([`version_cmd`]).
+pub async fn version_on_box(ssh: &Session, cmd: &str) -> Result<String, String> {
+    match ssh.exec(cmd).await {
+        Ok(o) if o.status == 0 => Ok(o.stdout.trim().to_string()),
+        Ok(o) => Err(o.stderr.trim().lines().last().unwrap_or("no answer").to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Poll `/__version` (asked on the box with `cmd`) until it equals `release`.
+pub async fn answers(ssh: &Session, cmd: &str, release: &str, deadline: &Deadline, phase: &Phase) -> Result<()> {
     loop {
-        let got = version(url).await;
+        let got = version_on_box(ssh, cmd).await;
         match &got {
             Ok(v) if v == release => return Ok(()),
             Ok(v) => phase.set(format!("/__version says {v}")),
             Err(e) => phase.set(format!("/__version: {e}")),
         }
         if deadline.passed() {
-            bail!("{url}/__version did not answer {release} in time (last: {})", got.unwrap_or_else(|e| e));
+            bail!("/__version did not answer {release} in time, asked on the box with `{cmd}` (last: {})", got.unwrap_or_else(|e| e));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

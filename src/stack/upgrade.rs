@@ -137,7 +137,8 @@ impl Upgrade {
         }
         p.done_with(&format!("{} services healthy", expected.len()));
         let p = Phase::start(format!("{what}: /__version"));
-        if let Err(e) = readiness::answers(&self.ep.url(), &release.to_string(), &deadline, &p).await {
+        let cmd = readiness::version_cmd(&self.d.settings.tls, self.d.settings.hostname.as_deref());
+        if let Err(e) = readiness::answers(&self.on, &cmd, &release.to_string(), &deadline, &p).await {
             p.fail();
             return Err(e);
         }
@@ -248,10 +249,11 @@ async fn preflight_checks(s: &Upgrade, plan: &UpgradePlan, from: Version, p: &Ph
             .hint("an upgrade starts only from a healthy box; see `sgbox status -v` and `sgbox logs SERVICE`. Nothing was changed")
             .into());
     }
-    match readiness::version(&s.ep.url()).await {
+    let cmd = readiness::version_cmd(&s.d.settings.tls, s.d.settings.hostname.as_deref());
+    match readiness::version_on_box(&s.on, &cmd).await {
         Ok(v) if v == from.to_string() => {}
         other => {
-            return Err(UserError::new(format!("{}/__version does not answer {from} ({other:?})", s.ep.url()))
+            return Err(UserError::new(format!("/__version does not answer {from} on the box ({other:?})"))
                 .hint("check `sgbox status`; nothing was changed")
                 .into())
         }

@@ -13,6 +13,12 @@ Every image shares ONE layer (identical bytes, uploaded once, cross-repo mounted
 What differs per image is only the config: SGBOX_STANDIN_IMAGE / SGBOX_STANDIN_VERSION in Env,
 and ExposedPorts.
 
+Caddy is not imitated: a real program exists in Debian. The `caddy` images add a second layer with
+Debian's /usr/bin/caddy (from the caddy .deb, which .ci/setup extracts into target/caddy without
+installing or starting its service) and the libraries `ldd` lists for it, and run
+`caddy run --config /etc/caddy/Caddyfile --adapter caddyfile` like the official image, so TLS,
+proxying and the admin API are Caddy's own.
+
   python3 tests/harness/standins.py build-binary
   python3 tests/harness/standins.py push --registry 127.0.0.1:5000 --catalog data/sourcegraph-compose-releases.json \\
       --release 7.5.4453 --release 5.9.17785 [--binary PATH] [--busybox /bin/busybox] [--prefix sg/] [--build]
@@ -159,11 +165,44 @@ def layer_entries(standin: bytes, busybox: bytes) -> list[tuple[str, str, int, b
     return sorted(e, key=lambda x: x[0])
 
 
-def build_layer(standin: bytes, busybox: bytes) -> tuple[bytes, bytes]:
+CADDY = REPO_ROOT / "target/caddy/usr/bin/caddy"
+CADDY_HINT = (
+    "extract Debian's caddy with: mkdir -p target/caddy && (cd target/caddy && apt-get download caddy && "
+    "dpkg-deb -x caddy_*.deb .)  (bash .ci/setup does this)"
+)
+CADDY_CMD = ["run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
+
+
+def caddy_entries(caddy: Path) -> list[tuple[str, str, int, bytes | str]]:
+    """Debian's caddy and the shared libraries it loads (from ldd), at the paths the loader uses."""
+    if not caddy.is_file():
+        raise Fail(f"caddy binary {caddy} not found; {CADDY_HINT}")
+    out = subprocess.run(["ldd", str(caddy)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise Fail(f"ldd {caddy}: {out.stderr.strip()}")
+    libs = []
+    for line in out.stdout.splitlines():
+        m = re.search(r"=>\s*(/\S+)", line) or re.match(r"\s*(/\S+)\s+\(", line)
+        if m:
+            libs.append(m.group(1))
+    if not any("ld-linux" in l for l in libs):
+        raise Fail(f"ldd {caddy} names no dynamic loader: {out.stdout.strip()}")
+    e: list[tuple[str, str, int, bytes | str]] = [("usr/bin/caddy", "file", 0o755, caddy.read_bytes()), ("etc/caddy", "dir", 0o755, b"")]
+    dirs = {"usr", "usr/bin", "etc"}
+    for lib in libs:
+        rel = lib.lstrip("/")
+        e.append((rel, "file", 0o755, Path(lib).resolve().read_bytes()))
+        parts = rel.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    e += [(d, "dir", 0o755, b"") for d in dirs]
+    return sorted(e, key=lambda x: x[0])
+
+
+def build_layer(standin: bytes, busybox: bytes, entries=None) -> tuple[bytes, bytes]:
     """A deterministic tar (sorted, mtime 0, root-owned, numeric) and its gzip (mtime 0)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for path, kind, mode, content in layer_entries(standin, busybox):
+        for path, kind, mode, content in (entries if entries is not None else layer_entries(standin, busybox)):
             ti = tarfile.TarInfo(path)
             ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname, ti.mode = 0, 0, 0, "", "", mode
             if kind == "dir":
@@ -179,7 +218,24 @@ def build_layer(standin: bytes, busybox: bytes) -> tuple[bytes, bytes]:
     return raw, gzip.compress(raw, compresslevel=9, mtime=0)
 
 
-def image_config(short: str, tag: str, diff_id: str) -> bytes:
+def image_config(short: str, tag: str, diff_id: str, caddy_diff_id: str | None = None) -> bytes:
+    if caddy_diff_id:
+        return canonical_json({
+            "architecture": "amd64",
+            "os": "linux",
+            "created": EPOCH,
+            "config": {
+                "Env": [PATH_ENV, f"SGBOX_STANDIN_IMAGE={short}", f"SGBOX_STANDIN_VERSION={tag}"],
+                "Entrypoint": ["/usr/bin/caddy"],
+                "Cmd": CADDY_CMD,
+                "WorkingDir": "/",
+                "ExposedPorts": {f"{p}/tcp": {} for p in ports_of(short)},
+                "Labels": {"org.sgbox.standin": "debian-caddy", "org.sgbox.standin.image": short, "org.sgbox.standin.version": tag},
+            },
+            "rootfs": {"type": "layers", "diff_ids": [diff_id, caddy_diff_id]},
+            "history": [{"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (stand-in layer)"},
+                        {"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (Debian's caddy)"}],
+        })
     return canonical_json({
         "architecture": "amd64",
         "os": "linux",
@@ -197,12 +253,12 @@ def image_config(short: str, tag: str, diff_id: str) -> bytes:
     })
 
 
-def image_manifest(config: bytes, layer_gz: bytes) -> bytes:
+def image_manifest(config: bytes, layer_gz: bytes, *more: bytes) -> bytes:
     return canonical_json({
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "config": {"mediaType": CONFIG_TYPE, "size": len(config), "digest": sha256(config)},
-        "layers": [{"mediaType": LAYER_TYPE, "size": len(layer_gz), "digest": sha256(layer_gz)}],
+        "layers": [{"mediaType": LAYER_TYPE, "size": len(l), "digest": sha256(l)} for l in (layer_gz, *more)],
     })
 
 
@@ -341,23 +397,30 @@ def _read_inputs(binary: Path, busybox: Path) -> tuple[bytes, bytes]:
 
 
 def push(registry: str, catalog: Path | str, releases: list[str], binary: Path | str = BINARY,
-         busybox: Path | str = "/bin/busybox", prefix: str = "", log=print) -> dict:
+         busybox: Path | str = "/bin/busybox", prefix: str = "", log=print, caddy: Path | str = CADDY) -> dict:
     """Builds and pushes all stand-in images; returns a summary dict. Raises Fail on any problem."""
     t0 = time.monotonic()
     images = images_for(catalog, releases, prefix)
     standin, bb = _read_inputs(Path(binary), Path(busybox))
     raw, gz = build_layer(standin, bb)
     layer_digest, diff_id = sha256(gz), sha256(raw)
+    craw, cgz = build_layer(b"", b"", caddy_entries(Path(caddy)))
+    caddy_digest, caddy_diff_id = sha256(cgz), sha256(craw)
     reg = Registry(registry)
     uploaded, pushed, mounted_from = 0, {}, None
     try:
+        caddy_from = None
         for repo, short, tag in images:
-            config = image_config(short, tag, diff_id)
+            is_caddy = short == "caddy"
+            config = image_config(short, tag, diff_id, caddy_diff_id if is_caddy else None)
             n = reg.push_blob(repo, layer_digest, gz, mounted_from)
             uploaded += n
             mounted_from = mounted_from or repo
+            if is_caddy:
+                uploaded += reg.push_blob(repo, caddy_digest, cgz, caddy_from)
+                caddy_from = caddy_from or repo
             uploaded += reg.push_blob(repo, sha256(config), config, None)
-            manifest = image_manifest(config, gz)
+            manifest = image_manifest(config, gz, cgz) if is_caddy else image_manifest(config, gz)
             pushed[(repo, tag)] = reg.put_manifest(repo, tag, manifest)
         # Read every manifest back: the registry must serve exactly what was pushed.
         for (repo, tag), want in pushed.items():
@@ -390,7 +453,7 @@ def verify(registry: str, catalog: Path | str, releases: list[str], prefix: str 
             if digest != sha256(data):
                 raise Fail(f"{where}: Docker-Content-Digest {digest} != sha256 of manifest {sha256(data)}")
             m = json.loads(data)
-            if m.get("mediaType") != MANIFEST_TYPE or m.get("schemaVersion") != 2 or len(m.get("layers", [])) != 1:
+            if m.get("mediaType") != MANIFEST_TYPE or m.get("schemaVersion") != 2 or len(m.get("layers", [])) != (2 if short == "caddy" else 1):
                 raise Fail(f"{where}: unexpected manifest {m}")
             _, _, config = reg.expect((200,), "GET", f"/v2/{repo}/blobs/{m['config']['digest']}")
             if sha256(config) != m["config"]["digest"]:
@@ -413,6 +476,13 @@ def verify(registry: str, catalog: Path | str, releases: list[str], prefix: str 
                 if missing:
                     raise Fail(f"{where}: layer lacks {sorted(missing)}")
                 checked_layers.add(layer)
+            if short == "caddy":
+                _, _, cgz = reg.expect((200,), "GET", f"/v2/{repo}/blobs/{m['layers'][1]['digest']}")
+                with tarfile.open(fileobj=io.BytesIO(gzip.decompress(cgz))) as tar:
+                    if "usr/bin/caddy" not in {ti.name for ti in tar.getmembers()}:
+                        raise Fail(f"{where}: the caddy layer lacks usr/bin/caddy")
+                if cfg["config"]["Entrypoint"] != ["/usr/bin/caddy"]:
+                    raise Fail(f"{where}: caddy's entrypoint is {cfg['config']['Entrypoint']}")
             n += 1
     finally:
         reg.close()
@@ -434,13 +504,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--binary", default=str(BINARY), help=f"stand-in binary (default {BINARY})")
             p.add_argument("--busybox", default="/bin/busybox", help="static busybox (Debian busybox-static)")
             p.add_argument("--build", action="store_true", help="build the binary first")
+            p.add_argument("--caddy", default=str(CADDY), help=f"Debian's caddy binary (default {CADDY})")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build-binary":
             print(build_binary())
         elif args.cmd == "push":
             binary = build_binary() if args.build else Path(args.binary)
-            push(args.registry, args.catalog, args.release, binary, args.busybox, args.prefix)
+            push(args.registry, args.catalog, args.release, binary, args.busybox, args.prefix, caddy=args.caddy)
         else:
             verify(args.registry, args.catalog, args.release, args.prefix)
     except Fail as e:

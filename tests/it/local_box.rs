@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::localbox::{base_image, free_port, http_get, qemu_pids, Registry};
+use crate::common::localbox::{base_image, free_port, qemu_pids, Registry};
 use crate::common::{run, sgbox, text};
 use serde_json::Value;
 
@@ -41,6 +41,91 @@ const WAYPOINT: &str = "5.11.6271";
 const MID: &str = "7.4.0";
 const NEW: &str = "7.5.4453";
 const NAME: &str = "e2e";
+/// The box serves Sourcegraph under this name with a certificate from a test CA (`tls = custom`),
+/// through Debian's real Caddy.
+const HOST: &str = "sourcegraph.sgbox.test";
+
+/// The test CA that signed the box's certificate, once made.
+static CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// A test CA and a certificate for HOST signed by it, with openssl: (CA, chain, key).
+fn test_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let (ca_key, ca, key, csr, leaf, ext) =
+        (dir.join("ca.key"), dir.join("ca.pem"), dir.join("site.key"), dir.join("site.csr"), dir.join("site.pem"), dir.join("san.cnf"));
+    std::fs::write(&ext, format!("subjectAltName=DNS:{HOST}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"))
+        .unwrap();
+    let openssl = |args: &[&str]| {
+        let o = std::process::Command::new("openssl").args(args).output().expect("openssl is installed (bash .ci/setup)");
+        assert!(o.status.success(), "openssl {args:?}: {}", text(&o.stderr));
+    };
+    let p = |x: &std::path::PathBuf| x.display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p(&ca_key),
+        "-out",
+        &p(&ca),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sgbox test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p(&key),
+        "-out",
+        &p(&csr),
+        "-subj",
+        &format!("/CN={HOST}"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&ca),
+        "-CAkey",
+        &p(&ca_key),
+        "-CAcreateserial",
+        "-out",
+        &p(&leaf),
+        "-days",
+        "2",
+        "-extfile",
+        &p(&ext),
+    ]);
+    (ca, leaf, key)
+}
+
+/// curl's arguments to reach `url` on the box: HOST resolved to the local forward, the test CA
+/// trusted (the certificate is checked for real from here).
+fn curl_to(url: &str) -> Vec<String> {
+    let mut a = vec!["-sS".to_string(), "-m".into(), "10".into()];
+    if let Some(rest) = url.strip_prefix(&format!("https://{HOST}:")) {
+        let port = rest.split('/').next().unwrap_or("");
+        a.extend(["--resolve".into(), format!("{HOST}:{port}:127.0.0.1"), "--cacert".into(), CA.get().expect("the test CA").display().to_string()]);
+    }
+    a.push(url.to_string());
+    a
+}
+
+fn get(url: &str) -> Option<String> {
+    let out = std::process::Command::new("curl").arg("-f").args(curl_to(url)).output().ok()?;
+    out.status.success().then(|| text(&out.stdout))
+}
 
 fn json_of(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", text(&out.stdout), text(&out.stderr)))
@@ -93,7 +178,7 @@ fn db_state(st: &Path) -> (String, String) {
 }
 
 fn version(url: &str) -> Option<String> {
-    http_get(&format!("{url}/__version")).map(|s| s.trim().to_string())
+    get(&format!("{url}/__version")).map(|s| s.trim().to_string())
 }
 
 fn journal(st: &Path) -> Value {
@@ -169,9 +254,21 @@ fn local_box_lifecycle() {
     let state = tempfile::tempdir().unwrap();
     let st = state.path();
     let _teardown = Teardown(st);
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, chain, key) = test_certificates(certs.path());
+    CA.set(ca).unwrap();
     let up_args = || -> Vec<String> {
-        let mut a: Vec<String> =
-            ["up", "--cloud", "local", "--name", NAME, "--version", OLD, "--registry-mirror"].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = ["up", "--cloud", "local", "--name", NAME, "--version", OLD, "--hostname", HOST, "--tls", "custom"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend([
+            "--tls-cert".to_string(),
+            chain.display().to_string(),
+            "--tls-key".to_string(),
+            key.display().to_string(),
+            "--registry-mirror".to_string(),
+        ]);
         a.push(registry.mirror_for_guest());
         a.extend(["--mirror-mode", "tags-only", "--base-image"].iter().map(|s| s.to_string()));
         a.push(image.display().to_string());
@@ -186,8 +283,17 @@ fn local_box_lifecycle() {
     eprintln!("e2e: up phases (s): {}", up["timings"]);
     assert_eq!(up["release"], OLD);
     let url = up["url"].as_str().unwrap().to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    assert!(url.starts_with(&format!("https://{HOST}:")), "{url}");
+    // Served by Debian's Caddy with the user's certificate (checked against the test CA), which
+    // reached the box over SSH, not in the user-data; plain HTTP for the name is redirected.
     assert_eq!(version(&url).as_deref(), Some(OLD));
+    let http = format!("http://127.0.0.1:{}/", up["ports"]["http"]);
+    let o = std::process::Command::new("curl")
+        .args(["-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", &format!("Host: {HOST}"), &http])
+        .output()
+        .unwrap();
+    let redirect = text(&o.stdout);
+    assert!(redirect.starts_with("308 https://sourcegraph.sgbox.test/"), "Caddy redirects HTTP to HTTPS: {redirect}");
     assert!(up["ssh"]["host_key_fingerprint"].as_str().unwrap_or("").starts_with("SHA256:"), "host key pinned: {up:#}");
     let overlay = st.join(NAME).join("local/overlay.qcow2");
     let data = st.join(NAME).join("local/data.qcow2");
@@ -232,6 +338,12 @@ fn local_box_lifecycle() {
     let ud = text(&ssh_out(st, "sudo cat /var/lib/cloud/instance/user-data.txt").stdout);
     let valued = ud.match_indices("PASSWORD=").any(|(i, m)| ud[i + m.len()..].starts_with(|c: char| c.is_ascii_alphanumeric()));
     assert!(ud.contains("#cloud-config") && !valued, "no password value in the user-data");
+    assert!(
+        !ud.contains("PRIVATE KEY") && !ud.contains(std::fs::read_to_string(&key).unwrap().lines().nth(1).unwrap()),
+        "no TLS key in the user-data"
+    );
+    let o = ssh(st, "sudo stat -c '%a %U' /opt/sgbox/tls/sourcegraph.key; sudo docker inspect -f '{{.Config.Image}} {{.Path}}' caddy");
+    assert!(o.starts_with("600 root\n") && o.contains("/usr/bin/caddy"), "the key arrived 0600; Caddy is Debian's: {o}");
     assert!(passwords.iter().all(|p| !ud.contains(p.as_str())));
     let out = ssh_out(st, &format!("sudo rm /opt/sgbox/.env && sudo /usr/local/sbin/sgbox-data-disk 2>/dev/null && {{ {secrets_cmd}; }}"));
     assert_eq!(text(&out.stdout), on_box, "the same passwords after the root disk lost its link: {}", text(&out.stderr));
@@ -250,12 +362,12 @@ fn local_box_lifecycle() {
     let admin = json_of(&out);
     let admin_pw = admin["password"].as_str().unwrap().to_string();
     assert!(admin_pw.len() >= 12, "{admin:#}");
-    let page = http_get(&format!("{url}/sign-in")).unwrap_or_default();
+    let page = get(&format!("{url}/sign-in")).unwrap_or_default();
     assert!(page.contains("\"needsSiteInit\":false"), "{page}");
     let post = |path: &str, body: &str| -> String {
         let o = std::process::Command::new("curl")
-            .args(["-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Content-Type: application/json", "--data", body])
-            .arg(format!("{url}{path}"))
+            .args(["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Content-Type: application/json", "--data", body])
+            .args(curl_to(&format!("{url}{path}")))
             .output()
             .unwrap();
         text(&o.stdout)

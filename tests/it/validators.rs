@@ -208,3 +208,41 @@ fn validators_reject_broken_files() {
     let o = Command::new(cloud_init_bin()).args(["schema", "--config-file"]).arg(tmp.path().join("ud")).output().unwrap();
     assert!(!o.status.success());
 }
+
+/// Debian's Caddy (the real program the box runs; .ci/setup extracts it into target/caddy)
+/// accepts the rendered Caddyfile in every TLS mode, and reads what sgbox meant from it.
+#[test]
+fn real_caddy_accepts_the_caddyfile_of_every_tls_mode() {
+    let caddy = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/caddy/usr/bin/caddy");
+    assert!(caddy.exists(), "{} is missing: run `bash .ci/setup` (it extracts Debian's caddy package there)", caddy.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = (tmp.path().join("c.pem"), tmp.path().join("k.pem"));
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n").unwrap();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let modes: [(&str, Vec<&str>, &str); 3] = [
+        ("none", vec![], "\"listen\":[\":80\"]"),
+        ("letsencrypt", vec!["--hostname", "sg.example.com", "--tls", "letsencrypt", "--tls-email", "admin@example.com"], "admin@example.com"),
+        ("custom", vec!["--hostname", "sg.example.com", "--tls", "custom", "--tls-cert", &c, "--tls-key", &k], "/sourcegraph.key"),
+    ];
+    for (mode, args, expect) in modes {
+        let out = tmp.path().join(mode);
+        let mut a = vec!["render", "--cloud", "aws", "--out", out.to_str().unwrap()];
+        a.extend(args.iter().copied());
+        let r = run(sgbox(&tmp.path().join("state")).args(&a));
+        assert!(r.status.success(), "{mode}: {}", text(&r.stderr));
+        let file = out.join("box/opt/sgbox/Caddyfile");
+        let o = Command::new(&caddy)
+            .args(["adapt", "--adapter", "caddyfile", "--config"])
+            .arg(&file)
+            .env("SRC_FRONTEND_ADDRESSES", "sourcegraph-frontend-0:3080")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{mode}: caddy adapt: {}", text(&o.stderr));
+        let json = text(&o.stdout);
+        assert!(
+            json.contains(expect) && json.contains("sourcegraph-frontend-0:3080") && json.contains("\"try_duration\":60000000000"),
+            "{mode}: {json}"
+        );
+    }
+}
