@@ -404,6 +404,12 @@ impl Settings {
         if self.cloud != Cloud::Local && self.web_cidr().is_some_and(|c| c.prefix_len() == 0) && self.tls == Tls::None {
             w.push("Sourcegraph is served over plain HTTP to the whole internet (--allow-plain-http-from-anywhere)".into());
         }
+        if self.cloud != Cloud::Local && self.machine().vcpus.is_none() && !self.allow_undersized {
+            w.push(format!(
+                "{} is not in sgbox's size table: `up` asks the cloud for its vCPUs and memory, and refuses it below 8 vCPU / 32 GiB (--allow-undersized accepts it)",
+                self.machine().instance_type
+            ));
+        }
         if self.allow_undersized {
             w.push("--allow-undersized: the machine may be below Sourcegraph's minimum of 8 vCPU and 32 GiB".into());
         }

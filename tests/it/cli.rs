@@ -403,3 +403,12 @@ fn iam_policy_prints_the_documented_policy_and_admin_names_a_missing_deployment(
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("nobox"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn an_instance_type_outside_the_table_is_not_passed_over_in_silence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(sgbox(tmp.path()).args(["plan", "--cloud", "aws", "--instance-type", "t3.micro", "--ssh-cidr", "203.0.113.7/32"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("t3.micro is not in sgbox's size table") && err.contains("8 vCPU / 32 GiB"), "{err}");
+}
