@@ -219,37 +219,30 @@ def build_layer(standin: bytes, busybox: bytes, entries=None) -> tuple[bytes, by
 
 
 def image_config(short: str, tag: str, diff_id: str, caddy_diff_id: str | None = None) -> bytes:
+    """The stand-in program's config; with `caddy_diff_id`, Debian's caddy on a second layer runs
+    as the official image does."""
+    config = {
+        "Env": [PATH_ENV, f"SGBOX_STANDIN_IMAGE={short}", f"SGBOX_STANDIN_VERSION={tag}"],
+        "Entrypoint": ["/standin"],
+        "Cmd": [],
+        "WorkingDir": "/",
+        "ExposedPorts": {f"{p}/tcp": {} for p in ports_of(short)},
+        "Labels": {"org.sgbox.standin": "true", "org.sgbox.standin.image": short, "org.sgbox.standin.version": tag},
+    }
+    diff_ids = [diff_id]
+    history = [{"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (stand-in image)"}]
     if caddy_diff_id:
-        return canonical_json({
-            "architecture": "amd64",
-            "os": "linux",
-            "created": EPOCH,
-            "config": {
-                "Env": [PATH_ENV, f"SGBOX_STANDIN_IMAGE={short}", f"SGBOX_STANDIN_VERSION={tag}"],
-                "Entrypoint": ["/usr/bin/caddy"],
-                "Cmd": CADDY_CMD,
-                "WorkingDir": "/",
-                "ExposedPorts": {f"{p}/tcp": {} for p in ports_of(short)},
-                "Labels": {"org.sgbox.standin": "debian-caddy", "org.sgbox.standin.image": short, "org.sgbox.standin.version": tag},
-            },
-            "rootfs": {"type": "layers", "diff_ids": [diff_id, caddy_diff_id]},
-            "history": [{"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (stand-in layer)"},
-                        {"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (Debian's caddy)"}],
-        })
+        config.update({"Entrypoint": ["/usr/bin/caddy"], "Cmd": CADDY_CMD})
+        config["Labels"]["org.sgbox.standin"] = "debian-caddy"
+        diff_ids.append(caddy_diff_id)
+        history.append({"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (Debian's caddy)"})
     return canonical_json({
         "architecture": "amd64",
         "os": "linux",
         "created": EPOCH,
-        "config": {
-            "Env": [PATH_ENV, f"SGBOX_STANDIN_IMAGE={short}", f"SGBOX_STANDIN_VERSION={tag}"],
-            "Entrypoint": ["/standin"],
-            "Cmd": [],
-            "WorkingDir": "/",
-            "ExposedPorts": {f"{p}/tcp": {} for p in ports_of(short)},
-            "Labels": {"org.sgbox.standin": "true", "org.sgbox.standin.image": short, "org.sgbox.standin.version": tag},
-        },
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (stand-in image)"}],
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
     })
 
 
