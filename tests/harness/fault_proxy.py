@@ -12,12 +12,15 @@
 - --lag: EC2's eventual consistency. After a create is forwarded, the next two reads of its kind
   do not see it yet: a read by id answers `*.NotFound`, a read by filter an empty list.
 - --stale KIND: as --lag, starting as if a KIND had just been created.
+- --pending-snapshots N: the first N answers of DescribeSnapshots show each snapshot `pending`, at a
+  progress growing to 90%: EBS copies a snapshot in the background, for up to an hour.
 - --log FILE: one JSON line per call: action, forwarded, status, and the call's form parameters.
 The action is the EC2 Query API's `Action=` form field, or the X-Amz-Target header (SSM).
 """
 import argparse
 import json
 import random
+import re
 import sys
 import threading
 import time
@@ -55,11 +58,12 @@ def main():
     ap.add_argument("--hang-after", default="")
     ap.add_argument("--log", default="")
     ap.add_argument("--lag", action="store_true")
+    ap.add_argument("--pending-snapshots", type=int, default=0)
     ap.add_argument("--stale", action="append", default=[], help="KIND: start as if KIND (instance, volume, address, snapshot) was just created")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     lock = threading.Lock()
-    state = {"hung": False, "lag": {k: 2 for k in a.stale}}
+    state = {"pending": 0, "hung": False, "lag": {k: 2 for k in a.stale}}
     a.lag = a.lag or bool(a.stale)
     log = open(a.log, "a", buffering=1) if a.log else None
 
@@ -122,6 +126,17 @@ def main():
             except urllib.error.HTTPError as e:
                 status, headers, payload = e.code, dict(e.headers), e.read()
             self._log(action, True, status)
+            if action == "DescribeSnapshots" and status == 200:
+                with lock:
+                    n = state["pending"]
+                    state["pending"] += 1
+                if n < a.pending_snapshots:
+                    pct = 10 + 80 * n // max(a.pending_snapshots, 1)
+                    text = payload.decode("utf-8", "replace")
+                    text = re.sub(r"<status>completed</status>", "<status>pending</status>", text)
+                    text = re.sub(r"<progress>[^<]*</progress>", f"<progress>{pct}%</progress>", text)
+                    payload = text.encode()
+                    headers.pop("Content-Length", None)
             if a.lag and action in LAGGED_CREATES and status == 200:
                 with lock:
                     state["lag"][LAGGED_CREATES[action]] = 2

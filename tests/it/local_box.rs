@@ -662,6 +662,7 @@ fn local_box_lifecycle() {
     let err = text(&out.stderr);
     assert!(out.status.success(), "the dry run connects: {err}");
     assert!(err.contains("warning: --insecure-accept-host-key"), "{err}");
+    assert!(err.contains("host key changed from SHA256:") && err.contains(" to SHA256:"), "a replaced pin is said, both fingerprints named: {err}");
     assert!(ssh_out(st, "true").status.success(), "the accepted key is pinned now");
 
     // 9. Down: no process, no overlay; the data disk stays unless asked.

@@ -177,6 +177,28 @@ fn volumes(moto: &Moto, keys: (&str, &str), name: &str) -> Vec<(String, String, 
         .collect()
 }
 
+/// tests/harness/fault_proxy.py in front of moto: (process, port, its call log).
+fn fault_proxy(moto: &Moto, args: &[&str]) -> (Child, u16, PathBuf) {
+    let port = free_port();
+    let log = moto._dir.path().join(format!("proxy-{port}.jsonl"));
+    let child = Command::new("python3")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/fault_proxy.py"))
+        .args(["--port", &port.to_string(), "--upstream", &moto.url(), "--log"])
+        .arg(&log)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "fault proxy did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port, log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_interrupted_half_way_converges_when_run_again() {
     let moto = Moto::start(None);
@@ -191,21 +213,21 @@ async fn a_restore_interrupted_half_way_converges_when_run_again() {
     let (old_data, ..) = before.iter().find(|v| v.1 == "data").cloned().unwrap();
     let snap = a.snapshot_data_disk("sgbox-pre-7.5").await.unwrap();
 
+    // EBS still copies the snapshot (pending, three reads): nothing is created or stopped before
+    // it completes, and the wait says how far it is.
+    let (mut proxy, proxy_port, log) = fault_proxy(&moto, &["--pending-snapshots", "3"]);
+    let slow = aws(&format!("http://127.0.0.1:{proxy_port}"), keys, spec(&[("name", "restore")]), dir.path()).await;
+    let notes = std::sync::Mutex::new(Vec::new());
+    slow.wait_snapshot(&snap, Duration::from_secs(120), &|l: &str| notes.lock().unwrap().push(l.to_string())).await.unwrap();
+    let notes = notes.into_inner().unwrap();
+    assert!(notes.len() >= 2 && notes.iter().all(|n| n.contains(&snap) && n.contains('%')), "progress was told: {notes:?}");
+    let reads = std::fs::read_to_string(&log).unwrap().lines().filter(|l| l.contains("\"DescribeSnapshots\"")).count();
+    assert!(reads >= 4, "polled until completed: {reads} reads");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+
     // The restore stops after StopInstances reached EC2 and never heard back.
-    let proxy_port = free_port();
-    let mut proxy = Command::new("python3")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/fault_proxy.py"))
-        .args(["--port", &proxy_port.to_string(), "--upstream", &moto.url(), "--hang-after", "StopInstances"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", proxy_port)).is_err() {
-        assert!(Instant::now() < until, "fault proxy did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut proxy, proxy_port, _log) = fault_proxy(&moto, &["--hang-after", "StopInstances"]);
     let through = aws(&format!("http://127.0.0.1:{proxy_port}"), keys, spec(&[("name", "restore")]), dir.path()).await;
     let cut = tokio::time::timeout(Duration::from_secs(15), through.restore_data_disk(&snap, Duration::from_secs(60))).await;
     assert!(cut.is_err(), "the restore was cut off: {cut:?}");
