@@ -59,37 +59,15 @@ fn test_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std
         assert!(o.status.success(), "openssl {args:?}: {}", text(&o.stderr));
     };
     let p = |x: &std::path::PathBuf| x.display().to_string();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &p(&ca_key),
-        "-out",
-        &p(&ca),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sgbox test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &p(&key),
-        "-out",
-        &p(&csr),
-        "-subj",
-        &format!("/CN={HOST}"),
-    ]);
+    // A new P-256 key at `key`, and a request (or with -x509, a self-signed certificate).
+    let new_key = |first: &[&str], key: &std::path::PathBuf, out: &std::path::PathBuf, subject: &str| {
+        let mut a = first.to_vec();
+        let (k, o) = (p(key), p(out));
+        a.extend(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &k, "-out", &o, "-subj", subject]);
+        openssl(&a);
+    };
+    new_key(&["req", "-x509", "-days", "2"], &ca_key, &ca, "/CN=sgbox test CA");
+    new_key(&["req"], &key, &csr, &format!("/CN={HOST}"));
     openssl(&[
         "x509",
         "-req",
@@ -179,6 +157,89 @@ fn db_state(st: &Path) -> (String, String) {
 
 fn version(url: &str) -> Option<String> {
     get(&format!("{url}/__version")).map(|s| s.trim().to_string())
+}
+
+/// A `sgbox upgrade` running in the background, its stderr read line by line.
+struct Watched {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    err_reader: std::thread::JoinHandle<()>,
+    out_reader: std::thread::JoinHandle<String>,
+    progress: String,
+}
+
+impl Watched {
+    fn start(st: &Path, args: &[&str]) -> Watched {
+        let mut child = sgbox(st)
+            .args(["upgrade", "--name", NAME, "--yes", "--timeout", "20m"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let out_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::BufReader::new(stdout), &mut s).ok();
+            s
+        });
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stderr = child.stderr.take().unwrap();
+        let err_reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Watched { child, lines, err_reader, out_reader, progress: String::new() }
+    }
+
+    /// Read progress until a line starts with `prefix` (a phase sgbox prints).
+    fn until_line(&mut self, prefix: &str) {
+        let until = Instant::now() + Duration::from_secs(1200);
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) => {
+                    self.progress.push_str(&line);
+                    self.progress.push('\n');
+                    if line.starts_with(prefix) {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the upgrade ended ({:?}) before `{prefix}`:\n{}", self.child.wait(), self.progress)
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            assert!(Instant::now() < until, "no `{prefix}`:\n{}", self.progress);
+        }
+    }
+
+    /// Wait until a step unit matching `pattern` runs on the box (a poll that cannot connect, the
+    /// box being busy, polls again).
+    fn until_unit(&mut self, st: &Path, pattern: &str) {
+        let until = Instant::now() + Duration::from_secs(120);
+        let cmd = format!("systemctl list-units '{pattern}' --state=active --no-legend --plain");
+        while !text(&ssh_out(st, &cmd).stdout).contains("sgbox-step-") && Instant::now() < until {
+            assert!(self.child.try_wait().unwrap().is_none(), "the upgrade ended before {pattern} was seen running:\n{}", self.progress);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.err_reader.join().unwrap();
+    }
+
+    fn wait(mut self) -> std::process::Output {
+        let status = self.child.wait().unwrap();
+        self.err_reader.join().unwrap();
+        for line in self.lines.try_iter() {
+            self.progress.push_str(&line);
+            self.progress.push('\n');
+        }
+        std::process::Output { status, stdout: self.out_reader.join().unwrap().into_bytes(), stderr: self.progress.into_bytes() }
+    }
 }
 
 fn journal(st: &Path) -> Value {
@@ -434,48 +495,10 @@ fn local_box_lifecycle() {
     //    re-run finishes from the journal on the box. The hop's start is read from sgbox's own
     //    progress lines (polling the box over SSH would slow the emulated box), then the hop's
     //    systemd unit is seen running before the kill.
-    let mut child = sgbox(st)
-        .args(["upgrade", "--name", NAME, "--to", MID, "--yes", "--timeout", "20m"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let until = Instant::now() + Duration::from_secs(1200);
-    let mut progress = String::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => {
-                progress.push_str(&line);
-                progress.push('\n');
-                if line.starts_with("… migrator ") {
-                    break;
-                }
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                panic!("the upgrade ended ({:?}) before a migrator hop started:\n{progress}", child.wait())
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        assert!(Instant::now() < until, "no migrator hop started:\n{progress}");
-    }
-    let unit_until = Instant::now() + Duration::from_secs(120);
-    // (A poll that cannot connect, the box being busy, just polls again.)
-    while !text(&ssh_out(st, "systemctl list-units 'sgbox-step-migrate-*' --state=active --no-legend --plain").stdout).contains("sgbox-step-migrate-")
-        && Instant::now() < unit_until
-    {
-        assert!(child.try_wait().unwrap().is_none(), "the upgrade ended before its migrator hop was seen running:\n{progress}");
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    reader.join().unwrap();
+    let mut w = Watched::start(st, &["--to", MID]);
+    w.until_line("… migrator ");
+    w.until_unit(st, "sgbox-step-migrate-*");
+    w.kill();
     let j = journal(st);
     let killed_at = j["steps"].as_array().and_then(|s| s.iter().find(|e| e["step"] == "migrate" && e["status"] == "started").cloned());
     let killed_at = killed_at.unwrap_or_else(|| panic!("sgbox was killed during a migrator hop: {j:#}"));
@@ -533,55 +556,11 @@ fn local_box_lifecycle() {
     };
     // Half-way, while the switch runs on the box, every SSH connection of sgbox's is cut from
     // the box's side: sgbox reconnects and re-attaches to the running step.
-    let mut child = sgbox(st)
-        .args(["upgrade", "--name", NAME, "--yes", "--timeout", "20m", "--to", NEW, "--output", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::BufReader::new(stdout), &mut s).ok();
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut progress = String::new();
-    let until = Instant::now() + Duration::from_secs(1200);
-    loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => {
-                progress.push_str(&line);
-                progress.push('\n');
-                if line.starts_with("… switch to") {
-                    break;
-                }
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the upgrade ended before its switch:\n{progress}"),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        assert!(Instant::now() < until, "no switch step:\n{progress}");
-    }
-    let unit_until = Instant::now() + Duration::from_secs(120);
-    while !text(&ssh_out(st, "systemctl list-units 'sgbox-step-*' --state=active --no-legend --plain").stdout).contains("sgbox-step-")
-        && Instant::now() < unit_until
-    {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    let mut w = Watched::start(st, &["--to", NEW, "--output", "json"]);
+    w.until_line("… switch to");
+    w.until_unit(st, "sgbox-step-*");
     let _ = ssh_out(st, "sudo pkill -f 'sgbox@notty'");
-    let status = child.wait().unwrap();
-    err_reader.join().unwrap();
-    for line in rx.try_iter() {
-        progress.push_str(&line);
-        progress.push('\n');
-    }
-    let out = std::process::Output { status, stdout: out_reader.join().unwrap().into_bytes(), stderr: progress.into_bytes() };
+    let out = w.wait();
     stop.store(true, Ordering::Relaxed);
     poller.join().unwrap();
     assert!(out.status.success(), "standard upgrade: {}", text(&out.stderr));
