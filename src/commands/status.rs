@@ -26,6 +26,7 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     let mut services = None;
     let mut answers = None;
     let mut ssh_error = None;
+    let mut data_disk_mounted = None;
     if let (InstanceState::Running, Some(ep)) = (&state, &ep) {
         match boxctl::connect(&mut d, ep, args.reach.insecure_accept_host_key, Instant::now() + Duration::from_secs(8)).await {
             Ok(s) => {
@@ -33,6 +34,10 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
                     Ok(o) if o.status == 0 => services = Some(readiness::parse_services(&o.stdout)),
                     Ok(o) => ssh_error = Some(format!("listing the containers: {}", o.stderr.trim())),
                     Err(e) => ssh_error = Some(e.to_string()),
+                }
+                // Docker refuses to start without its data disk: say so, not only "unhealthy".
+                if let Ok(o) = s.exec(&format!("mountpoint -q {}", crate::render::DATA_MOUNT)).await {
+                    data_disk_mounted = Some(o.status == 0);
                 }
                 let cmd = readiness::version_cmd(&d.settings.tls, d.settings.hostname.as_deref());
                 answers = Some(readiness::version_on_box(&s, &cmd).await);
@@ -46,7 +51,9 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
     }
     let expected: Vec<String> = d.settings.release().services.keys().cloned().collect();
     let unhealthy = services.as_ref().map(|s| readiness::not_ready(&expected, s));
-    let healthy = matches!(&answers, Some(Ok(v)) if Some(v) == release.as_ref()) && unhealthy.as_ref().is_some_and(|u| u.is_empty());
+    let healthy = matches!(&answers, Some(Ok(v)) if Some(v) == release.as_ref())
+        && unhealthy.as_ref().is_some_and(|u| u.is_empty())
+        && data_disk_mounted != Some(false);
 
     if output::json() {
         return output::result_json(json!({
@@ -61,6 +68,7 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
             "services": services,
             "unhealthy": unhealthy,
             "ssh_error": ssh_error,
+            "data_disk_mounted": data_disk_mounted,
             "resources": resources,
             "state_dir": d.dir.path,
         }));
@@ -91,6 +99,13 @@ async fn status(ctx: &Context, args: TargetArgs) -> Result<()> {
                 println!("    {:<36} {:<10} {}", x.service, x.state, x.health);
             }
         }
+    }
+    if data_disk_mounted == Some(false) {
+        output::warn(format!(
+            "the data disk is not mounted on {}: Docker does not start without it (nothing is written to the root disk); run `sgbox up --name {}` to mount it",
+            crate::render::DATA_MOUNT,
+            d.settings.name
+        ));
     }
     if let Some(e) = &ssh_error {
         println!("  ssh:      {e}");

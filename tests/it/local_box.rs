@@ -367,6 +367,7 @@ fn local_box_lifecycle() {
     let services = status["services"].as_array().unwrap();
     assert!(services.len() >= 20, "every compose service is reported: {status:#}");
     assert_eq!(status["unhealthy"], Value::Array(vec![]));
+    assert_eq!(status["data_disk_mounted"], true, "{status:#}");
 
     // The box is the one rendered: data on the separate disk, Docker's root there, SSH only for sgbox.
     // An image's own drop-in (sorting after 00-) cannot loosen sshd: the first value read wins.
