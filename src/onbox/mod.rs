@@ -98,7 +98,16 @@ impl Session {
                 (_, true) => HostKeyPolicy::AcceptAny,
                 (None, false) => HostKeyPolicy::Console(hostkeys::parse_console(&console().await?)),
             };
-            match ssh::connect(target.clone(), policy, CONNECT_TIMEOUT).await {
+            // No fingerprints on the console yet: do not knock. Every connection dropped before
+            // authentication counts against this address in OpenSSH's PerSourcePenalties, and
+            // enough of them get it refused for minutes.
+            let unprinted = matches!(&policy, HostKeyPolicy::Console(c) if c.fingerprints.is_empty());
+            let attempt = if unprinted {
+                Err(SshError::HostKey(hostkeys::HostKeyError::NotPrinted))
+            } else {
+                ssh::connect(target.clone(), policy, CONNECT_TIMEOUT).await
+            };
+            match attempt {
                 Ok(s) => return Ok(Session { host_key: s.host_key.clone(), ssh: std::sync::Arc::new(std::sync::RwLock::new(s)) }),
                 Err(e @ (SshError::ChangedHostKey { .. } | SshError::HostKey(hostkeys::HostKeyError::Mismatch { .. }))) => {
                     return Err(anyhow::Error::new(e).context("refusing the box's SSH host key"))

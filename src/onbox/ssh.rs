@@ -100,9 +100,6 @@ pub fn connect_blocking(target: &Target, policy: &HostKeyPolicy, timeout: Durati
     let tcp = TcpStream::connect_timeout(&sock, timeout).map_err(|e| SshError::Unreachable(addr.clone(), e.to_string()))?;
     let mut sess = ssh2::Session::new().map_err(proto(&addr))?;
     sess.set_timeout(timeout.as_millis() as u32);
-    // Keepalives every 15 s (sent from the read loop, where libssh2 needs us to send them): a
-    // quiet migration behind a NAT (AWS NAT gateways drop idle flows after 350 s) keeps its flow.
-    sess.set_keepalive(true, KEEPALIVE_SECS);
     sess.set_tcp_stream(tcp);
     // QEMU's forward accepts before the guest's sshd listens; a handshake failure is "not yet".
     sess.handshake().map_err(|e| SshError::Unreachable(addr.clone(), e.message().to_string()))?;
@@ -126,6 +123,11 @@ pub fn connect_blocking(target: &Target, policy: &HostKeyPolicy, timeout: Durati
     if !sess.authenticated() {
         return Err(SshError::Protocol { addr, message: "the deployment key was not accepted".into() });
     }
+    // Keepalives every 15 s (sent from the read loop, where libssh2 needs us to send them): a
+    // quiet migration behind a NAT (AWS NAT gateways drop idle flows after 350 s) keeps its flow.
+    // Only once the session is up: configured before the handshake, libssh2 breaks the key
+    // exchange.
+    sess.set_keepalive(true, KEEPALIVE_SECS);
     // Long commands (logs, waits) set their own pace; keep-alives stop NAT and slirp drops.
     sess.set_keepalive(true, 15);
     sess.set_timeout(0);
