@@ -630,6 +630,29 @@ fn local_box_lifecycle() {
     assert_eq!(version(&url).as_deref(), Some(MID));
     clock.lap("reboot: the stack comes back by itself");
 
+    // 8. The data disk unmounted and without its fstab line (what a first boot whose disk came
+    //    late leaves): Docker refuses to start on the root disk, `status` says why, and `up`
+    //    runs the boot script again, mounts the disk and brings the stack back.
+    ssh(
+        st,
+        "sudo systemctl stop sourcegraph.service docker.service docker.socket && sudo umount /mnt/sgbox-data && sudo sed -i '/^LABEL=sgbox-data /d' /etc/fstab && sudo systemctl daemon-reload",
+    );
+    let o = ssh(st, "sudo systemctl start docker.service >/dev/null 2>&1; systemctl is-active docker.service; sudo ls -A /mnt/sgbox-data | wc -l");
+    assert!(!o.starts_with("active") && o.trim_end().ends_with('0'), "Docker did not start on the root disk: {o}");
+    let out = run(sgbox(st).args(["status", "--name", NAME]));
+    assert!(text(&out.stderr).contains("the data disk is not mounted"), "status says why: {}{}", text(&out.stdout), text(&out.stderr));
+    let v = json_of(&run(sgbox(st).args(["status", "--name", NAME, "--output", "json"])));
+    assert!(v["data_disk_mounted"] == false && v["healthy"] == false, "{v:#}");
+    let args: Vec<String> = up_args().into_iter().map(|a| if a == OLD { MID.to_string() } else { a }).collect();
+    let out = run(sgbox(st).args(args));
+    assert!(out.status.success(), "up mounts the disk again: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("running the boot script again"), "{}", text(&out.stderr));
+    assert_eq!(ssh(st, "findmnt -n -o TARGET /mnt/sgbox-data").trim(), "/mnt/sgbox-data");
+    assert_eq!(version(&url).as_deref(), Some(MID));
+    let (sum5, _) = db_state(st);
+    assert_eq!(sum5, sum0, "the data is the data disk's");
+    clock.lap("data disk not mounted: Docker refuses, status says so, up mounts it");
+
     // 8. A changed host key is refused (the pinned one no longer matches).
     let out = ssh_out(st, "sudo sh -c 'rm -f /etc/ssh/ssh_host_*_key* && ssh-keygen -q -A && systemctl restart ssh'");
     assert!(out.status.success(), "regenerating host keys: {}", text(&out.stderr));
