@@ -653,7 +653,19 @@ fn local_box_lifecycle() {
     assert_eq!(sum5, sum0, "the data is the data disk's");
     clock.lap("data disk not mounted: Docker refuses, status says so, up mounts it");
 
-    // 8. A changed host key is refused (the pinned one no longer matches).
+    // The fingerprints survive a console that scrolls: the first complete block read is kept in
+    // the state folder, and the box printed its fingerprints again after its stack started.
+    let kept: Vec<_> = std::fs::read_dir(st.join(NAME))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("console-hostkeys-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(kept.len() == 1 && kept[0].contains("-----END SSH HOST KEY FINGERPRINTS-----"), "{kept:?}");
+    let console = std::fs::read_to_string(st.join(NAME).join("local/console.log")).unwrap_or_default();
+    assert!(console.lines().any(|l| l == "-----BEGIN SSH HOST KEY FINGERPRINTS-----"), "the box's own reprint (sgbox-hostkeys.timer)");
+
+    // 9. A changed host key is refused (the pinned one no longer matches).
     let out = ssh_out(st, "sudo sh -c 'rm -f /etc/ssh/ssh_host_*_key* && ssh-keygen -q -A && systemctl restart ssh'");
     assert!(out.status.success(), "regenerating host keys: {}", text(&out.stderr));
     let out = ssh_out(st, "true");
@@ -668,7 +680,7 @@ fn local_box_lifecycle() {
     assert!(err.contains("host key changed from SHA256:") && err.contains(" to SHA256:"), "a replaced pin is said, both fingerprints named: {err}");
     assert!(ssh_out(st, "true").status.success(), "the accepted key is pinned now");
 
-    // 9. Down: no process, no overlay; the data disk stays unless asked.
+    // 10. Down: no process, no overlay; the data disk stays unless asked.
     let out = run(sgbox(st).args(["down", "--name", NAME, "--yes", "--output", "json"]));
     assert!(out.status.success(), "down: {}", text(&out.stderr));
     let down = json_of(&out);
