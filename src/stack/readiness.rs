@@ -118,7 +118,14 @@ pub async fn data_disk(ssh: &Session) -> Result<()> {
         return Ok(());
     }
     crate::output::warn(format!("the data disk is not mounted on {mount}; running the boot script again"));
-    let out = ssh.exec(&format!("sudo {} 2>&1 && sudo systemctl start docker.service sourcegraph.service 2>&1", crate::render::BOOT_SCRIPT)).await?;
+    // The boot script may add the fstab line (systemd makes mount units from it: reload), and
+    // Docker's refused starts may have hit systemd's start limit (reset it).
+    let out = ssh
+        .exec(&format!(
+            "sudo {} 2>&1 && sudo systemctl daemon-reload && sudo systemctl reset-failed docker.service docker.socket sourcegraph.service 2>/dev/null; sudo systemctl start docker.service sourcegraph.service 2>&1",
+            crate::render::BOOT_SCRIPT
+        ))
+        .await?;
     if out.status == 0 && ssh.exec(&format!("mountpoint -q {mount}")).await?.status == 0 {
         return Ok(());
     }
