@@ -108,15 +108,22 @@ where
     }
 }
 
+/// Any AWS SDK call's error (EC2, SSM, STS share the type), classified. An answer without a
+/// code the protocol can read (moto's XML to a JSON-protocol client) still has its HTTP status.
 fn api<E: ProvideErrorMetadata + std::fmt::Debug>(
     op: &str,
 ) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> CloudError + '_ {
-    move |e| match e.as_service_error() {
-        Some(s) => {
-            let code = s.code().unwrap_or("error").to_string();
-            CloudError::Api { op: op.into(), kind: classify(&code), message: s.message().unwrap_or("").to_string(), code }
-        }
-        None => failed(op, format!("{e:?}").chars().take(300).collect::<String>()),
+    move |e| {
+        let denied = e.raw_response().is_some_and(|r| r.status().as_u16() == 403);
+        let code = e.as_service_error().and_then(|s| s.code()).map(str::to_string);
+        let code = match (code, e.as_service_error().is_some(), denied) {
+            (Some(c), _, _) => c,
+            (None, _, true) => "AccessDenied".to_string(),
+            (None, true, false) => "error".to_string(),
+            (None, false, false) => return failed(op, format!("{e:?}").chars().take(300).collect::<String>()),
+        };
+        let message = e.as_service_error().and_then(|s| s.message()).unwrap_or("").to_string();
+        CloudError::Api { op: op.into(), kind: classify(&code), message, code }
     }
 }
 
@@ -230,13 +237,7 @@ impl Aws {
         if let Some(a) = self.account.get() {
             return Ok(a.clone());
         }
-        let out = self.sts.get_caller_identity().send().await.map_err(|e| match e.as_service_error() {
-            Some(s) => {
-                let code = s.code().unwrap_or("error").to_string();
-                CloudError::Api { op: "GetCallerIdentity".into(), kind: classify(&code), message: s.message().unwrap_or("").to_string(), code }
-            }
-            None => failed("GetCallerIdentity", format!("{e:?}").chars().take(300).collect::<String>()),
-        })?;
+        let out = self.sts.get_caller_identity().send().await.map_err(api("GetCallerIdentity"))?;
         let a = out.account().unwrap_or_default().to_string();
         Ok(self.account.get_or_init(|| a).clone())
     }
@@ -656,18 +657,7 @@ impl Machine for Aws {
         let via_ssm = match self.ssm.get_parameter().name(DEBIAN_SSM_PARAMETER).send().await {
             Ok(o) => o.parameter().and_then(|p| p.value()).map(str::to_string),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_parameter_not_found()) => None,
-            Err(e) => {
-                // An answer the JSON protocol cannot read still has its HTTP status.
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                let fallback = if status == Some(403) { "AccessDenied" } else { "error" };
-                let code = e.as_service_error().and_then(|s| s.code()).unwrap_or(fallback).to_string();
-                return Err(CloudError::Api {
-                    op: "GetParameter".into(),
-                    kind: classify(&code),
-                    message: e.as_service_error().and_then(|s| s.message()).unwrap_or("").to_string(),
-                    code,
-                });
-            }
+            Err(e) => return Err(api("GetParameter")(e)),
         };
         let id = match via_ssm {
             Some(id) => id,
