@@ -70,6 +70,18 @@ impl Local {
         self.blocking(move |l| qemu_img(&["snapshot", op, &name, &l.files.data.display().to_string()])).await
     }
 
+    /// Take or delete the data disk's internal snapshot `name`: through QEMU (QMP `command`)
+    /// while the VM holds the disk, else with `qemu-img snapshot img_op`.
+    async fn internal_snapshot(&self, command: &'static str, img_op: &'static str, name: &str, what: &'static str) -> Result<()> {
+        if self.running_pid().is_none() {
+            return self.data_snapshot(img_op, name).await;
+        }
+        let qmp = self.files.qmp.clone();
+        let args = serde_json::json!({ "device": qemu::DATA_NODE, "name": name });
+        tokio::task::spawn_blocking(move || qemu::qmp(&qmp, command, Some(args))).await.expect("qmp task").map_err(|m| failed(what, m))?;
+        Ok(())
+    }
+
     fn record(&self) -> Option<VmRecord> {
         fs::read_to_string(self.dir.join("vm.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
     }
@@ -441,16 +453,7 @@ impl Machine for Local {
 
     async fn snapshot_data_disk(&self, label: &str) -> Result<String> {
         let name = format!("{label}-{}", random_suffix());
-        if self.running_pid().is_some() {
-            let qmp = self.files.qmp.clone();
-            let args = serde_json::json!({ "device": qemu::DATA_NODE, "name": name });
-            tokio::task::spawn_blocking(move || qemu::qmp(&qmp, "blockdev-snapshot-internal-sync", Some(args)))
-                .await
-                .expect("qmp task")
-                .map_err(|m| failed("snapshotting the data disk", m))?;
-        } else {
-            self.data_snapshot("-c", &name).await?;
-        }
+        self.internal_snapshot("blockdev-snapshot-internal-sync", "-c", &name, "snapshotting the data disk").await?;
         Ok(name)
     }
 
@@ -493,17 +496,7 @@ impl Machine for Local {
                 .hint("list them with `sgbox snapshots`")
                 .into());
         }
-        if self.running_pid().is_some() {
-            let qmp = self.files.qmp.clone();
-            let args = serde_json::json!({ "device": qemu::DATA_NODE, "name": id });
-            tokio::task::spawn_blocking(move || qemu::qmp(&qmp, "blockdev-snapshot-delete-internal-sync", Some(args)))
-                .await
-                .expect("qmp task")
-                .map_err(|m| failed("deleting a data snapshot", m))?;
-            Ok(())
-        } else {
-            self.data_snapshot("-d", id).await
-        }
+        self.internal_snapshot("blockdev-snapshot-delete-internal-sync", "-d", id, "deleting a data snapshot").await
     }
 
     async fn resources(&self) -> Result<Vec<Resource>> {
