@@ -1,5 +1,6 @@
-//! The two kinds of failure sgbox reports: a user error (bad config, flag, version, …) that exits
-//! with code 2 having changed nothing, and everything else, which exits 1 with its context chain.
+//! The kinds of failure sgbox reports: a user error (bad config, flag, version, …) that exits
+//! with code 2 having changed nothing, a question cancelled with Ctrl-C (130), and everything
+//! else, which exits 1 with its context chain.
 
 use std::fmt;
 
@@ -41,9 +42,24 @@ impl fmt::Display for UserError {
 
 impl std::error::Error for UserError {}
 
-/// Exit code for an error: 2 when any cause in the chain is a [`UserError`], else 1.
+/// The user stopped a question with Ctrl-C (or Esc) before anything was created or written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted;
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("cancelled: nothing was created or written")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Exit code for an error: 130 (as for SIGINT) when the user cancelled a question, 2 when any
+/// cause in the chain is a [`UserError`], else 1.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|c| c.downcast_ref::<UserError>().is_some()) {
+    if err.chain().any(|c| c.downcast_ref::<Interrupted>().is_some()) {
+        130
+    } else if err.chain().any(|c| c.downcast_ref::<UserError>().is_some()) {
         2
     } else {
         1

@@ -8,6 +8,7 @@ mod deployment;
 mod error;
 mod onbox;
 mod output;
+mod prompt;
 mod release;
 mod render;
 mod settings;

@@ -48,11 +48,15 @@ pub enum Command {
     /// Write every file the box needs (cloud-init user-data, compose project, systemd and Docker
     /// settings) into a folder, without touching any cloud.
     Render(RenderArgs),
+    /// Ask for every setting not given (on a terminal), then write them as a sgbox.toml that
+    /// `sgbox -f FILE up` reads back unchanged. Nothing is created.
+    Init(InitArgs),
     /// Show the resolved settings, machine size, release and what `up` would create.
     Plan(PlanArgs),
     /// List the known Sourcegraph releases, or plan an upgrade path between two of them.
     Versions(VersionsArgs),
-    /// Create the box and wait until Sourcegraph answers at the chosen release.
+    /// Create the box and wait until Sourcegraph answers at the chosen release. On a terminal it
+    /// asks for every setting not given, shows the plan and asks to confirm.
     Up(UpArgs),
     /// Show the box: machine state, address, release and the health of every service.
     Status(TargetArgs),
@@ -372,6 +376,15 @@ pub struct RenderArgs {
     /// kept.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub deployment: DeploymentArgs,
+    /// Where to write the file [default: sgbox.toml in the deployment's state folder].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -111,11 +111,11 @@ fn resources(s: &Settings, m: &MachineType) -> Vec<PlannedResource> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::{Layer, Prompter};
+    use crate::settings::Layer;
 
     fn spec(pairs: &[(&'static str, &str)]) -> Spec {
         let layer = Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string()))));
-        Spec::of(&Settings::resolve(&layer, &Prompter { interactive: false }).unwrap())
+        Spec::of(&Settings::resolve(&layer).unwrap())
     }
 
     #[test]

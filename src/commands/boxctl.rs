@@ -1,7 +1,6 @@
 //! What the commands that act on an existing deployment share: finding it (its record, or flags
 //! when the record is lost), the async runtime, durations, and confirmation prompts.
 
-use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use crate::cloud::{self, Spec};
 pub use crate::deployment::{connect, running_endpoint, stream, Deployment};
 use crate::error::UserError;
 use crate::output;
-use crate::settings::{Layer, Prompter, Settings, DEFAULT_NAME};
+use crate::settings::{Layer, Settings, DEFAULT_NAME};
 use crate::state::{cache_root, DeploymentDir};
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -48,7 +47,7 @@ pub async fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
             output::detail(format!("deployment \"{name}\": its record {} applies", dir.record_path().display()));
             s
         }
-        None => Settings::resolve(&given, &Prompter { interactive: false }).map_err(|e| {
+        None => Settings::resolve(&given).map_err(|e| {
             if e.field.as_deref() == Some("cloud") {
                 UserError::field("name", format!("no deployment named \"{name}\" in {}", dir.path.parent().unwrap_or(Path::new(".")).display()))
                     .hint("check --name and --state-dir; to clean up a box whose state was lost, also pass --cloud (and --region)")
@@ -65,15 +64,11 @@ pub async fn open(ctx: &Context, target: &TargetArgs) -> Result<Deployment> {
 /// Ask "Proceed? [y/N]" on the terminal after `explain` was printed; without a terminal, refuse
 /// with `needs` (exit 2: pass --yes). `cancelled` ends the message when the answer is no.
 pub fn confirm(needs: UserError, explain: impl FnOnce(), cancelled: &str) -> Result<()> {
-    if !std::io::stdin().is_terminal() {
+    if !crate::prompt::available() {
         return Err(needs.into());
     }
     explain();
-    eprint!("Proceed? [y/N] ");
-    std::io::stderr().flush().ok();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).ok();
-    if !matches!(line.trim(), "y" | "Y" | "yes") {
+    if !crate::prompt::proceed("Proceed?")? {
         bail!("cancelled; {cancelled}");
     }
     Ok(())

@@ -5,6 +5,7 @@ pub mod boxctl;
 mod down;
 mod history;
 mod image;
+mod init;
 mod logs;
 mod plan;
 mod render;
@@ -23,7 +24,7 @@ use clap::CommandFactory;
 
 use crate::cli::{Cli, Command, DeploymentArgs};
 use crate::output;
-use crate::settings::{Layer, Prompter, Settings};
+use crate::settings::{Layer, Settings};
 
 /// What every command may use from the global flags (output goes through [`crate::output`]).
 pub struct Context {
@@ -49,10 +50,14 @@ impl Context {
         Ok(flags.over(env).over(file))
     }
 
-    /// Settings for a new deployment: flags > SGBOX_* > sgbox.toml > prompt > defaults.
+    /// Whether this run may ask questions: a terminal, no --yes, output for people.
+    pub fn interactive(&self) -> bool {
+        !self.yes && !output::json() && crate::prompt::available()
+    }
+
+    /// Settings for a new deployment, without questions: flags > SGBOX_* > sgbox.toml > defaults.
     pub fn settings(&self, args: &DeploymentArgs) -> Result<Settings> {
-        let prompter = Prompter::detect(self.yes, output::json());
-        let s = Settings::resolve(&self.given(args.pairs())?, &prompter)?;
+        let s = Settings::resolve(&self.given(args.pairs())?)?;
         for w in s.warnings() {
             output::warn(w);
         }
@@ -65,6 +70,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     let ctx = Context { config: cli.config, state_dir: cli.state_dir, yes: cli.yes };
     match cli.command {
         Command::Render(a) => render::run(&ctx, a),
+        Command::Init(a) => init::run(&ctx, a),
         Command::Plan(a) => plan::run(&ctx, a),
         Command::Versions(a) => versions::run(&ctx, a),
         Command::Up(a) => up::run(&ctx, a),

@@ -8,7 +8,7 @@ use super::Context;
 use crate::cli::PlanArgs;
 use crate::cloud::Spec;
 use crate::output;
-use crate::settings::{Cloud, Tls};
+use crate::settings::{Cloud, Settings, Tls};
 
 pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
     let s = ctx.settings(&args.deployment)?;
@@ -21,16 +21,8 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
     let tier = s.size.tier();
     let spec = Spec::of(&s);
     let res = &spec.resources;
-    let url = match (&s.tls, &s.hostname) {
-        (Tls::None, Some(h)) => format!("http://{h}"),
-        (Tls::None, None) => "http://<public address>".into(),
-        (_, Some(h)) => format!("https://{h}"),
-        (_, None) => unreachable!("TLS modes need a hostname"),
-    };
-    let cost = match s.cloud {
-        Cloud::Aws => crate::release::pricing::aws_monthly(&m.instance_type, s.region.as_deref().unwrap_or("us-east-1"), s.data_disk_gb),
-        _ => None,
-    };
+    let url = url(&s);
+    let cost = cost(&s);
     // The live view: only read calls (resources() lists by tag or by file).
     let live = if args.live {
         let dir = ctx.deployment_dir(&s.name)?;
@@ -55,31 +47,8 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
             "offline": live.is_none(),
         }));
     }
-    println!("Deployment   {} on {}{}", s.name, s.cloud, s.region.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
-    println!("Sourcegraph  {} ({} services, Postgres {})", release.version, release.services.len(), release.postgres_major());
-    if s.cloud == Cloud::Local {
-        println!("Machine      {} (evaluation box)", m.instance_type);
-    } else {
-        println!(
-            "Size         {}: up to {} users / {} repos -> {}{}",
-            s.size,
-            tier.users,
-            tier.repos,
-            m.instance_type,
-            m.vcpus.map(|c| format!(" ({c} vCPU, {} GiB)", m.memory_gib.unwrap_or(0))).unwrap_or_default()
-        );
-    }
-    println!("Data disk    {} GB", s.data_disk_gb);
-    println!("URL          {url}");
-    if let Some(mirror) = &s.registry_mirror {
-        println!("Images from  {mirror}");
-    }
-    match (&cost, s.cloud) {
-        (Some(c), _) => {
-            println!("Cost         ~${:.0}/month (instance ${:.0} + gp3 ${:.0} + IPv4 ${:.2}; {})", c.total, c.instance, c.storage, c.address, c.note)
-        }
-        (None, Cloud::Aws) => println!("Cost         not in sgbox's price table for {} in this region", m.instance_type),
-        _ => {}
+    for line in summary(&s) {
+        println!("{line}");
     }
     match &live {
         Some(found) if !found.is_empty() => {
@@ -91,8 +60,8 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
         }
         _ => println!("Would create:"),
     }
-    for r in res {
-        println!("  + {:<15} {:<22} {}", r.kind, r.name, r.detail);
+    for line in resource_lines(&s) {
+        println!("{line}");
     }
     if live.is_some() {
         output::note("(read-only: nothing in the cloud was changed)");
@@ -100,4 +69,65 @@ pub fn run(ctx: &Context, args: PlanArgs) -> Result<()> {
         output::note("(offline plan: nothing in the cloud was looked at or changed; --live reads it)");
     }
     Ok(())
+}
+
+/// What `up` would make of these settings, for people: the deployment, release, machine, disk,
+/// URL, the monthly cost where sgbox knows it, and each resource. (`plan`, and the interactive
+/// provisioner before it asks to confirm.)
+pub fn summary(s: &Settings) -> Vec<String> {
+    let release = s.release();
+    let m = s.machine();
+    let tier = s.size.tier();
+    let url = url(s);
+    let cost = cost(s);
+    let mut lines = Vec::new();
+    lines.push(format!("Deployment   {} on {}{}", s.name, s.cloud, s.region.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()));
+    lines.push(format!("Sourcegraph  {} ({} services, Postgres {})", release.version, release.services.len(), release.postgres_major()));
+    if s.cloud == Cloud::Local {
+        lines.push(format!("Machine      {} (evaluation box)", m.instance_type));
+    } else {
+        lines.push(format!(
+            "Size         {}: up to {} users / {} repos -> {}{}",
+            s.size,
+            tier.users,
+            tier.repos,
+            m.instance_type,
+            m.vcpus.map(|c| format!(" ({c} vCPU, {} GiB)", m.memory_gib.unwrap_or(0))).unwrap_or_default()
+        ));
+    }
+    lines.push(format!("Data disk    {} GB", s.data_disk_gb));
+    lines.push(format!("URL          {url}"));
+    if let Some(mirror) = &s.registry_mirror {
+        lines.push(format!("Images from  {mirror}"));
+    }
+    match (&cost, s.cloud) {
+        (Some(c), _) => lines.push(format!(
+            "Cost         ~${:.0}/month (instance ${:.0} + gp3 ${:.0} + IPv4 ${:.2}; {})",
+            c.total, c.instance, c.storage, c.address, c.note
+        )),
+        (None, Cloud::Aws) => lines.push(format!("Cost         not in sgbox's price table for {} in this region", m.instance_type)),
+        _ => {}
+    }
+    lines
+}
+
+/// One line per resource `up` would create.
+pub fn resource_lines(s: &Settings) -> Vec<String> {
+    Spec::of(s).resources.iter().map(|r| format!("  + {:<15} {:<22} {}", r.kind, r.name, r.detail)).collect()
+}
+
+fn url(s: &Settings) -> String {
+    match (&s.tls, &s.hostname) {
+        (Tls::None, Some(h)) => format!("http://{h}"),
+        (Tls::None, None) => "http://<public address>".into(),
+        (_, Some(h)) => format!("https://{h}"),
+        (_, None) => unreachable!("TLS modes need a hostname"),
+    }
+}
+
+fn cost(s: &Settings) -> Option<crate::release::pricing::Estimate> {
+    match s.cloud {
+        Cloud::Aws => crate::release::pricing::aws_monthly(&s.machine().instance_type, s.region.as_deref().unwrap_or("us-east-1"), s.data_disk_gb),
+        _ => None,
+    }
 }

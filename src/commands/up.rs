@@ -27,7 +27,14 @@ pub fn run(ctx: &Context, args: UpArgs) -> Result<()> {
         return Err(UserError::field("output", "json output never prompts, so `up` needs --yes with it").hint("add --yes").into());
     }
     let timeout = parse_duration("timeout", &args.timeout)?;
-    let settings = ctx.settings(&args.deployment)?;
+    let settings = if ctx.interactive() {
+        match super::init::interview(ctx, &args.deployment, super::init::Purpose::Up, None)? {
+            Some((s, _)) => s,
+            None => return Ok(()),
+        }
+    } else {
+        ctx.settings(&args.deployment)?
+    };
     boxctl::runtime()?.block_on(up(ctx, settings, args, timeout))
 }
 

@@ -1,10 +1,10 @@
 use super::*;
 use crate::release::catalog::catalog;
 use crate::release::sizing::ALL_SIZES;
-use crate::settings::{Layer, Prompter};
+use crate::settings::Layer;
 
 fn settings(pairs: &[(&'static str, &str)]) -> Settings {
-    Settings::resolve(&Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string())))), &Prompter { interactive: false }).unwrap()
+    Settings::resolve(&Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string()))))).unwrap()
 }
 
 fn bundle(s: &Settings, r: &Release) -> Bundle {

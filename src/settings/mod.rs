@@ -1,5 +1,6 @@
 //! Deployment settings: one table of keys, resolved from flags > environment (`SGBOX_…`) >
-//! `sgbox.toml` > an interactive prompt > defaults, then validated into [`Settings`].
+//! `sgbox.toml` > the interactive provisioner's answers ([`wizard`]) > defaults, then validated
+//! into [`Settings`].
 //!
 //! The config file is the flags, serialized: every key is a long flag of the same name, and
 //! [`Settings::to_toml`] prints a file that `-f` accepts unchanged. Validation names the field,
@@ -7,9 +8,9 @@
 
 mod checks;
 mod layer;
+pub mod wizard;
 
 use std::fmt;
-use std::io::{BufRead, IsTerminal, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -18,7 +19,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use self::checks::*;
-use self::layer::{bad, relabel, Value, KEYS};
+use self::layer::{bad, relabel, KEYS};
 pub use self::layer::{Layer, Source};
 use crate::error::UserError;
 use crate::release::catalog::catalog;
@@ -190,34 +191,9 @@ pub const DEFAULT_NAME: &str = "sourcegraph";
 pub const DEFAULT_CLOUD_DISK_GB: u32 = 250;
 pub const DEFAULT_LOCAL_DISK_GB: u32 = 20;
 
-/// How to fill a setting nobody gave.
-pub struct Prompter {
-    pub interactive: bool,
-}
-
-impl Prompter {
-    fn ask(&self, question: &str) -> Option<String> {
-        if !self.interactive {
-            return None;
-        }
-        let mut err = std::io::stderr();
-        let _ = write!(err, "{question} ");
-        let _ = err.flush();
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).ok()?;
-        let t = line.trim();
-        (!t.is_empty()).then(|| t.to_string())
-    }
-
-    /// Prompts only when stdin is a terminal, `--yes` is absent and output is for people.
-    pub fn detect(yes: bool, json: bool) -> Prompter {
-        Prompter { interactive: !yes && !json && std::io::stdin().is_terminal() }
-    }
-}
-
 impl Settings {
     /// Validate a merged layer. Every value is checked; the first problem is reported.
-    pub fn resolve(layer: &Layer, prompter: &Prompter) -> Result<Settings, UserError> {
+    pub fn resolve(layer: &Layer) -> Result<Settings, UserError> {
         let s = |k: &str| layer.get(k);
 
         let name = match s("name") {
@@ -234,13 +210,10 @@ impl Settings {
 
         let cloud_val = match s("cloud") {
             Some(v) => v.clone(),
-            None => match prompter.ask("Which cloud should the box run on? [aws/gcp/local]:") {
-                Some(text) => Value { text, source: Source::Prompt },
-                None => {
-                    return Err(UserError::field("cloud", "no cloud given")
-                        .hint("pass --cloud aws|gcp|local, set SGBOX_CLOUD, or add `cloud = \"aws\"` to sgbox.toml"))
-                }
-            },
+            None => {
+                return Err(UserError::field("cloud", "no cloud given")
+                    .hint("pass --cloud aws|gcp|local, set SGBOX_CLOUD, or add `cloud = \"aws\"` to sgbox.toml (on a terminal, `sgbox up` or `sgbox init` asks)"))
+            }
         };
         let cloud: Cloud = cloud_val.text.parse().map_err(|m| bad("cloud", &cloud_val, m).hint("use aws, gcp or local"))?;
 
@@ -540,7 +513,7 @@ impl Settings {
     /// said so in the returned warnings (the same sgbox.toml is often passed to every command).
     pub fn recorded(record: &str, record_path: &Path, given: &Layer) -> Result<(Settings, Vec<String>), UserError> {
         let recorded = Layer::parse_toml(record, record_path)?;
-        let kept = Settings::resolve(&recorded, &Prompter { interactive: false })?;
+        let kept = Settings::resolve(&recorded)?;
         let kept_table = kept.table();
         let mut warnings = Vec::new();
         for (key, v) in given.entries() {
@@ -549,7 +522,7 @@ impl Settings {
             }
             // The value as this run would have resolved it, next to the recorded ones.
             let one = Layer::single(key, v.clone()).over(recorded.clone());
-            let same = match Settings::resolve(&one, &Prompter { interactive: false }) {
+            let same = match Settings::resolve(&one) {
                 Ok(s) => s.table().get(key) == kept_table.get(key),
                 Err(_) => false,
             };
@@ -587,7 +560,7 @@ mod tests {
     }
 
     fn resolve(pairs: &[(&'static str, &str)]) -> Result<Settings, UserError> {
-        Settings::resolve(&layer(pairs), &Prompter { interactive: false })
+        Settings::resolve(&layer(pairs))
     }
 
     #[test]
@@ -614,7 +587,7 @@ mod tests {
             _ => None,
         });
         let file = Layer::parse_toml("cloud = \"aws\"\nsize = \"XL\"\nname = \"from-file\"\n", Path::new("sgbox.toml")).unwrap();
-        let s = Settings::resolve(&flags.over(env).over(file), &Prompter { interactive: false }).unwrap();
+        let s = Settings::resolve(&flags.over(env).over(file)).unwrap();
         assert_eq!(s.size, Size::M);
         assert_eq!(s.cloud, Cloud::Gcp);
         assert_eq!(s.name, "from-file");
@@ -638,7 +611,7 @@ mod tests {
         ])
         .unwrap();
         let text = s.to_toml();
-        let again = Settings::resolve(&Layer::parse_toml(&text, Path::new("x.toml")).unwrap(), &Prompter { interactive: false }).unwrap();
+        let again = Settings::resolve(&Layer::parse_toml(&text, Path::new("x.toml")).unwrap()).unwrap();
         assert_eq!(again.to_toml(), text);
         assert!(text.contains("version = \"7.4.0\""), "{text}");
     }
@@ -735,7 +708,7 @@ mod tests {
     #[test]
     fn file_values_report_their_line() {
         let file = Layer::parse_toml("cloud = \"aws\"\n\nsize = \"huge\"\n", Path::new("my.toml")).unwrap();
-        let e = Settings::resolve(&file, &Prompter { interactive: false }).unwrap_err();
+        let e = Settings::resolve(&file).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("size"));
         assert!(e.to_string().contains("my.toml:3"), "{e}");
     }

@@ -656,7 +656,7 @@ mod tests {
             ("registry-mirror", Some("http://10.0.2.2:5000".to_string())),
             ("mirror-mode", Some("tags-only".to_string())),
         ]);
-        let s = Settings::resolve(&layer, &crate::settings::Prompter { interactive: false }).unwrap();
+        let s = Settings::resolve(&layer).unwrap();
         let imgs = path_images(&s, &plan("5.9.17785", "7.4.0"));
         let refs: Vec<&str> = imgs.iter().map(|v| v["ref"].as_str().unwrap()).collect();
         assert!(imgs.iter().all(|v| v["insecure"] == true));

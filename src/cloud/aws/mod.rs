@@ -36,6 +36,7 @@ use aws_smithy_runtime_api::client::waiters::error::WaiterError;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+pub mod lookup;
 pub mod policy;
 
 use super::{classify, failed, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, Machine, Resource, Result, Spec};
@@ -1232,7 +1233,7 @@ mod moto_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::{Layer, Prompter, Settings};
+    use crate::settings::{Layer, Settings};
 
     #[test]
     fn ipv6_blocks_go_to_ipv6_ranges() {
@@ -1247,7 +1248,7 @@ mod tests {
     #[tokio::test]
     async fn a_box_that_never_answers_points_at_its_ec2_console() {
         let layer = Layer::from_flags([("cloud", Some("aws".to_string())), ("region", Some("eu-west-1".to_string()))]);
-        let s = Settings::resolve(&layer, &Prompter { interactive: false }).unwrap();
+        let s = Settings::resolve(&layer).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let aws = Aws::new(Spec::of(&s), tmp.path().to_path_buf()).await;
         let hint = aws.console_hint();

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{policy, Aws};
 use crate::cloud::{InstanceSpec, Machine, Spec};
-use crate::settings::{Layer, Prompter, Settings};
+use crate::settings::{Layer, Settings};
 
 const DEBIAN_AMI: &str = "ami-0d3b1e5a9c13debe1";
 
@@ -120,7 +120,7 @@ fn spec(pairs: &[(&'static str, &str)]) -> Spec {
     let mut all = vec![("cloud", "aws"), ("region", "us-east-1"), ("ssh-cidr", "203.0.113.7/32")];
     all.extend_from_slice(pairs);
     let layer = Layer::from_flags(all.iter().map(|(k, v)| (*k, Some(v.to_string()))));
-    Spec::of(&Settings::resolve(&layer, &Prompter { interactive: false }).unwrap())
+    Spec::of(&Settings::resolve(&layer).unwrap())
 }
 
 async fn aws(endpoint: &str, keys: (&str, &str), spec: Spec, dir: &Path) -> Aws {

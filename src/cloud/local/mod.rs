@@ -551,11 +551,11 @@ impl Machine for Local {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::{Layer, Prompter};
+    use crate::settings::Layer;
 
     fn local(dir: &Path) -> Local {
         let layer = Layer::from_flags([("cloud", Some("local".to_string())), ("name", Some("snap".to_string()))]);
-        let s = crate::settings::Settings::resolve(&layer, &Prompter { interactive: false }).unwrap();
+        let s = crate::settings::Settings::resolve(&layer).unwrap();
         Local::new(Spec::of(&s), dir.join("snap"), dir.join("cache"))
     }
 
