@@ -49,7 +49,10 @@ impl Ask for Terminal {
     fn select(&mut self, message: &str, help: &str, choices: &[Choice], default: usize) -> anyhow::Result<usize> {
         let labels: Vec<String> = choices.iter().map(|c| c.label.clone()).collect();
         let help = if help.is_empty() { "↑↓ to move, Enter to pick".to_string() } else { format!("{help} · ↑↓ Enter") };
+        // Once answered, the line keeps the value, not the whole label.
+        let short = |o: inquire::list_option::ListOption<&String>| o.value.split("  ").next().unwrap_or(o.value).trim().to_string();
         let picked = Select::new(message, labels)
+            .with_formatter(&short)
             .with_starting_cursor(default)
             .with_help_message(&help)
             .with_page_size(8)

@@ -127,7 +127,7 @@ pub fn walk(given: &Layer, clouds: &[Cloud], ask: &mut dyn Ask, look: &dyn Looku
         .map(|c| match c {
             Cloud::Aws => choice("aws", "aws    an EC2 instance in your AWS account"),
             Cloud::Gcp => choice("gcp", "gcp    a Compute Engine VM in your Google Cloud project"),
-            Cloud::Local => choice("local", "local  a QEMU VM on this machine, to try sgbox (no cloud account, nothing billed)"),
+            Cloud::Local => choice("local", "local  a QEMU VM on this machine, to try sgbox (nothing billed)"),
         })
         .collect();
     w.select("cloud", "Where should the box run?", "the clouds this build of sgbox can create boxes on", &cloud_choices, 0)?;
@@ -174,8 +174,8 @@ pub fn walk(given: &Layer, clouds: &[Cloud], ask: &mut dyn Ask, look: &dyn Looku
         let m = sizing::LOCAL_DEFAULT;
         let (cpus, gib) = sizing::parse_local_type(m).unwrap_or((2, 4));
         w.ask.say(&format!(
-            "Machine: {m}, a {cpus}-vCPU / {gib} GiB VM on this machine. Enough to try sgbox and a few repositories, \
-             not for a team (Sourcegraph wants 8 vCPU / 32 GiB: --instance-type local-8x32 if this machine has them)."
+            "Machine: {m}, a {cpus}-vCPU / {gib} GiB VM on this machine: enough to try sgbox and a few\n  \
+             repositories, not for a team (Sourcegraph wants 8 vCPU / 32 GiB: --instance-type local-8x32)."
         ));
     } else {
         let disk = w.given_text("data-disk-gb").and_then(|d| d.trim().parse().ok()).unwrap_or(DEFAULT_CLOUD_DISK_GB);
@@ -261,11 +261,15 @@ pub fn walk(given: &Layer, clouds: &[Cloud], ask: &mut dyn Ask, look: &dyn Looku
     }
 
     // Hostname and TLS.
-    let mut modes = vec![choice("none", "none         plain HTTP, reachable only from the network above")];
+    let plain = match cloud {
+        Cloud::Local => "none         plain HTTP, forwarded on 127.0.0.1 only",
+        _ => "none         plain HTTP, reachable only from the network above",
+    };
+    let mut modes = vec![choice("none", plain)];
     if cloud != Cloud::Local {
-        modes.push(choice("letsencrypt", "letsencrypt  a certificate from Let's Encrypt (a DNS name pointing at the box, and an email)"));
+        modes.push(choice("letsencrypt", "letsencrypt  from Let's Encrypt (a DNS name pointing at the box, and an email)"));
     }
-    modes.push(choice("custom", "custom       your own certificate and key (PEM files, sent over SSH, never in user-data)"));
+    modes.push(choice("custom", "custom       your own certificate and key (PEM files, sent over SSH)"));
     w.select("tls", "TLS?", "HTTPS needs a host name; Caddy on the box serves it", &modes, 0)?;
     let tls = w.current().text("tls").unwrap_or("none").trim().to_ascii_lowercase();
     if tls == "none" {

@@ -333,6 +333,7 @@ fn every_commands_help_reads_as_reviewed() {
     for cmd in [
         &[][..],
         &["render"],
+        &["init"],
         &["plan"],
         &["versions"],
         &["versions", "path"],
@@ -411,4 +412,26 @@ fn an_instance_type_outside_the_table_is_not_passed_over_in_silence() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let err = text(&o.stderr);
     assert!(err.contains("t3.micro is not in sgbox's size table") && err.contains("8 vCPU / 32 GiB"), "{err}");
+}
+
+#[test]
+fn without_a_terminal_init_and_up_ask_nothing_and_name_the_missing_flag() {
+    let st = tempfile::tempdir().unwrap();
+    for cmd in [&["init"][..], &["up"], &["init", "--yes"], &["init", "--output", "json"]] {
+        let out = run(sgbox(st.path()).args(cmd));
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("--cloud"), "{cmd:?}: {}", text(&out.stderr));
+    }
+    assert_eq!(std::fs::read_dir(st.path()).map(|d| d.count()).unwrap_or(0), 0, "something was written");
+
+    // Given everything, init writes what plan prints, and says (or prints as JSON) where.
+    let flags = ["--cloud", "local", "--name", "quiet", "--version", "7.4"];
+    let out = run(sgbox(st.path()).arg("init").args(flags).args(["--output", "json"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let path = st.path().join("quiet/sgbox.toml");
+    assert_eq!(doc["path"].as_str(), Some(path.to_str().unwrap()));
+    assert!(doc["command"].as_str().unwrap().contains("up --yes"), "{doc}");
+    let planned = run(sgbox(st.path()).args(["plan", "--print-config"]).args(flags));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text(&planned.stdout));
 }

@@ -10,3 +10,4 @@ mod aws;
 mod cli;
 mod local_box;
 mod validators;
+mod wizard;
