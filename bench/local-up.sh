@@ -47,13 +47,14 @@ floor() {
 with_sgbox() {
   local start
   start=$(now)
-  "$SGBOX" --state-dir "$WORK/state" up --name bench-sgbox "${COMMON[@]}" --yes -q >/dev/null
+  "$SGBOX" --state-dir "$WORK/state" up --name bench-sgbox "${COMMON[@]}" --yes -q --output json >"$WORK/up.json"
   echo "$(now) - $start" | bc
   "$SGBOX" --state-dir "$WORK/state" down --name bench-sgbox --delete-data --yes -q >/dev/null
 }
 
-printf '%-5s %12s %12s %8s\n' run floor_s sgbox_s ratio
+printf '%-5s %12s %12s %8s  %s\n' run floor_s sgbox_s ratio "sgbox's phases (s)"
 for i in $(seq "$RUNS"); do
   f=$(floor); s=$(with_sgbox)
-  printf '%-5s %12.1f %12.1f %8.2f\n' "$i" "$f" "$s" "$(echo "$s / $f" | bc -l)"
+  phases=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings"]; print(" ".join(f"{k}={v}" for k, v in t.items()))' "$WORK/up.json")
+  printf '%-5s %12.1f %12.1f %8.2f  %s\n' "$i" "$f" "$s" "$(echo "$s / $f" | bc -l)" "$phases"
 done

@@ -135,6 +135,16 @@ impl Phase {
         }
     }
 
+    /// A handle that sets the detail from another thread (a command watched on the box).
+    pub fn setter(&self) -> impl Fn(String) + Send + Sync + 'static {
+        let bar = self.bar.clone();
+        move |msg| {
+            if let Some(b) = &bar {
+                b.set_message(msg);
+            }
+        }
+    }
+
     fn end(self, mark: &str, detail: &str) -> f64 {
         let secs = self.started.elapsed().as_secs_f64();
         let line = format!("{mark} {} ({secs:.1} s){detail}", self.name);

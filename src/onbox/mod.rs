@@ -240,6 +240,23 @@ impl Session {
         Err(anyhow!("step `{name}` exited {} on the box; the end of {STEPS}/{name}.log:\n{}", out.status, log.trim_end()))
     }
 
+    /// Run `cmd`, handing each line of its stdout to `on_line` as it arrives, until it ends (its
+    /// exit status) or `on_line` returns true (`Ok(None)`: the reader had seen enough). `within`
+    /// bounds it. `on_line` comes back with whatever it learned.
+    pub async fn watch<F>(&self, cmd: &str, within: Duration, mut on_line: F) -> Result<(Option<i32>, F), SshError>
+    where
+        F: FnMut(&str) -> bool + Send + 'static,
+    {
+        output::trace(format!("  on the box (watched): {}", shown(cmd)));
+        let (s, cmd) = (self.ssh(), cmd.to_string());
+        tokio::task::spawn_blocking(move || {
+            let status = s.watch_blocking(&cmd, within, &mut on_line)?;
+            Ok(((status != ssh::STOPPED_STATUS).then_some(status), on_line))
+        })
+        .await
+        .expect("ssh task")
+    }
+
     /// Run `cmd` with its output copied to ours as it arrives; its exit status.
     pub async fn stream(&self, cmd: String) -> Result<i32> {
         let s = self.ssh();

@@ -14,6 +14,10 @@ use crate::onbox::hostkeys::{self, ConsoleHostKeys, HostKeyError};
 
 pub const USER: &str = "sgbox";
 
+/// The exit status [`Ssh::watch_blocking`] reports when its reader stopped the command.
+pub const STOPPED_STATUS: i32 = -2;
+const STOPPED: &str = "stopped by its reader";
+
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
     #[error("cannot reach {0} yet: {1}")]
@@ -203,7 +207,10 @@ impl Ssh {
                         Ok(n) => {
                             progressed = true;
                             let w: &mut dyn Write = if which == 0 { &mut *out } else { &mut *err };
-                            let _ = w.write_all(&buf[..n]);
+                            // A reader that has seen enough says so by refusing stdout.
+                            if w.write_all(&buf[..n]).is_err() && which == 0 {
+                                return Err(SshError::Protocol { addr: addr.clone(), message: STOPPED.into() });
+                            }
                             let _ = w.flush();
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -219,9 +226,43 @@ impl Ssh {
             }
         })();
         sess.set_blocking(true);
-        result?;
+        match result {
+            Err(SshError::Protocol { message, .. }) if message == STOPPED => {
+                // The command may run on (it is bounded on the box); the channel is ours to close.
+                let _ = ch.close();
+                return Ok(STOPPED_STATUS);
+            }
+            other => other?,
+        }
         ch.wait_close().map_err(proto(&addr))?;
         ch.exit_status().map_err(proto(&addr))
+    }
+
+    /// Run `cmd`, handing each line of its stdout to `on_line` as it arrives, until the command
+    /// ends (its exit status) or `on_line` returns true (then [`STOPPED_STATUS`], and the
+    /// channel is closed). `within` bounds the whole command.
+    pub fn watch_blocking(&self, cmd: &str, within: Duration, on_line: &mut dyn FnMut(&str) -> bool) -> Result<i32, SshError> {
+        struct Lines<'a> {
+            partial: Vec<u8>,
+            on_line: &'a mut dyn FnMut(&str) -> bool,
+        }
+        impl Write for Lines<'_> {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.partial.extend_from_slice(b);
+                while let Some(i) = self.partial.iter().position(|&c| c == b'\n') {
+                    let line: Vec<u8> = self.partial.drain(..=i).collect();
+                    if (self.on_line)(String::from_utf8_lossy(&line).trim_end()) {
+                        return Err(std::io::Error::other(STOPPED));
+                    }
+                }
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut out = Lines { partial: Vec::new(), on_line };
+        self.stream_input_blocking(cmd, None, Some(within), &mut out, &mut std::io::sink())
     }
 
     pub async fn exec(&self, cmd: &str) -> Result<Output, SshError> {

@@ -4,6 +4,7 @@
 //! failure, the evidence: the tail of the cloud-init log, the unit's journal and the logs of the
 //! services that were not healthy.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -86,11 +87,15 @@ impl Deadline {
     }
 }
 
-/// Poll cloud-init until it reports done. An early `error` before boot-finished is not final
-/// (cloud-init's status can say error while its final stage has not run yet).
+/// Wait until cloud-init reports done. An early `error` before boot-finished is not final
+/// (cloud-init's status can say error while its final stage has not run yet). The box waits
+/// for boot-finished itself (a file test a second), and asks cloud-init's status (a Python
+/// start: seconds of an emulated CPU) only once it is there, or every 50 s.
 pub async fn cloud_init(ssh: &Session, deadline: &Deadline, phase: &Phase) -> Result<()> {
     loop {
-        let out = ssh.exec("cloud-init status 2>/dev/null; test -e /var/lib/cloud/instance/boot-finished && echo boot-finished").await?;
+        let out = ssh
+            .exec("f=/var/lib/cloud/instance/boot-finished; i=0; while [ ! -e $f ] && [ $i -lt 50 ]; do sleep 1; i=$((i+1)); done; cloud-init status 2>/dev/null; test -e $f && echo boot-finished")
+            .await?;
         let status = out.stdout.lines().find_map(|l| l.strip_prefix("status:")).map(str::trim).unwrap_or("unknown").to_string();
         let finished = out.stdout.contains("boot-finished");
         phase.set(format!("cloud-init: {status}"));
@@ -105,7 +110,9 @@ pub async fn cloud_init(ssh: &Session, deadline: &Deadline, phase: &Phase) -> Re
         if deadline.passed() {
             bail!("cloud-init was still `{status}` when the time was up");
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        if finished {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     }
 }
 
@@ -136,27 +143,73 @@ pub async fn data_disk(ssh: &Session) -> Result<()> {
     )
 }
 
-/// Poll compose until every expected service is ok. Returns the final states.
+/// What the box prints while the stack starts: the project's containers (one JSON list per
+/// line, [`parse_services`]) now, again at every start, exit or health change of one of them
+/// (Docker's event stream), and afresh every 30 s; for `secs` at most. Idle between events: no
+/// poll costs the emulated CPU that the services are starting on.
+pub fn watch_services_cmd(secs: u64) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"-_.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect::<String>()
+    };
+    let label = format!("com.docker.compose.project={PROJECT}");
+    let list = enc(&serde_json::json!({ "label": [label] }).to_string());
+    // Docker matches `health_status` as a prefix of `health_status: healthy` (moby#25798).
+    let events = enc(&serde_json::json!({ "type": ["container"], "label": [label], "event": ["start", "die", "health_status"] }).to_string());
+    let script = format!(
+        "end=$(( $(date +%s) + {secs} ))
+list() {{ curl -sS --unix-socket /run/docker.sock 'http://docker/containers/json?all=1&filters={list}'; echo; }}
+while [ \"$(date +%s)\" -lt \"$end\" ]; do
+  if ! curl -sSf -m 5 --unix-socket /run/docker.sock http://docker/_ping >/dev/null 2>&1; then echo 'docker: not answering yet'; sleep 2; continue; fi
+  since=$(date +%s)
+  list
+  left=$(( end - since )); [ \"$left\" -gt 30 ] && left=30; [ \"$left\" -lt 1 ] && left=1
+  timeout \"$left\" curl -sSN --unix-socket /run/docker.sock \"http://docker/events?since=$since&filters={events}\" | while read -r _; do list; done
+  sleep 1
+done"
+    );
+    format!("sudo sh -c {}", crate::onbox::quote(&script))
+}
+
+/// Wait until every expected service is ok, watching the box's own event stream
+/// ([`watch_services_cmd`]). Returns the final states.
 pub async fn services(ssh: &Session, expected: &[String], deadline: &Deadline, phase: &Phase) -> Result<Vec<ServiceState>, (String, Vec<String>)> {
-    let mut last_missing = expected.to_vec();
+    let seen = Arc::new(Mutex::new((expected.to_vec(), Vec::<ServiceState>::new())));
     loop {
-        match ssh.exec(&services_cmd()).await {
-            Ok(out) if out.status == 0 => {
-                let states = parse_services(&out.stdout);
-                let missing = not_ready(expected, &states);
-                phase.set(format!("{}/{} services healthy", expected.len() - missing.len(), expected.len()));
-                if missing.is_empty() {
-                    return Ok(states);
-                }
-                last_missing = missing;
+        let left = deadline.0.saturating_duration_since(Instant::now());
+        let missing = seen.lock().expect("lock").0.clone();
+        if left.is_zero() {
+            return Err((format!("{} of {} services were not healthy when the time was up", missing.len(), expected.len()), missing));
+        }
+        let (want, set, into) = (expected.to_vec(), phase.setter(), seen.clone());
+        let on_line = move |line: &str| -> bool {
+            if !line.starts_with('[') {
+                set(line.to_string());
+                return false;
             }
-            Ok(out) => phase.set(format!("docker containers: {}", out.stderr.trim())),
+            let states = parse_services(line);
+            let missing = not_ready(&want, &states);
+            set(format!("{}/{} services healthy", want.len() - missing.len(), want.len()));
+            let done = missing.is_empty();
+            *into.lock().expect("lock") = (missing, states);
+            done
+        };
+        // The box ends the watch a little before the deadline, so its last word is heard.
+        let secs = left.as_secs().saturating_sub(5).max(1);
+        match ssh.watch(&watch_services_cmd(secs), left + Duration::from_secs(30), on_line).await {
+            Ok((None, _)) => return Ok(seen.lock().expect("lock").1.clone()),
+            Ok((Some(status), _)) if status != 0 => phase.set(format!("watching the containers ended with {status}")),
+            Ok(_) => {}
+            Err(e) if e.is_connection() => {
+                phase.set(format!("ssh: {e}; reconnecting"));
+                let _ = ssh.reconnect().await;
+            }
             Err(e) => phase.set(format!("ssh: {e}")),
         }
-        if deadline.passed() {
-            return Err((format!("{} of {} services were not healthy when the time was up", last_missing.len(), expected.len()), last_missing));
+        if !deadline.passed() {
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
     }
 }
 
@@ -238,6 +291,54 @@ pub async fn diagnostics(ssh: &Session, failing: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watch under a real shell, with Docker's API played by a `curl` on PATH: the list comes
+    /// at once, again at each event, and the watch ends by itself at its bound.
+    #[test]
+    fn the_services_watch_lists_at_start_and_at_each_event_and_ends_on_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let log = dir.path().join("curl.log");
+        let fake_curl = format!(
+            "#!/bin/sh\nfor a; do url=$a; done\necho \"$url\" >> {log}\ncase $url in\n  *_ping) exit 0 ;;\n  *containers/json*) echo '[{{\"State\":\"running\"}}]' ;;\n  *events*) echo e1; sleep 0.2; echo e2; sleep 60 ;;\nesac\n",
+            log = log.display()
+        );
+        for (name, body) in [("curl", fake_curl.as_str()), ("sudo", "#!/bin/sh\nexec \"$@\"\n")] {
+            std::fs::write(bin.join(name), body).unwrap();
+            std::fs::set_permissions(bin.join(name), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let started = Instant::now();
+        let out = std::process::Command::new("sh").arg("-c").arg(watch_services_cmd(2)).env("PATH", path).output().unwrap();
+        let took = started.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lists = stdout.lines().filter(|l| l.starts_with('[')).count();
+        assert!(lists >= 3, "a list at start and one per event: {stdout}");
+        assert!(took < Duration::from_secs(10), "the watch ended by its bound: {took:?}");
+        let urls = std::fs::read_to_string(&log).unwrap();
+        let events = urls.lines().find(|u| u.contains("/events?")).expect("the event stream was asked for");
+        let filters = events.split("filters=").nth(1).unwrap();
+        let decoded = String::from_utf8(
+            filters
+                .split('%')
+                .enumerate()
+                .flat_map(|(i, part)| {
+                    if i == 0 {
+                        part.as_bytes().to_vec()
+                    } else {
+                        let mut v = vec![u8::from_str_radix(&part[..2], 16).unwrap()];
+                        v.extend_from_slice(&part.as_bytes()[2..]);
+                        v
+                    }
+                })
+                .collect(),
+        )
+        .unwrap();
+        let f: Value = serde_json::from_str(&decoded).unwrap();
+        assert_eq!(f["event"], serde_json::json!(["start", "die", "health_status"]), "{decoded}");
+        assert_eq!(f["label"][0], format!("com.docker.compose.project={PROJECT}"));
+    }
 
     #[test]
     fn parses_the_container_list_and_judges_health() {
