@@ -21,32 +21,37 @@ start_registry "$FROM" "$TO"
 COMMON=(--cloud local --registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only --base-image "$IMAGE" --accel tcg)
 URL=$("$SGBOX" "${S[@]}" up --name bench-upg --version "$FROM" "${COMMON[@]}" --yes --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')
 
-# poll OUT: GET /__version every 100 ms until the file $WORK/stop exists; one line per request.
+# poll PATH OUT: GET PATH every 100 ms until the file $WORK/stop exists; one line per request.
 poll() {
-  python3 - "$URL" "$1" "$WORK/stop" <<'PY'
+  python3 - "$URL" "$1" "$2" "$WORK/stop" <<'PY'
 import os, sys, time, urllib.request
-url, out, stop = sys.argv[1:]
+url, path, out, stop = sys.argv[1:]
 with open(out, "w") as f:
     while not os.path.exists(stop):
         t = time.time()
         try:
-            v = urllib.request.urlopen(url + "/__version", timeout=5).read().decode().strip()
+            v = urllib.request.urlopen(url + path, timeout=5).read().decode().strip().split()[0]
         except Exception:
             v = "FAIL"
         f.write(f"{t:.3f} {v}\n"); f.flush()
         time.sleep(max(0.0, 0.1 - (time.time() - t)))
 PY
 }
-# measure NAME CMD...: run CMD while polling; prints "requests failed outage_seconds".
+# measure NAME CMD...: run CMD while polling; prints "requests failed outage longest" for
+# /__version, then the same for /search.
 measure() {
   local name=$1; shift
   rm -f "$WORK/stop"
-  poll "$WORK/$name.log" & local p=$!
+  poll /__version "$WORK/$name.log" & local p=$!
+  poll "/search?q=sgbox" "$WORK/$name-search.log" & local q=$!
   sleep 1
   "$@" >"$WORK/$name.out" 2>&1
   until [ "$(curl -fs -m 5 "$URL/__version")" = "$TO" ]; do sleep 0.1; done
-  sleep 1; touch "$WORK/stop"; wait "$p"
-  python3 - "$WORK/$name.log" <<'PY'
+  sleep 1; touch "$WORK/stop"; wait "$p" "$q"
+  echo "$(figures "$WORK/$name.log") $(figures "$WORK/$name-search.log")"
+}
+figures() {
+  python3 - "$1" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1])]
 failed = sum(1 for r in rows if r[1] == "FAIL")
@@ -60,7 +65,7 @@ print(len(rows), failed, f"{outage:.1f}", f"{longest:.1f}")
 PY
 }
 
-read -r n1 f1 o1 l1 < <(measure sgbox "$SGBOX" "${S[@]}" upgrade --name bench-upg --to "$TO" --yes)
+read -r n1 f1 o1 l1 sn1 sf1 so1 sl1 < <(measure sgbox "$SGBOX" "${S[@]}" upgrade --name bench-upg --to "$TO" --yes)
 "$SGBOX" "${S[@]}" rollback --name bench-upg --yes >/dev/null
 "$SGBOX" "${S[@]}" render --name bench-upg --version "$TO" "${COMMON[@]}" --out "$WORK/render" >/dev/null 2>&1
 naive() {
@@ -68,9 +73,12 @@ naive() {
   "$SGBOX" "${S[@]}" ssh --name bench-upg -- "echo $(base64 -w0 < "$WORK/render/box/opt/sgbox/docker-compose.yaml") | base64 -d | sudo tee /opt/sgbox/docker-compose.yaml >/dev/null"
   "$SGBOX" "${S[@]}" ssh --name bench-upg -- "cd /opt/sgbox && sudo docker compose pull --quiet && sudo docker compose up -d"
 }
-read -r n2 f2 o2 l2 < <(measure naive naive)
+read -r n2 f2 o2 l2 sn2 sf2 so2 sl2 < <(measure naive naive)
 
-echo "standard upgrade $FROM -> $TO, /__version polled every 100 ms (same box, same run):"
-printf '  %-30s %6s requests %5s failed %6ss without an answer (longest %ss)\n' "naive: compose pull; up -d" "$n2" "$f2" "$o2" "$l2"
-printf '  %-30s %6s requests %5s failed %6ss without an answer (longest %ss)\n' "sgbox upgrade" "$n1" "$f1" "$o1" "$l1"
+echo "standard upgrade $FROM -> $TO, polled every 100 ms (same box, same run):"
+row() { printf '  %-30s %-10s %6s requests %5s failed %6ss without an answer (longest %ss)\n' "$@"; }
+row "naive: compose pull; up -d" /__version "$n2" "$f2" "$o2" "$l2"
+row "" /search "$sn2" "$sf2" "$so2" "$sl2"
+row "sgbox upgrade" /__version "$n1" "$f1" "$o1" "$l1"
+row "" /search "$sn1" "$sf1" "$so1" "$sl1"
 python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'  outage ratio sgbox/naive: {a/b:.2f}' if b else '  naive had no outage')" "$o1" "$o2"

@@ -164,6 +164,7 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     unit_ctx.insert("dir", BOX_DIR);
     unit_ctx.insert("data_mount", DATA_MOUNT);
     unit_ctx.insert("tls_key", &matches!(s.tls, Tls::Custom { .. }).then_some(TLS_KEY));
+    unit_ctx.insert("before_key", &inp.release.services.keys().filter(|k| k.as_str() != "caddy").cloned().collect::<Vec<_>>().join(" "));
     let unit = render_one(&t, "unit", &unit_ctx)?;
 
     let mut daemon = serde_json::json!({

@@ -542,19 +542,22 @@ fn local_box_lifecycle() {
     ssh(st, "echo 'services: {}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null");
     clock.lap("failed migrator: automatic rollback (data disk swapped back)");
 
-    // 5. Standard upgrade 7.4 → 7.5 while a client polls every 100 ms.
+    // 5. Standard upgrade 7.4 → 7.5 while clients poll every 100 ms: `/__version`, and a search
+    //    page (the frontend asks searcher and zoekt, so a backend's replacement shows there).
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
-    let poller = {
+    let searched: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let poll = |seen: &Arc<Mutex<Vec<Option<String>>>>, path: &'static str| {
         let (stop, seen, url) = (stop.clone(), seen.clone(), url.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let v = version(&url);
+                let v = get(&format!("{url}{path}")).map(|s| s.trim().to_string());
                 seen.lock().unwrap().push(v);
                 std::thread::sleep(Duration::from_millis(100));
             }
         })
     };
+    let pollers = [poll(&seen, "/__version"), poll(&searched, "/search?q=sgbox")];
     // Half-way, while the switch runs on the box, every SSH connection of sgbox's is cut from
     // the box's side: sgbox reconnects and re-attaches to the running step.
     let mut w = Watched::start(st, &["--to", NEW, "--output", "json"]);
@@ -563,7 +566,9 @@ fn local_box_lifecycle() {
     let _ = ssh_out(st, "sudo pkill -f 'sgbox@notty'");
     let out = w.wait();
     stop.store(true, Ordering::Relaxed);
-    poller.join().unwrap();
+    for p in pollers {
+        p.join().unwrap();
+    }
     assert!(out.status.success(), "standard upgrade: {}", text(&out.stderr));
     assert!(text(&out.stderr).contains("lost the connection during step"), "the cut was noticed and survived: {}", text(&out.stderr));
     assert_eq!(version(&url).as_deref(), Some(NEW));
@@ -572,8 +577,16 @@ fn local_box_lifecycle() {
     let first_new = seen.iter().position(|v| v.as_deref() == Some(NEW)).expect("the poller saw the new release");
     assert!(seen[..first_new].iter().flatten().all(|v| v == MID), "only the old release before the switch");
     assert!(seen[first_new..].iter().flatten().all(|v| v == NEW), "never back to the old release after the switch");
-    eprintln!("e2e: standard upgrade {MID} -> {NEW}: {} requests every 100 ms, {failed} failed", seen.len());
+    let searched = searched.lock().unwrap().clone();
+    let search_failed = searched.iter().filter(|v| v.is_none()).count();
+    eprintln!(
+        "e2e: standard upgrade {MID} -> {NEW}: /__version {} requests every 100 ms, {failed} failed; /search {} requests, {search_failed} failed",
+        seen.len(),
+        searched.len()
+    );
     assert!(failed * 10 < seen.len(), "the old release kept serving for most of the upgrade: {failed} of {} failed", seen.len());
+    assert!(searched.iter().flatten().any(|s| s.contains(&format!("frontend {NEW} via"))), "searches went through the backends: {searched:?}");
+    assert!(search_failed * 4 < searched.len(), "searches kept working for most of the upgrade: {search_failed} of {} failed", searched.len());
     let (sum3, info3) = db_state(st);
     assert_eq!(sum3, sum0);
     assert!(info3.contains(&format!("schema={NEW}")), "{info3}");
@@ -623,7 +636,14 @@ fn local_box_lifecycle() {
         assert!(Instant::now() < until, "the box never went down for the reboot");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let after = wait_healthy(st, Duration::from_secs(900));
+    // Answering from this side first (curl on the host): `status` opens an SSH session each
+    // time, which costs the emulated CPU the stack is starting on.
+    let until = Instant::now() + Duration::from_secs(900);
+    while version(&url).as_deref() != Some(MID) {
+        assert!(Instant::now() < until, "the stack did not come back by itself:\n{}", console_tail(st));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let after = wait_healthy(st, Duration::from_secs(300));
     assert_eq!(after["release"], MID);
     let boot_id2 = ssh(st, "cat /proc/sys/kernel/random/boot_id").trim().to_string();
     assert_ne!(boot_id, boot_id2, "the guest really rebooted");

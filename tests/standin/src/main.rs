@@ -1102,6 +1102,39 @@ fn sign_in(req: &Request) -> (u16, String) {
     }
 }
 
+/// `GET http://{authority}{path}` once (Connection: close): the status and body.
+fn http_get(authority: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in {authority}"))?),
+        None => (authority, 80),
+    };
+    let mut s = connect(host, port, 1, timeout)?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    let mut resp = Vec::new();
+    s.write_all(req.as_bytes()).and_then(|_| s.read_to_end(&mut resp)).map_err(|e| format!("{authority}: {e}"))?;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("{authority}: no HTTP answer"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A search as the real frontend does one: it asks the backends (searcher for unindexed
+/// search, zoekt for indexed search) and fails the page when one of them does not answer. So a
+/// client polling `/search` sees what a backend's replacement costs users.
+fn search_page(own: &str, searcher: &str, zoekt: &str) -> (u16, String) {
+    let backends = [searcher.trim_start_matches("http://").trim_end_matches('/').to_string(), zoekt.split([' ', ',']).next().unwrap_or_default().to_string()];
+    let mut answered = Vec::new();
+    for b in &backends {
+        match http_get(b, "/__version", Duration::from_secs(5)) {
+            Ok((200, v)) => answered.push(format!("{b}={}", v.trim())),
+            Ok((code, body)) => return (502, format!("search failed: {b} answered {code}: {}", body.trim())),
+            Err(e) => return (502, format!("search failed: {e}")),
+        }
+    }
+    (200, format!("search by frontend {own} via {}\n", answered.join(" ")))
+}
+
 fn frontend_handle(req: &Request, own: &str) -> (u16, String) {
     match (req.method.as_str(), req.path.split('?').next().unwrap_or("")) {
         ("POST", "/-/site-init") => return site_init(req),
@@ -1114,6 +1147,11 @@ fn frontend_handle(req: &Request, own: &str) -> (u16, String) {
     }
     match req.path.split('?').next().unwrap_or("") {
         "/__version" => (200, own.to_string()),
+        "/search" => search_page(
+            own,
+            &env::var("SEARCHER_URL").unwrap_or_else(|_| "http://searcher-0:3181".into()),
+            &env::var("INDEXED_SEARCH_SERVERS").unwrap_or_else(|_| "zoekt-webserver-0:6070".into()),
+        ),
         "/healthz" => {
             let host = env::var("PGHOST").unwrap_or_else(|_| "127.0.0.1".into());
             let port = pg_port("PGPORT");
@@ -1457,6 +1495,28 @@ mod tests {
         assert_ne!(back.checksum(), empty);
         assert!(DbState::from_json("{\"schema_version\":null}").is_err());
         assert!(DbState::from_json("{\"pg_major\":16,").is_err());
+    }
+
+    #[test]
+    fn the_search_page_asks_both_backends_and_fails_when_one_is_gone() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
+        thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let _ = read_request(&mut c);
+                let _ = respond(&mut c, 200, "text/plain", b"7.5.4453", false);
+            }
+        });
+        let gone = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+        };
+        let (code, body) = search_page("7.5.4453", &format!("http://{up}"), &up);
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains(&format!("{up}=7.5.4453")), "{body}");
+        let (code, body) = search_page("7.5.4453", &format!("http://{up}"), &gone);
+        assert_eq!(code, 502, "{body}");
+        assert!(body.contains("search failed"), "{body}");
     }
 
     #[test]
