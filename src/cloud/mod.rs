@@ -303,10 +303,10 @@ pub trait Machine: Send + Sync {
     async fn destroy(&self, delete_data: bool, timeout: Duration) -> Result<Vec<Resource>>;
 }
 
-/// The machine of a deployment, built from its spec.
 /// The clouds this build can create boxes on (what the interactive provisioner offers).
 pub const AVAILABLE: &[Cloud] = &[Cloud::Aws, Cloud::Local];
 
+/// The machine of a deployment, built from its spec.
 pub async fn machine(spec: &Spec, deployment_dir: &Path, cache: PathBuf) -> Result<Box<dyn Machine>, UserError> {
     match spec.cloud {
         Cloud::Local => Ok(Box::new(local::Local::new(spec.clone(), deployment_dir.to_path_buf(), cache))),

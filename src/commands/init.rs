@@ -84,13 +84,12 @@ pub fn interview(ctx: &Context, args: &DeploymentArgs, purpose: Purpose, out: Op
     let mut term = Terminal::new();
     let layer = match wizard::walk(&given, cloud::AVAILABLE, &mut term, &world)? {
         Outcome::Resume { name, record } => {
-            let text = std::fs::read_to_string(&record).with_context(|| format!("reading {}", record.display()))?;
-            let rec: crate::state::Record = serde_json::from_str(&text).with_context(|| format!("parsing {}", record.display()))?;
+            let rec = ctx.deployment_dir(&name)?.record()?.with_context(|| format!("{} is gone", record.display()))?;
             let (s, warnings) = Settings::recorded(&rec.settings, &record, &given)?;
             for w in warnings {
                 output::warn(w);
             }
-            let path = out.map(Path::to_path_buf).unwrap_or_else(|| record.with_file_name("sgbox.toml"));
+            let path = config_path(ctx, out, &name)?;
             if purpose == Purpose::Init {
                 save(&path, &s)?;
                 repeat(ctx, &path, &name);
@@ -125,10 +124,7 @@ pub fn interview(ctx: &Context, args: &DeploymentArgs, purpose: Purpose, out: Op
         Purpose::Up => term.confirm("Create it?", "no: nothing is created; the answers are saved for later", true)?,
         Purpose::Init => false,
     };
-    let path = match out {
-        Some(p) => p.to_path_buf(),
-        None => ctx.deployment_dir(&s.name)?.path.join("sgbox.toml"),
-    };
+    let path = config_path(ctx, out, &s.name)?;
     save(&path, &s)?;
     repeat(ctx, &path, &s.name);
     if purpose == Purpose::Up && !go {
@@ -136,6 +132,14 @@ pub fn interview(ctx: &Context, args: &DeploymentArgs, purpose: Purpose, out: Op
         return Ok(None);
     }
     Ok(Some((s, path)))
+}
+
+/// Where the answers go: `out`, else sgbox.toml in the deployment's state folder.
+fn config_path(ctx: &Context, out: Option<&Path>, name: &str) -> Result<PathBuf> {
+    Ok(match out {
+        Some(p) => p.to_path_buf(),
+        None => ctx.deployment_dir(name)?.path.join("sgbox.toml"),
+    })
 }
 
 fn save(path: &Path, s: &Settings) -> Result<()> {
@@ -164,10 +168,7 @@ pub fn run(ctx: &Context, args: InitArgs) -> Result<()> {
         interview(ctx, &args.deployment, Purpose::Init, args.out.as_deref())?.expect("init always returns its settings")
     } else {
         let s = ctx.settings(&args.deployment)?;
-        let path = match &args.out {
-            Some(p) => p.clone(),
-            None => ctx.deployment_dir(&s.name)?.path.join("sgbox.toml"),
-        };
+        let path = config_path(ctx, args.out.as_deref(), &s.name)?;
         save(&path, &s)?;
         if !output::json() {
             repeat(ctx, &path, &s.name);

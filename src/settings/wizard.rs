@@ -148,7 +148,7 @@ pub fn walk(given: &Layer, clouds: &[Cloud], ask: &mut dyn Ask, look: &dyn Looku
         region = r.clone();
         if let Some(r) = r {
             if w.given_text("zone").is_some() {
-                w.select("zone", "Zone?", "", &[], 0)?;
+                w.take_turn("zone", "Zone")?;
             } else {
                 w.reached = position("zone") + 1;
                 let machine = w.given_text("instance-type").unwrap_or_else(|| Size::XS.tier().aws.to_string());
@@ -303,9 +303,7 @@ pub fn walk(given: &Layer, clouds: &[Cloud], ask: &mut dyn Ask, look: &dyn Looku
     }
 
     w.reached = ORDER.len();
-    let layer = w.current();
-    Settings::resolve(&layer)?;
-    Ok(Outcome::New(layer))
+    Ok(Outcome::New(w.current()))
 }
 
 fn position(key: &str) -> usize {

@@ -75,8 +75,21 @@ pub fn not_ready(expected: &[String], states: &[ServiceState]) -> Vec<String> {
 /// the same facts, but it is a 60 MB Go program: under emulation one call took 17 s of a
 /// saturated box, and readiness polls every few seconds.
 pub fn services_cmd() -> String {
-    let filters = format!("%7B%22label%22%3A%5B%22com.docker.compose.project%3D{PROJECT}%22%5D%7D");
-    format!("sudo curl -sSf --unix-socket /run/docker.sock 'http://docker/containers/json?all=1&filters={filters}'")
+    format!("sudo curl -sSf --unix-socket /run/docker.sock '{}'", containers_url())
+}
+
+/// Percent-encoding for a Docker API query value (a JSON filter).
+fn url_encode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+fn project_label() -> String {
+    format!("com.docker.compose.project={PROJECT}")
+}
+
+/// The Docker API's list of the project's containers, stopped ones included.
+fn containers_url() -> String {
+    format!("http://docker/containers/json?all=1&filters={}", url_encode(&serde_json::json!({ "label": [project_label()] }).to_string()))
 }
 
 pub struct Deadline(pub Instant);
@@ -148,18 +161,13 @@ pub async fn data_disk(ssh: &Session) -> Result<()> {
 /// (Docker's event stream), and afresh every 30 s; for `secs` at most. Idle between events: no
 /// poll costs the emulated CPU that the services are starting on.
 pub fn watch_services_cmd(secs: u64) -> String {
-    let enc = |s: &str| {
-        s.bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"-_.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-            .collect::<String>()
-    };
-    let label = format!("com.docker.compose.project={PROJECT}");
-    let list = enc(&serde_json::json!({ "label": [label] }).to_string());
+    let list = containers_url();
     // Docker matches `health_status` as a prefix of `health_status: healthy` (moby#25798).
-    let events = enc(&serde_json::json!({ "type": ["container"], "label": [label], "event": ["start", "die", "health_status"] }).to_string());
+    let events =
+        url_encode(&serde_json::json!({ "type": ["container"], "label": [project_label()], "event": ["start", "die", "health_status"] }).to_string());
     let script = format!(
         "end=$(( $(date +%s) + {secs} ))
-list() {{ curl -sS --unix-socket /run/docker.sock 'http://docker/containers/json?all=1&filters={list}'; echo; }}
+list() {{ curl -sS --unix-socket /run/docker.sock '{list}'; echo; }}
 while [ \"$(date +%s)\" -lt \"$end\" ]; do
   if ! curl -sSf -m 5 --unix-socket /run/docker.sock http://docker/_ping >/dev/null 2>&1; then echo 'docker: not answering yet'; sleep 2; continue; fi
   since=$(date +%s)

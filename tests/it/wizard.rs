@@ -28,7 +28,8 @@ struct Tty {
 }
 
 impl Tty {
-    fn start(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Tty {
+    /// With `moto`, the standard AWS variables that reach it (`Moto::env`); `env` comes last.
+    fn start(state: &Path, args: &[&str], moto: Option<&Moto>, env: &[(&str, &str)]) -> Tty {
         // A pty starts at 0×0; the shell sets a real size before sgbox draws anything.
         let mut c = Command::new("sh");
         c.arg("-c").arg("stty cols 100 rows 40 && exec \"$@\"").arg("sh").arg(env!("CARGO_BIN_EXE_sgbox")).args(args);
@@ -38,6 +39,9 @@ impl Tty {
             }
         }
         c.env("SGBOX_STATE_DIR", state).env("NO_COLOR", "1").env("TERM", "xterm").env("SGBOX_CHECKIP_URL", "");
+        if let Some(m) = moto {
+            m.env(&mut c, &m.url());
+        }
         for (k, v) in env {
             c.env(k, v);
         }
@@ -100,7 +104,7 @@ fn plan_config(state: &Path, moto: Option<&Moto>, flags: &[&str]) -> String {
 #[test]
 fn init_on_a_terminal_walks_through_the_local_box_and_writes_what_plan_prints() {
     let state = tempfile::tempdir().unwrap();
-    let mut t = Tty::start(state.path(), &["init"], &[]);
+    let mut t = Tty::start(state.path(), &["init"], None, &[]);
     t.answer("Deployment name?", &format!("demo{ENTER}"));
     t.answer("Where should the box run?", &format!("{DOWN}{ENTER}"));
     t.expect("local-2x4");
@@ -142,17 +146,9 @@ fn checkip(ip: &'static str) -> String {
 fn up_on_a_terminal_walks_through_aws_shows_the_plan_and_creates_nothing_on_no() {
     let moto = Moto::start();
     let state = tempfile::tempdir().unwrap();
-    let url = moto.url();
     let ip = checkip("198.51.100.23");
-    let env = [
-        ("AWS_ENDPOINT_URL", url.as_str()),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "eu-west-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("SGBOX_CHECKIP_URL", ip.as_str()),
-    ];
-    let mut t = Tty::start(state.path(), &["up"], &env);
+    let env = [("AWS_REGION", "eu-west-1"), ("SGBOX_CHECKIP_URL", ip.as_str())];
+    let mut t = Tty::start(state.path(), &["up"], Some(&moto), &env);
     t.answer("Deployment name?", ENTER);
     t.answer("Where should the box run?", ENTER);
     // The configured region is the default, and said where it came from.
@@ -230,6 +226,7 @@ print(json.dumps({
     let mut t = Tty::start(
         state.path(),
         &["up", "--no-wait", "--name", "yes-box", "--cloud", "aws", "--size", "XS", "--ssh-cidr", "198.51.100.23/32", "--version", "7.5"],
+        Some(&moto),
         &env,
     );
     t.answer("Region?", ENTER);
@@ -251,7 +248,7 @@ print(json.dumps({
 #[test]
 fn ctrl_c_leaves_nothing_and_given_values_are_not_asked() {
     let state = tempfile::tempdir().unwrap();
-    let mut t = Tty::start(state.path(), &["up"], &[]);
+    let mut t = Tty::start(state.path(), &["up"], None, &[]);
     t.answer("Deployment name?", &format!("half{ENTER}"));
     t.answer("Where should the box run?", CTRL_C);
     t.expect("cancelled: nothing was created or written");
@@ -264,6 +261,7 @@ fn ctrl_c_leaves_nothing_and_given_values_are_not_asked() {
     let mut t = Tty::start(
         state.path(),
         &["-f", file.to_str().unwrap(), "init", "--cloud", "local", "--name", "flagged", "--out", state.path().join("out.toml").to_str().unwrap()],
+        None,
         &[("SGBOX_DATA_DISK_GB", "25")],
     );
     t.expect("Deployment name: flagged (from --name)");

@@ -25,6 +25,11 @@ pub async fn configured_region() -> Option<(String, String)> {
     Some((found.to_string(), format!("the region of AWS profile {profile}")))
 }
 
+/// `call` within [`LOOKUP`]: past it, a timeout naming `op`.
+async fn bounded<T>(op: &str, call: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(LOOKUP, call).await.map_err(|_| crate::cloud::CloudError::Timeout { what: op.into(), waited: LOOKUP })
+}
+
 async fn config(region: &str) -> aws_config::SdkConfig {
     Aws::loader().region(aws_config::Region::new(region.to_string())).load().await
 }
@@ -37,10 +42,7 @@ pub async fn zones_offering(region: &str, instance_type: &str) -> Result<Vec<Str
         .location_type(LocationType::AvailabilityZone)
         .filters(Filter::builder().name("instance-type").values(instance_type).build())
         .send();
-    let out = tokio::time::timeout(LOOKUP, call)
-        .await
-        .map_err(|_| crate::cloud::CloudError::Timeout { what: "DescribeInstanceTypeOfferings".into(), waited: LOOKUP })?
-        .map_err(api("DescribeInstanceTypeOfferings"))?;
+    let out = bounded("DescribeInstanceTypeOfferings", call).await?.map_err(api("DescribeInstanceTypeOfferings"))?;
     let mut zones: Vec<String> = out.instance_type_offerings().iter().filter_map(|o| o.location().map(str::to_string)).collect();
     zones.sort();
     zones.dedup();
@@ -50,9 +52,6 @@ pub async fn zones_offering(region: &str, instance_type: &str) -> Result<Vec<Str
 /// The account and principal (ARN) the credentials belong to (STS GetCallerIdentity).
 pub async fn caller(region: &str) -> Result<(String, String)> {
     let sts = aws_sdk_sts::Client::new(&config(region).await);
-    let out = tokio::time::timeout(LOOKUP, sts.get_caller_identity().send())
-        .await
-        .map_err(|_| crate::cloud::CloudError::Timeout { what: "GetCallerIdentity".into(), waited: LOOKUP })?
-        .map_err(api("GetCallerIdentity"))?;
+    let out = bounded("GetCallerIdentity", sts.get_caller_identity().send()).await?.map_err(api("GetCallerIdentity"))?;
     Ok((out.account().unwrap_or_default().to_string(), out.arn().unwrap_or_default().to_string()))
 }
