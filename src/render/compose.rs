@@ -54,6 +54,9 @@ struct ServiceSpec {
     expose: Vec<String>,
     #[serde(default)]
     ports: Vec<String>,
+    network_mode: Option<String>,
+    #[serde(default)]
+    handover: bool,
     #[serde(default)]
     volumes: Vec<String>,
     #[serde(default)]
@@ -105,6 +108,7 @@ struct ServiceView {
     volumes: Vec<String>,
     devices: Vec<String>,
     ports: Vec<String>,
+    network_mode: Option<String>,
     expose: Vec<String>,
     health: Option<HealthView>,
     depends_on: Vec<Dep>,
@@ -209,12 +213,19 @@ fn view(name: &str, spec: &ServiceSpec, img: &ImageRef, s: &Settings, release: &
         volumes,
         devices: spec.devices.clone(),
         ports: spec.ports.clone(),
+        network_mode: spec.network_mode.clone(),
         expose,
         health,
         depends_on: spec.depends_on.iter().filter(|(d, _)| release.has(d)).map(|(d, c)| Dep { service: d.clone(), condition: c.clone() }).collect(),
         stop_grace_period: spec.stop_grace_period.clone(),
         restart: spec.restart.clone().unwrap_or_else(|| "always".into()),
     })
+}
+
+/// The services of `release` that a standard upgrade hands over through a copy holding their name
+/// (`handover = true` in templates/services.toml), in the release's order.
+pub fn handover_services(release: &Release) -> Vec<String> {
+    release.services.keys().filter(|n| specs().get(*n).is_some_and(|s| s.handover)).cloned().collect()
 }
 
 #[cfg(test)]

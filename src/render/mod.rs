@@ -8,7 +8,7 @@
 
 mod compose;
 
-pub use compose::image_ref;
+pub use compose::{handover_services, image_ref};
 
 use std::io::Write;
 
@@ -211,7 +211,7 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
         f(
             "/etc/sysctl.d/60-sourcegraph.conf",
             0o644,
-            "# sgbox: zoekt maps many index shards; gitserver and searcher watch many files.\nvm.max_map_count = 300000\nfs.inotify.max_user_watches = 128000\n".into(),
+            "# sgbox: zoekt maps many index shards; gitserver and searcher watch many files.\nvm.max_map_count = 300000\nfs.inotify.max_user_watches = 128000\n# When Caddy hands its ports to the next release's Caddy (both bind them with SO_REUSEPORT),\n# connections still queued on the closing listener move to the other one instead of being reset.\nnet.ipv4.tcp_migrate_req = 1\n".into(),
         ),
         // The host key fingerprints again on the console, in cloud-init's block format, after the
         // stack has started and every half hour: an AWS console keeps only its last 64 KiB, and a

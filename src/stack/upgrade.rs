@@ -9,8 +9,9 @@
 //!
 //! Order: preflight (healthy at the recorded release, legal path, disk, Docker/Compose, registry)
 //! → snapshot of the data disk (filesystem frozen) → pull while the old release serves → either
-//! the standard switch (databases, the new migrator's `up`, backends, then the frontend while
-//! Caddy holds requests, then Caddy) or the multi-version path (application stopped, the newest
+//! the standard switch (databases, the new migrator's `up`, the backends, the frontend and Caddy,
+//! each one on a user's request path handed over while it serves: templates/upgrade/switch.sh) or
+//! the multi-version path (application stopped, the newest
 //! migrator's `upgrade --from --to` per hop on the hop's database images) → verify → record. Any
 //! failure rolls back: the old files, the snapshot if migrations ran, the old release verified.
 
@@ -36,6 +37,7 @@ use crate::stack::readiness::{self, Deadline};
 use crate::state::{now_rfc3339, whoami, HistoryEntry};
 
 const PREFLIGHT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/upgrade/preflight.py"));
+const SWITCH: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/upgrade/switch.sh"));
 const RELEASES: &str = "/var/lib/sgbox/releases";
 const OVERRIDE: &str = "/opt/sgbox/docker-compose.override.yaml";
 /// The built-in databases: they keep running (or start first) while the application is stopped.
@@ -151,6 +153,43 @@ impl Upgrade {
         self.on = crate::deployment::connect(&mut self.d, &self.ep, self.insecure, Instant::now() + self.timeout).await?;
         Ok(())
     }
+}
+
+/// The switch's shell functions (templates/upgrade/switch.sh) with `$C`, the compose command
+/// they run, set to `c`.
+fn switch_prelude(c: &str) -> String {
+    format!("C={}\n{SWITCH}\n", onbox::quote(c))
+}
+
+/// The standard switch, after the new files are in place: the new release takes over service by
+/// service while the old one serves (see templates/upgrade/switch.sh for how each hand-over keeps
+/// requests answered). Databases first (the old frontend's queries pause while they restart), the
+/// new migrator, the backends (a copy holding the name of each one on the request path), then
+/// the frontend and Caddy beside their old releases. A box whose Caddy still publishes its ports
+/// through Docker (made by an sgbox before the hand-over) has them replaced in place once, with
+/// Caddy holding requests (`lb_try_duration`) while the frontend restarts.
+fn standard_switch(to: Version, c: &str) -> String {
+    let release = catalog().get(to);
+    let handover = release.map(crate::render::handover_services).unwrap_or_default();
+    let dbs = Upgrade::dbs(to);
+    let rest: Vec<String> = Upgrade::release_services(to)
+        .into_iter()
+        .filter(|x| {
+            !DB_SERVICES.contains(&x.as_str()) && !handover.contains(x) && !["migrator", "sourcegraph-frontend-0", "caddy"].contains(&x.as_str())
+        })
+        .collect();
+    let mut script = format!("reset_switch\nsay databases\n{c} up -d --wait --no-deps {dbs}\nmigrate\n");
+    for h in &handover {
+        script.push_str(&format!("handover {h}\n"));
+    }
+    // (Named services only: `up` without names would take every service at once.)
+    if !rest.is_empty() {
+        script.push_str(&format!("say other backends\n{c} up -d --wait --no-deps {}\n", rest.join(" ")));
+    }
+    script.push_str(&format!(
+        "if [ \"$(docker inspect -f '{{{{.HostConfig.NetworkMode}}}}' caddy 2>/dev/null)\" = host ] && [ -S \"$SOCKS/caddy.sock\" ]; then\n  switch_frontend\n  switch_caddy\nelse\n  say 'frontend and caddy in place (this box predates the hand-over)'\n  {c} up -d --wait --no-deps sourcegraph-frontend-0\n  {c} up -d --no-deps caddy\nfi\n"
+    ));
+    script
 }
 
 /// The staged file name of a rendered box file, for the files an upgrade replaces.
@@ -326,7 +365,10 @@ pub fn describe(step: &Step, j: &Journal) -> String {
         Step::StopApplication => "stop the application; the databases stay".into(),
         Step::Migrate { from, to, migrator } => format!("migrator {migrator}: upgrade --from=v{from} --to=v{to}"),
         Step::Apply if plan.kind == UpgradeKind::Standard => {
-            format!("switch to {}: databases, its migrator `up`, backends, then the frontend (Caddy holds requests), then Caddy", plan.to)
+            format!(
+                "switch to {}: databases, its migrator `up`, backends (those on the request path handed over to a copy), then the frontend and Caddy beside their old releases",
+                plan.to
+            )
         }
         Step::Apply => format!("start {} (its migrator `up` first)", plan.to),
         Step::Verify => format!("verify: every service healthy, /__version = {}", plan.to),
@@ -470,28 +512,12 @@ async fn run_step(s: &mut Upgrade, j: &mut Journal, step: &Step, hops: &[Hop]) -
         Step::Apply => {
             s.stage(to).await?;
             let c = compose(&format!("{BOX_DIR}/docker-compose.yaml"));
-            let mut script = Upgrade::install_lines(to);
+            let mut script = switch_prelude(&c);
+            script.push_str(&Upgrade::install_lines(to));
             if j.kind == UpgradeKind::Standard {
-                // The old frontend keeps serving until the new one is healthy: databases first
-                // (its queries pause briefly), the new migrator, the backends, then the frontend
-                // itself while Caddy holds requests (lb_try_duration), and Caddy last.
-                let dbs = Upgrade::dbs(to);
-                let rest: Vec<String> = Upgrade::release_services(to)
-                    .into_iter()
-                    .filter(|x| !DB_SERVICES.contains(&x.as_str()) && !["migrator", "sourcegraph-frontend-0", "caddy"].contains(&x.as_str()))
-                    .collect();
-                script.push_str(&format!(
-                    "echo '== databases'\n{c} up -d --wait --no-deps {dbs}\necho '== migrator up'\n{c} run --rm -T --no-deps migrator\n"
-                ));
-                // (Named services only: `up` without names would take every service at once.)
-                if !rest.is_empty() {
-                    script.push_str(&format!("echo '== backends'\n{c} up -d --wait --no-deps {}\n", rest.join(" ")));
-                }
-                script.push_str(&format!(
-                    "echo '== frontend'\n{c} up -d --wait --no-deps sourcegraph-frontend-0\necho '== caddy'\n{c} up -d --no-deps caddy\n"
-                ));
+                script.push_str(&standard_switch(to, &c));
             }
-            script.push_str(&format!("echo '== all services'\n{c} up -d --remove-orphans\n"));
+            script.push_str(&format!("say all services\n{c} up -d --remove-orphans\n"));
             s.step("apply", &script).await?;
             Ok(None)
         }
@@ -606,7 +632,8 @@ pub async fn undo_steps(s: &mut Upgrade, undo: &[Undo]) -> Result<()> {
             }
             Undo::VerifyPrevious(v) => {
                 let p = Phase::start(format!("rollback: start {v}"));
-                s.step("rollback-start", &format!("{} up -d --remove-orphans", compose(&format!("{BOX_DIR}/docker-compose.yaml")))).await?;
+                let c = compose(&format!("{BOX_DIR}/docker-compose.yaml"));
+                s.step("rollback-start", &format!("{}reset_switch\n{c} up -d --remove-orphans", switch_prelude(&c))).await?;
                 p.done();
                 s.verify(*v, "rollback").await?;
             }
@@ -683,6 +710,77 @@ mod tests {
         old.as_object_mut().unwrap().remove("hops");
         let old: Journal = serde_json::from_value(old).unwrap();
         assert_eq!(journaled_hops(&old).unwrap(), p.hops);
+    }
+
+    #[test]
+    fn the_standard_switch_hands_over_the_request_path_in_order_and_is_shell() {
+        let to: Version = "7.5.4453".parse().unwrap();
+        let c = compose("/opt/sgbox/docker-compose.yaml");
+        let switch = standard_switch(to, &c);
+        let script = format!("{}{}", switch_prelude(&c), switch);
+        let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().unwrap();
+        assert!(out.status.success(), "sh -n: {}", String::from_utf8_lossy(&out.stderr));
+        let at = |needle: &str| switch.find(needle).unwrap_or_else(|| panic!("{needle} in {switch}"));
+        for h in ["searcher-0", "zoekt-webserver-0", "syntect-server"] {
+            assert!(at(&format!("handover {h}\n")) > at("migrate\n"), "{h} after the migrator");
+            assert!(at(&format!("handover {h}\n")) < at("  switch_frontend\n"), "{h} before the frontend");
+        }
+        assert!(at("  switch_frontend\n") < at("  switch_caddy\n"));
+        assert!(at("reset_switch") < at("say databases"), "a resumed apply starts from no switch");
+        let others = &switch[at("say other backends")..at("if [")];
+        assert!(others.contains("gitserver-0") && !others.contains("searcher-0") && !others.contains("caddy"), "{others}");
+        // The functions' names the script calls exist in the prelude.
+        for f in ["reset_switch()", "migrate()", "handover()", "switch_frontend()", "switch_caddy()"] {
+            assert!(SWITCH.contains(f), "{f}");
+        }
+    }
+
+    /// The switch's functions under a real shell, with `docker` and `curl` played by scripts on PATH
+    /// that answer as Docker and Caddy's admin API do.
+    #[test]
+    fn the_switch_functions_read_docker_and_caddy_as_they_answer() {
+        let dir = std::env::temp_dir().join(format!("sgbox-switch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        };
+        // docker inspect: the state named by the container's name; `logs` prints a line.
+        fake(
+            "docker",
+            r#"case "$1" in inspect) case "$4" in *healthy-one) echo healthy ;; *sick) echo unhealthy ;; *plain) case "$3" in *Health.Status*) echo running ;; *) echo ;; esac ;; *) exit 1 ;; esac ;; logs) echo "last log line" ;; esac"#,
+        );
+        // Caddy's upstreams: one request still in flight to :3080 on the first call, none after.
+        fake(
+            "curl",
+            &format!(
+                r#"n=$(cat {d}/calls 2>/dev/null || echo 0); echo $((n+1)) > {d}/calls; if [ "$n" = 0 ]; then echo '[{{"address":"127.0.0.1:3080","num_requests":1,"fails":0}},{{"address":"127.0.0.1:3081","num_requests":7,"fails":0}}]'; else echo '[{{"address":"127.0.0.1:3081","num_requests":7,"fails":0}}]'; fi"#,
+                d = dir.display()
+            ),
+        );
+        let sh = |body: &str| {
+            let script = format!("{}{body}", switch_prelude("true"));
+            let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+            let out = std::process::Command::new("sh").args(["-c", &script]).env("PATH", path).output().unwrap();
+            (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+        };
+        let (rc, out) = sh("say hello world");
+        assert_eq!(rc, Some(0));
+        assert!(out.starts_with("== ") && out.trim_end().ends_with(" hello world"), "{out}");
+        assert_eq!(sh("ready x-healthy-one 1").0, Some(0));
+        assert_eq!(sh("ready x-plain 1").0, Some(0), "running without a health check is ready");
+        let (rc, out) = sh("ready x-sick 1");
+        assert_eq!(rc, Some(1));
+        assert!(out.contains("x-sick is unhealthy") && out.contains("last log line"), "{out}");
+        let (rc, out) = sh("ready x-gone 1");
+        assert_eq!(rc, Some(1));
+        assert!(out.contains("x-gone is missing"), "{out}");
+        // drained polls until :3080 has no request in flight; :3081's are not its business.
+        let (rc, out) = sh("drained caddy.sock 127.0.0.1:3080 5 && echo drained");
+        assert_eq!((rc, out.trim()), (Some(0), "drained"));
+        assert_eq!(std::fs::read_to_string(dir.join("calls")).unwrap().trim(), "2", "asked again until drained");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -42,6 +42,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::exit;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -53,11 +55,25 @@ extern "C" {
     fn signal(signum: i32, handler: usize) -> usize;
     fn _exit(code: i32) -> !;
     fn write(fd: i32, buf: *const u8, count: usize) -> isize;
+    fn shutdown(fd: i32, how: i32) -> i32;
 }
 
+/// Set for the HTTP roles: SIGTERM starts a graceful stop instead of exiting at once.
+static GRACEFUL: AtomicBool = AtomicBool::new(false);
+/// SIGTERM/SIGINT arrived (graceful roles).
+static TERM: AtomicBool = AtomicBool::new(false);
+/// Connections accepted and not yet answered.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+/// The listening sockets, shut down when a graceful stop begins.
+static LISTENERS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
 extern "C" fn on_signal(_sig: i32) {
-    let msg = b"standin: received SIGTERM/SIGINT, exiting\n";
     // Only async-signal-safe calls here.
+    if GRACEFUL.load(Ordering::SeqCst) {
+        TERM.store(true, Ordering::SeqCst);
+        return;
+    }
+    let msg = b"standin: received SIGTERM/SIGINT, exiting\n";
     unsafe {
         write(1, msg.as_ptr(), msg.len());
         _exit(0)
@@ -70,6 +86,29 @@ fn install_signal_handlers() {
         signal(15, h); // SIGTERM
         signal(2, h); // SIGINT
     }
+}
+
+/// What Sourcegraph's HTTP services do on SIGTERM (Go's `http.Server.Shutdown`, bounded by
+/// `SRC_GRACEFUL_SHUTDOWN_TIMEOUT`, 10 s by default): stop accepting (the kernel refuses new
+/// connections, so a client tries the next address of the name), finish the requests in flight,
+/// then exit. Runs on the main thread once the service is up.
+fn serve_until_term(image: &str) -> ! {
+    while !TERM.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let limit = env::var("SRC_GRACEFUL_SHUTDOWN_TIMEOUT").ok().and_then(|v| parse_duration(&v)).unwrap_or(Duration::from_secs(10));
+    for fd in LISTENERS.lock().map(|l| l.clone()).unwrap_or_default() {
+        unsafe {
+            shutdown(fd, 0); // SHUT_RD: accept() returns and the port refuses new connections.
+        }
+    }
+    log(image, &format!("SIGTERM: no new connections; finishing {} in flight (at most {limit:?})", IN_FLIGHT.load(Ordering::SeqCst)));
+    let end = Instant::now() + limit;
+    while IN_FLIGHT.load(Ordering::SeqCst) > 0 && Instant::now() < end {
+        thread::sleep(Duration::from_millis(20));
+    }
+    log(image, &format!("exiting ({} still in flight)", IN_FLIGHT.load(Ordering::SeqCst)));
+    exit(0)
 }
 
 /// One line to stdout. Never panics (println! would, and panic=abort would kill the service, if
@@ -173,14 +212,18 @@ fn main() {
         Role::Db => db_main(&image, &ports),
         Role::Caddy => caddy_main(&image, &ports),
         Role::Frontend => {
+            GRACEFUL.store(true, Ordering::SeqCst);
             let v = version.clone();
             http_serve(&image, &ports, Arc::new(move |req: &Request| frontend_handle(req, &v)));
+            serve_until_term(&image);
         }
         Role::Generic => {
+            GRACEFUL.store(true, Ordering::SeqCst);
             let v = version.clone();
             http_serve(&image, &ports, Arc::new(move |req: &Request| {
                 if req.path == "/__version" { (200, v.clone()) } else { (200, "ok".to_string()) }
             }));
+            serve_until_term(&image);
         }
     }
     loop {
@@ -374,17 +417,23 @@ fn dns_lookup(server: IpAddr, name: &str) -> Result<Vec<Ipv4Addr>, String> {
     Err(format!("no answer from {server}"))
 }
 
-/// Resolves `host`, trying DNS `attempts` times (half a second apart) for names Docker may not know yet.
+/// Resolves `host` to its first address (see [`resolve_all`]).
 fn resolve(host: &str, port: u16, attempts: u32) -> Result<SocketAddr, String> {
+    resolve_all(host, port, attempts).map(|a| a[0])
+}
+
+/// Resolves `host` to every address DNS gives (a name two containers hold during a handover has
+/// two), trying DNS `attempts` times (half a second apart) for names Docker may not know yet.
+fn resolve_all(host: &str, port: u16, attempts: u32) -> Result<Vec<SocketAddr>, String> {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = h.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
+        return Ok(vec![SocketAddr::new(ip, port)]);
     }
     if h.eq_ignore_ascii_case("localhost") {
-        return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+        return Ok(vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)]);
     }
     if let Some(ip) = fs::read_to_string("/etc/hosts").ok().and_then(|t| hosts_lookup(&t, h)) {
-        return Ok(SocketAddr::new(ip, port));
+        return Ok(vec![SocketAddr::new(ip, port)]);
     }
     let conf = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let word = |key: &'static str| conf.lines().filter_map(move |l| l.trim().strip_prefix(key)).flat_map(|r| r.split_whitespace());
@@ -402,7 +451,7 @@ fn resolve(host: &str, port: u16, attempts: u32) -> Result<SocketAddr, String> {
         }
         for n in &names {
             match dns_lookup(server, n) {
-                Ok(ips) if !ips.is_empty() => return Ok(SocketAddr::new(ips[0].into(), port)),
+                Ok(ips) if !ips.is_empty() => return Ok(ips.into_iter().map(|ip| SocketAddr::new(ip.into(), port)).collect()),
                 Ok(_) => last = format!("no A record for {n}"),
                 Err(e) => last = e,
             }
@@ -411,12 +460,22 @@ fn resolve(host: &str, port: u16, attempts: u32) -> Result<SocketAddr, String> {
     Err(format!("cannot resolve {h}: {last}"))
 }
 
+/// Connects to the first address of `host` that accepts, in DNS order, as Go's dialer and
+/// glibc's clients do: an address that refuses (a service stopping) is skipped.
 fn connect(host: &str, port: u16, attempts: u32, timeout: Duration) -> Result<TcpStream, String> {
-    let addr = resolve(host, port, attempts)?;
-    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("cannot connect to {host}:{port} ({addr}): {e}"))?;
-    let _ = s.set_read_timeout(Some(timeout.max(Duration::from_secs(5))));
-    let _ = s.set_write_timeout(Some(timeout.max(Duration::from_secs(5))));
-    Ok(s)
+    let addrs = resolve_all(host, port, attempts)?;
+    let mut errors = Vec::new();
+    for addr in &addrs {
+        match TcpStream::connect_timeout(addr, timeout) {
+            Ok(s) => {
+                let _ = s.set_read_timeout(Some(timeout.max(Duration::from_secs(5))));
+                let _ = s.set_write_timeout(Some(timeout.max(Duration::from_secs(5))));
+                return Ok(s);
+            }
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(format!("cannot connect to {host}:{port} ({})", errors.join("; ")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -524,6 +583,9 @@ fn listen(image: &str, ports: &[u16], on_conn: ConnHandler) {
                 exit(1);
             }
         };
+        if let Ok(mut fds) = LISTENERS.lock() {
+            fds.push(l.as_raw_fd());
+        }
         let (on_conn, image) = (on_conn.clone(), image.to_string());
         thread::spawn(move || loop {
             match l.accept() {
@@ -531,10 +593,18 @@ fn listen(image: &str, ports: &[u16], on_conn: ConnHandler) {
                     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
                     let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
                     let h = on_conn.clone();
-                    if let Err(e) = thread::Builder::new().spawn(move || h(s)) {
+                    // Counted before the thread starts, so a graceful stop never misses it.
+                    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+                    let spawned = thread::Builder::new().spawn(move || {
+                        h(s);
+                        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+                    });
+                    if let Err(e) = spawned {
+                        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
                         log(&image, &format!("cannot spawn connection thread: {e}"));
                     }
                 }
+                Err(_) if TERM.load(Ordering::SeqCst) => return,
                 Err(e) => {
                     log(&image, &format!("accept on {port}: {e}"));
                     thread::sleep(Duration::from_millis(50));

@@ -1,0 +1,170 @@
+# sgbox: the shell functions of a standard upgrade's switch, put before the `apply` step's script
+# (and the rollback's). They need $C: the compose command of the box's files and the user's
+# override, so every copy started here gets the override too.
+#
+# Nothing the users reach stops before its replacement answers:
+# - a backend on the request path (`handover = true`) gets a copy of its new release that holds
+#   its name (a network alias: Docker's DNS gives both addresses, and a client skips the one that
+#   refuses) while the service itself is recreated; then the copy drains and goes;
+# - the frontend's new release starts beside the old one on 127.0.0.1:3081; Caddy is switched to
+#   it through its admin API (`/load`, atomic: the old release answers until then, only the new one
+#   after), the old one drains, is recreated on the new release with no traffic, and the next
+#   Caddy goes back to it;
+# - Caddy's new release starts beside the old one in the box's network namespace: both bind 80/443
+#   with SO_REUSEPORT, so when the old one is stopped (gracefully: it stops accepting and finishes
+#   what is in flight) the new one has been taking connections all along
+#   (net.ipv4.tcp_migrate_req moves the ones still queued on the closing socket).
+SOCKS=/run/sgbox-caddy
+NEXT=sgbox-next
+
+# say WORDS: a progress line of the step's log, with the time.
+say() {
+  echo "== $(date -u +%H:%M:%S) $*"
+}
+
+# ready NAME SECONDS: until container NAME is healthy (running, if it has no health check).
+ready() {
+  n=0
+  while :; do
+    st=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1" 2>/dev/null || echo missing)
+    case "$st" in
+      healthy) return 0 ;;
+      running) if [ -z "$(docker inspect -f '{{if .State.Health}}yes{{end}}' "$1")" ]; then return 0; fi ;;
+      unhealthy | exited | dead | missing)
+        echo "sgbox: $1 is $st"
+        docker logs --tail 30 "$1" 2>&1 || true
+        return 1
+        ;;
+    esac
+    n=$((n + 1))
+    if [ "$n" -ge $(($2 * 2)) ]; then
+      echo "sgbox: $1 is not ready after $2 s ($st)"
+      docker logs --tail 30 "$1" 2>&1 || true
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+# admin SOCKET CURL-ARGS...: Caddy's admin API on its unix socket. HTTP/1.0 without a Host
+# header: on a socket Caddy accepts no Host at all.
+admin() {
+  s=$1
+  shift
+  curl -sS --fail-with-body --max-time 10 --http1.0 -H 'Host:' --unix-socket "$SOCKS/$s" "$@"
+}
+
+# admin_up SOCKET SECONDS: until the Caddy behind SOCKET has loaded its configuration (and so
+# listens on its ports).
+admin_up() {
+  n=0
+  until admin "$1" http://caddy/config/ >/dev/null 2>&1; do
+    n=$((n + 1))
+    if [ "$n" -ge $(($2 * 4)) ]; then
+      echo "sgbox: Caddy's admin API on $SOCKS/$1 does not answer after $2 s"
+      return 1
+    fi
+    sleep 0.25
+  done
+}
+
+# upstream SOCKET ADDRESS: load the box's Caddyfile into the Caddy behind SOCKET, with the
+# frontend at ADDRESS. Caddy switches atomically and rolls back a configuration it cannot load.
+upstream() {
+  sed "s/{\$SRC_FRONTEND_ADDRESSES}/$2/" /opt/sgbox/Caddyfile |
+    admin "$1" -X POST -H 'Content-Type: text/caddyfile' --data-binary @- http://caddy/load
+  echo "sgbox: Caddy ($1) sends requests to $2"
+}
+
+# drained SOCKET ADDRESS SECONDS: until the Caddy behind SOCKET has no request in flight to
+# ADDRESS (gone from its upstreams, or num_requests 0).
+drained() {
+  n=0
+  while :; do
+    left=$(admin "$1" http://caddy/reverse_proxy/upstreams | tr '{' '\n' | grep "\"address\":\"$2\"" |
+      sed -n 's/.*"num_requests":\([0-9]*\).*/\1/p' | head -n 1)
+    if [ "${left:-0}" = 0 ]; then return 0; fi
+    n=$((n + 1))
+    if [ "$n" -ge $(($3 * 4)) ]; then
+      echo "sgbox: $left request(s) still in flight to $2 after $3 s; going on"
+      return 0
+    fi
+    sleep 0.25
+  done
+}
+
+# retire NAME: stop container NAME gracefully and remove it.
+retire() {
+  docker stop -t 30 "$1" >/dev/null 2>&1 || true
+  docker rm -f "$1" >/dev/null 2>&1 || true
+}
+
+# reset_switch: the state of before any switch: Caddy to the frontend of the box's files, no
+# copies left. (A resumed apply, and the rollback, start here.)
+reset_switch() {
+  if [ -S "$SOCKS/caddy.sock" ]; then upstream caddy.sock 127.0.0.1:3080 || true; fi
+  for c in $(docker ps -aq --filter "name=-$NEXT\$"); do docker rm -f "$c" >/dev/null; done
+}
+
+# migrate: the new release's migrator `up`, run as the service's own container, so that the last
+# `up` of the upgrade finds it current (Compose recreates every service that depends on a
+# recreated one: a one-off `run` would leave the old migrator container to be recreated there,
+# and the frontends after it).
+migrate() {
+  say "migrator up"
+  $C up -d --no-deps migrator
+  rc=$(docker wait migrator)
+  if [ "$rc" != 0 ]; then
+    docker logs --tail 50 migrator 2>&1 || true
+    echo "sgbox: the migrator exited $rc"
+    return 1
+  fi
+}
+
+# handover SERVICE: recreate SERVICE on the box's files while a copy holds its name.
+handover() {
+  say "$1 (a copy of the new release holds its name meanwhile)"
+  retire "$1-$NEXT"
+  $C run -d --no-deps --use-aliases --name "$1-$NEXT" "$1" >/dev/null
+  ready "$1-$NEXT" 300
+  $C up -d --wait --no-deps "$1"
+  retire "$1-$NEXT"
+}
+
+# switch_frontend: the new frontend beside the old one, Caddy switched to it, the old one drained
+# and recreated on the new release.
+switch_frontend() {
+  f=sourcegraph-frontend-0
+  say "frontend: the new release beside the old one"
+  retire "$f-$NEXT"
+  $C run -d --no-deps --name "$f-$NEXT" -p 127.0.0.1:3081:3080 "$f" >/dev/null
+  ready "$f-$NEXT" 600
+  n=0
+  until curl -fsS --max-time 5 -o /dev/null http://127.0.0.1:3081/healthz; do
+    n=$((n + 1))
+    if [ "$n" -ge 60 ]; then
+      echo "sgbox: the new frontend does not answer on 127.0.0.1:3081"
+      return 1
+    fi
+    sleep 0.5
+  done
+  upstream caddy.sock 127.0.0.1:3081
+  drained caddy.sock 127.0.0.1:3080 60
+  say "frontend: the old one, drained, recreated on the new release"
+  $C up -d --wait --no-deps "$f"
+}
+
+# switch_caddy: the new Caddy beside the old one, the old one stopped gracefully and recreated
+# on the new release, then the temporary frontend and Caddy go.
+switch_caddy() {
+  say "caddy: the new release beside the old one"
+  retire "caddy-$NEXT"
+  rm -f "$SOCKS/next.sock"
+  $C run -d --no-deps --name "caddy-$NEXT" -e SGBOX_CADDY_ADMIN=/run/caddy-admin/next.sock caddy >/dev/null
+  admin_up next.sock 120
+  say "caddy: the old one stopped (it drains), recreated on the new release"
+  $C up -d --no-deps caddy
+  admin_up caddy.sock 120
+  retire "sourcegraph-frontend-0-$NEXT"
+  retire "caddy-$NEXT"
+}
