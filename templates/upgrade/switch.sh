@@ -5,7 +5,8 @@
 # Nothing the users reach stops before its replacement answers:
 # - a backend on the request path (`handover = true`) gets a copy of its new release that holds
 #   its name (a network alias: Docker's DNS gives both addresses, and a client skips the one that
-#   refuses) while the service itself is recreated; then the copy drains and goes;
+#   refuses); the old container refuses new connections, finishes its own and leaves the network
+#   before it is recreated; then the copy does the same and goes;
 # - the frontend's new release starts beside the old one on 127.0.0.1:3081; Caddy is switched to
 #   it through its admin API (`/load`, atomic: the old release answers until then, only the new one
 #   after), the old one drains, is recreated on the new release with no traffic, and the next
@@ -121,14 +122,48 @@ migrate() {
   fi
 }
 
-# handover SERVICE: recreate SERVICE on the box's files while a copy holds its name.
+# inbound PID: connections established to a listening port of PID's network namespace.
+inbound() {
+  awk 'FNR > 1 { split($2, a, ":"); if ($4 == "0A") listen[a[2]] = 1; else if ($4 == "01") est[a[2]]++ }
+       END { n = 0; for (p in est) if (p in listen) n += est[p]; print n }' "/proc/$1/net/tcp" "/proc/$1/net/tcp6"
+}
+
+# unlist NAME SECONDS: take container NAME out of the name it shares without failing a request,
+# as Kubernetes takes a pod out of its endpoints before stopping it: its new connections are
+# refused (a client goes on to the name's other address), the ones it has finish (SECONDS at most),
+# then it leaves its networks, so Docker's DNS stops giving its address while it still runs. (An
+# address whose container has exited does not refuse: it times out, until Docker has caught up.)
+unlist() {
+  pid=$(docker inspect -f '{{.State.Pid}}' "$1")
+  nsenter -t "$pid" -n iptables -w -I INPUT -p tcp --syn ! -i lo -j REJECT --reject-with tcp-reset
+  n=0
+  while [ "$(inbound "$pid")" -gt 0 ]; do
+    n=$((n + 1))
+    if [ "$n" -ge $(($2 * 4)) ]; then
+      echo "sgbox: $1 still has connections after $2 s; going on"
+      break
+    fi
+    sleep 0.25
+  done
+  for net in $(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "$1"); do
+    docker network disconnect "$net" "$1"
+  done
+}
+
+# handover SERVICE...: recreate each SERVICE on the box's files while a copy holds its name (all
+# at once: every container start costs the box's CPU, and the waits overlap). Recreated even when
+# an image did not change: the old container has left the network.
 handover() {
-  say "$1 (a copy of the new release holds its name meanwhile)"
-  retire "$1-$NEXT"
-  $C run -d --no-deps --use-aliases --name "$1-$NEXT" "$1" >/dev/null
-  ready "$1-$NEXT" 300
-  $C up -d --wait --no-deps "$1"
-  retire "$1-$NEXT"
+  say "$* (copies of the new release hold their names meanwhile)"
+  for s in "$@"; do
+    retire "$s-$NEXT"
+    $C run -d --no-deps --use-aliases --name "$s-$NEXT" "$s" >/dev/null
+  done
+  for s in "$@"; do ready "$s-$NEXT" 300; done
+  for s in "$@"; do unlist "$s" 30; done
+  $C up -d --wait --no-deps --force-recreate "$@"
+  for s in "$@"; do unlist "$s-$NEXT" 30; done
+  for s in "$@"; do retire "$s-$NEXT"; done
 }
 
 # switch_frontend: the new frontend beside the old one, Caddy switched to it, the old one drained
