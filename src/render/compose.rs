@@ -228,6 +228,13 @@ pub fn handover_services(release: &Release) -> Vec<String> {
     release.services.keys().filter(|n| specs().get(*n).is_some_and(|s| s.handover)).cloned().collect()
 }
 
+/// Whether service `name` of `release` has a `depends_on`. Compose hashes a service's
+/// configuration without it under `--no-deps`, so such a service created with `--no-deps` is
+/// recreated by the next plain `up`; the upgrade brings these up with their dependencies.
+pub fn has_dependencies(release: &Release, name: &str) -> bool {
+    specs().get(name).is_some_and(|s| s.depends_on.keys().any(|d| release.has(d)))
+}
+
 #[cfg(test)]
 pub(super) fn known_services() -> Vec<String> {
     specs().keys().cloned().collect()

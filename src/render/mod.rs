@@ -8,7 +8,7 @@
 
 mod compose;
 
-pub use compose::{handover_services, image_ref};
+pub use compose::{handover_services, has_dependencies, image_ref};
 
 use std::io::Write;
 

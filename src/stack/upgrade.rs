@@ -171,6 +171,7 @@ fn switch_prelude(c: &str) -> String {
 fn standard_switch(to: Version, c: &str) -> String {
     let release = catalog().get(to);
     let handover = release.map(crate::render::handover_services).unwrap_or_default();
+    let with_deps = |x: &String| release.is_some_and(|r| crate::render::has_dependencies(r, x));
     let dbs = Upgrade::dbs(to);
     let rest: Vec<String> = Upgrade::release_services(to)
         .into_iter()
@@ -178,16 +179,23 @@ fn standard_switch(to: Version, c: &str) -> String {
             !DB_SERVICES.contains(&x.as_str()) && !handover.contains(x) && !["migrator", "sourcegraph-frontend-0", "caddy"].contains(&x.as_str())
         })
         .collect();
+    let (rest_deps, rest_plain): (Vec<String>, Vec<String>) = rest.into_iter().partition(|x| with_deps(x));
     let mut script = format!("reset_switch\nsay databases\n{c} up -d --wait --no-deps {dbs}\nmigrate\n");
     if !handover.is_empty() {
         script.push_str(&format!("handover {}\n", handover.join(" ")));
     }
-    // (Named services only: `up` without names would take every service at once.)
-    if !rest.is_empty() {
-        script.push_str(&format!("say other backends\n{c} up -d --wait --no-deps {}\n", rest.join(" ")));
+    // (Named services only: `up` without names would take every service at once.) A service
+    // with a `depends_on` comes up with its dependencies (all current by then; the migrator runs
+    // its `up` again): under `--no-deps` Compose hashes it differently, and the last `up` would
+    // recreate it, and the frontends that depend on it, in place.
+    if !rest_plain.is_empty() {
+        script.push_str(&format!("say other backends\n{c} up -d --wait --no-deps {}\n", rest_plain.join(" ")));
+    }
+    if !rest_deps.is_empty() {
+        script.push_str(&format!("say {}\n{c} up -d --wait {}\n", rest_deps.join(" "), rest_deps.join(" ")));
     }
     script.push_str(&format!(
-        "if [ \"$(docker inspect -f '{{{{.HostConfig.NetworkMode}}}}' caddy 2>/dev/null)\" = host ] && [ -S \"$SOCKS/caddy.sock\" ]; then\n  switch_frontend\n  switch_caddy\nelse\n  say 'frontend and caddy in place (this box predates the hand-over)'\n  {c} up -d --wait --no-deps sourcegraph-frontend-0\n  {c} up -d --no-deps caddy\nfi\n"
+        "if [ \"$(docker inspect -f '{{{{.HostConfig.NetworkMode}}}}' caddy 2>/dev/null)\" = host ] && [ -S \"$SOCKS/caddy.sock\" ]; then\n  switch_frontend\n  switch_caddy\nelse\n  say 'frontend and caddy in place (this box predates the hand-over)'\n  {c} up -d --wait sourcegraph-frontend-0\n  {c} up -d --no-deps caddy\nfi\n"
     ));
     script
 }
@@ -730,6 +738,19 @@ mod tests {
         assert!(at("reset_switch") < at("say databases"), "a resumed apply starts from no switch");
         let others = &switch[at("say other backends")..at("if [")];
         assert!(others.contains("gitserver-0") && !others.contains("searcher-0") && !others.contains("caddy"), "{others}");
+        // No service with a depends_on is brought up with --no-deps (Compose would recreate it at
+        // the last `up`), and none is handed over.
+        let r = catalog().get(to).unwrap();
+        for line in switch.lines().filter(|l| l.contains(" up -d")) {
+            if line.contains("--no-deps") {
+                let names = line.split("--no-deps").nth(1).unwrap().split_whitespace();
+                for n in names {
+                    assert!(!crate::render::has_dependencies(r, n), "{n} under --no-deps: {line}");
+                }
+            }
+        }
+        assert!(crate::render::handover_services(r).iter().all(|h| !crate::render::has_dependencies(r, h)));
+        assert!(at("say sourcegraph-frontend-internal\n") > at("say other backends"));
         // The functions' names the script calls exist in the prelude.
         for f in ["reset_switch()", "migrate()", "handover()", "switch_frontend()", "switch_caddy()"] {
             assert!(SWITCH.contains(f), "{f}");

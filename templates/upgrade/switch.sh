@@ -107,13 +107,13 @@ reset_switch() {
   for c in $(docker ps -aq --filter "name=-$NEXT\$"); do docker rm -f "$c" >/dev/null; done
 }
 
-# migrate: the new release's migrator `up`, run as the service's own container, so that the last
-# `up` of the upgrade finds it current (Compose recreates every service that depends on a
-# recreated one: a one-off `run` would leave the old migrator container to be recreated there,
-# and the frontends after it).
+# migrate: the new release's migrator `up`, run as the service's own container and with its
+# dependencies (the databases, current by then), so that the last `up` of the upgrade finds it
+# current: a one-off `run` would leave the old migrator container, and `--no-deps` hashes it
+# differently; either way the last `up` would recreate it, and the frontends after it, in place.
 migrate() {
   say "migrator up"
-  $C up -d --no-deps migrator
+  $C up -d migrator
   rc=$(docker wait migrator)
   if [ "$rc" != 0 ]; then
     docker logs --tail 50 migrator 2>&1 || true
@@ -186,7 +186,7 @@ switch_frontend() {
   upstream caddy.sock 127.0.0.1:3081
   drained caddy.sock 127.0.0.1:3080 60
   say "frontend: the old one, drained, recreated on the new release"
-  $C up -d --wait --no-deps "$f"
+  $C up -d --wait "$f"
 }
 
 # switch_caddy: the new Caddy beside the old one, the old one stopped gracefully and recreated
