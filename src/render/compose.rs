@@ -230,7 +230,9 @@ pub fn handover_services(release: &Release) -> Vec<String> {
 
 /// Whether service `name` of `release` has a `depends_on`. Compose hashes a service's
 /// configuration without it under `--no-deps`, so such a service created with `--no-deps` is
-/// recreated by the next plain `up`; the upgrade brings these up with their dependencies.
+/// recreated by the next plain `up`; the upgrade brings these up with their dependencies (its
+/// tests check that with this).
+#[cfg(test)]
 pub fn has_dependencies(release: &Release, name: &str) -> bool {
     specs().get(name).is_some_and(|s| s.depends_on.keys().any(|d| release.has(d)))
 }

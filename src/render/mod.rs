@@ -8,7 +8,9 @@
 
 mod compose;
 
-pub use compose::{handover_services, has_dependencies, image_ref};
+#[cfg(test)]
+pub use compose::has_dependencies;
+pub use compose::{handover_services, image_ref};
 
 use std::io::Write;
 

@@ -122,9 +122,10 @@ migrate() {
   fi
 }
 
-# inbound PID: connections established to a listening port of PID's network namespace.
+# inbound PID: connections to a listening port of PID's network namespace, established or
+# half-open (SYN_RECV: answered before the refusal began, its client's ACK still on its way).
 inbound() {
-  awk 'FNR > 1 { split($2, a, ":"); if ($4 == "0A") listen[a[2]] = 1; else if ($4 == "01") est[a[2]]++ }
+  awk 'FNR > 1 { split($2, a, ":"); if ($4 == "0A") listen[a[2]] = 1; else if ($4 == "01" || $4 == "03") est[a[2]]++ }
        END { n = 0; for (p in est) if (p in listen) n += est[p]; print n }' "/proc/$1/net/tcp" "/proc/$1/net/tcp6"
 }
 
@@ -136,14 +137,17 @@ inbound() {
 unlist() {
   pid=$(docker inspect -f '{{.State.Pid}}' "$1")
   nsenter -t "$pid" -n iptables -w -I INPUT -p tcp --syn ! -i lo -j REJECT --reject-with tcp-reset
+  # Drained: no connection at two readings a second apart (a handshake under way shows late).
   n=0
-  while [ "$(inbound "$pid")" -gt 0 ]; do
+  quiet=0
+  while [ "$quiet" -lt 2 ]; do
+    if [ "$(inbound "$pid")" -gt 0 ]; then quiet=0; else quiet=$((quiet + 1)); fi
     n=$((n + 1))
-    if [ "$n" -ge $(($2 * 4)) ]; then
+    if [ "$n" -ge $(($2 * 2)) ]; then
       echo "sgbox: $1 still has connections after $2 s; going on"
       break
     fi
-    sleep 0.25
+    sleep 0.5
   done
   for net in $(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "$1"); do
     docker network disconnect "$net" "$1"
@@ -162,8 +166,15 @@ handover() {
   for s in "$@"; do ready "$s-$NEXT" 300; done
   for s in "$@"; do unlist "$s" 30; done
   $C up -d --wait --no-deps --force-recreate "$@"
-  for s in "$@"; do unlist "$s-$NEXT" 30; done
-  for s in "$@"; do retire "$s-$NEXT"; done
+  next=""
+  for s in "$@"; do
+    unlist "$s-$NEXT" 30
+    next="$next $s-$NEXT"
+  done
+  # shellcheck disable=SC2086 # one name per word
+  docker stop -t 30 $next >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086
+  docker rm -f $next >/dev/null 2>&1 || true
 }
 
 # switch_frontend: the new frontend beside the old one, Caddy switched to it, the old one drained

@@ -460,13 +460,22 @@ fn resolve_all(host: &str, port: u16, attempts: u32) -> Result<Vec<SocketAddr>, 
     Err(format!("cannot resolve {h}: {last}"))
 }
 
-/// Connects to the first address of `host` that accepts, in DNS order, as Go's dialer and
-/// glibc's clients do: an address that refuses (a service stopping) is skipped.
+/// Connects to the first address of `host` that accepts, in DNS order, as Go's dialer does: an
+/// address that refuses (a service stopping) is skipped, and each address gets its share of the
+/// time left, at least 2 s (Go's `partialDeadline`, `saneMinimum`), so one that does not answer
+/// does not take it all.
 fn connect(host: &str, port: u16, attempts: u32, timeout: Duration) -> Result<TcpStream, String> {
     let addrs = resolve_all(host, port, attempts)?;
+    let end = Instant::now() + timeout;
     let mut errors = Vec::new();
-    for addr in &addrs {
-        match TcpStream::connect_timeout(addr, timeout) {
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            errors.push(format!("{addr}: no time left"));
+            break;
+        }
+        let share = (left / (addrs.len() - i) as u32).max(Duration::from_secs(2)).min(left);
+        match TcpStream::connect_timeout(addr, share) {
             Ok(s) => {
                 let _ = s.set_read_timeout(Some(timeout.max(Duration::from_secs(5))));
                 let _ = s.set_write_timeout(Some(timeout.max(Duration::from_secs(5))));
