@@ -793,6 +793,10 @@ mod tests {
         let (rc, out) = sh("ready x-gone 1");
         assert_eq!(rc, Some(1));
         assert!(out.contains("x-gone is missing"), "{out}");
+        assert_eq!(sh("within 1 true").0, Some(0));
+        let start = std::time::Instant::now();
+        assert_eq!(sh("within 1 false").0, Some(1), "gives up");
+        assert!(start.elapsed() >= std::time::Duration::from_millis(700), "after about the seconds given (four tries a second)");
         // drained polls until :3080 has no request in flight; :3081's are not its business.
         let (rc, out) = sh("drained caddy.sock 127.0.0.1:3080 5 && echo drained");
         assert_eq!((rc, out.trim()), (Some(0), "drained"));

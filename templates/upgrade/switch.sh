@@ -55,18 +55,26 @@ admin() {
   curl -sS --fail-with-body --max-time 10 --http1.0 -H 'Host:' --unix-socket "$SOCKS/$s" "$@"
 }
 
+# within SECONDS COMMAND...: run COMMAND every quarter second until it succeeds (0) or SECONDS
+# have passed (1).
+within() {
+  n=0
+  limit=$(($1 * 4))
+  shift
+  until "$@"; do
+    n=$((n + 1))
+    if [ "$n" -ge "$limit" ]; then return 1; fi
+    sleep 0.25
+  done
+}
+
 # admin_up SOCKET SECONDS: until the Caddy behind SOCKET has loaded its configuration (and so
 # listens on its ports).
 admin_up() {
-  n=0
-  until admin "$1" http://caddy/config/ >/dev/null 2>&1; do
-    n=$((n + 1))
-    if [ "$n" -ge $(($2 * 4)) ]; then
-      echo "sgbox: Caddy's admin API on $SOCKS/$1 does not answer after $2 s"
-      return 1
-    fi
-    sleep 0.25
-  done
+  within "$2" admin "$1" http://caddy/config/ >/dev/null 2>&1 || {
+    echo "sgbox: Caddy's admin API on $SOCKS/$1 does not answer after $2 s"
+    return 1
+  }
 }
 
 # upstream SOCKET ADDRESS: load the box's Caddyfile into the Caddy behind SOCKET, with the
@@ -77,21 +85,23 @@ upstream() {
   echo "sgbox: Caddy ($1) sends requests to $2"
 }
 
+# in_flight SOCKET ADDRESS: the requests the Caddy behind SOCKET has in flight to ADDRESS (empty
+# when ADDRESS is gone from its upstreams).
+in_flight() {
+  admin "$1" http://caddy/reverse_proxy/upstreams | tr '{' '\n' | grep "\"address\":\"$2\"" |
+    sed -n 's/.*"num_requests":\([0-9]*\).*/\1/p' | head -n 1
+}
+
+# idle SOCKET ADDRESS: no request in flight to ADDRESS.
+idle() {
+  left=$(in_flight "$1" "$2")
+  [ "${left:-0}" = 0 ]
+}
+
 # drained SOCKET ADDRESS SECONDS: until the Caddy behind SOCKET has no request in flight to
 # ADDRESS (gone from its upstreams, or num_requests 0).
 drained() {
-  n=0
-  while :; do
-    left=$(admin "$1" http://caddy/reverse_proxy/upstreams | tr '{' '\n' | grep "\"address\":\"$2\"" |
-      sed -n 's/.*"num_requests":\([0-9]*\).*/\1/p' | head -n 1)
-    if [ "${left:-0}" = 0 ]; then return 0; fi
-    n=$((n + 1))
-    if [ "$n" -ge $(($3 * 4)) ]; then
-      echo "sgbox: $left request(s) still in flight to $2 after $3 s; going on"
-      return 0
-    fi
-    sleep 0.25
-  done
+  within "$3" idle "$1" "$2" || echo "sgbox: $(in_flight "$1" "$2") request(s) still in flight to $2 after $3 s; going on"
 }
 
 # retire NAME: stop container NAME gracefully and remove it.
@@ -185,15 +195,10 @@ switch_frontend() {
   retire "$f-$NEXT"
   $C run -d --no-deps --name "$f-$NEXT" -p 127.0.0.1:3081:3080 "$f" >/dev/null
   ready "$f-$NEXT" 600
-  n=0
-  until curl -fsS --max-time 5 -o /dev/null http://127.0.0.1:3081/healthz; do
-    n=$((n + 1))
-    if [ "$n" -ge 60 ]; then
-      echo "sgbox: the new frontend does not answer on 127.0.0.1:3081"
-      return 1
-    fi
-    sleep 0.5
-  done
+  within 30 curl -fsS --max-time 5 -o /dev/null http://127.0.0.1:3081/healthz || {
+    echo "sgbox: the new frontend does not answer on 127.0.0.1:3081"
+    return 1
+  }
   upstream caddy.sock 127.0.0.1:3081
   drained caddy.sock 127.0.0.1:3080 60
   say "frontend: the old one, drained, recreated on the new release"
