@@ -174,8 +174,11 @@ handover() {
     $C run -d --no-deps --use-aliases --name "$s-$NEXT" "$s" >/dev/null
   done
   for s in "$@"; do ready "$s-$NEXT" 300; done
+  say "copies healthy; the old containers leave their names"
   for s in "$@"; do unlist "$s" 30; done
+  say "recreating $*"
   $C up -d --wait --no-deps --force-recreate "$@"
+  say "recreated; the copies leave their names"
   next=""
   for s in "$@"; do
     unlist "$s-$NEXT" 30

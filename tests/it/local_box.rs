@@ -105,6 +105,28 @@ fn get(url: &str) -> Option<String> {
     out.status.success().then(|| text(&out.stdout))
 }
 
+/// The e2e's docker-compose.override.yaml: `more` (services' YAML) and a health-check interval of
+/// a minute for the services that have one in every release the test runs.
+fn checks_override(more: &str) -> String {
+    let checked = [
+        "blobstore",
+        "codeinsights-db",
+        "codeintel-db",
+        "pgsql",
+        "precise-code-intel-worker",
+        "searcher-0",
+        "sourcegraph-frontend-0",
+        "sourcegraph-frontend-internal",
+        "syntect-server",
+        "zoekt-webserver-0",
+    ];
+    let mut y = format!("services:\n{more}");
+    for s in checked {
+        y.push_str(&format!("  {s}:\n    healthcheck:\n      interval: 60s\n"));
+    }
+    y
+}
+
 fn json_of(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", text(&out.stdout), text(&out.stderr)))
 }
@@ -458,6 +480,14 @@ fn local_box_lifecycle() {
     assert!(!stderr_all.contains(admin_pw.as_str()), "the admin password was printed by up");
     clock.lap("status, the box's disks and sshd, idempotent re-run of up");
 
+    // The user's override from here on (every upgrade and rollback applies it, the hand-over's
+    // copies included): health checks once a minute after a service is healthy. Under emulation a
+    // health check is a container exec costing a good part of a second of the box's CPU;
+    // Sourcegraph's 5-10 s intervals held the idle box at half its two vCPUs (QEMU at 110-140 %
+    // of this machine's CPU, 30-50 % with this). Starting services are still checked every 2 s
+    // (`start_interval`), so nothing waits longer for a healthy service.
+    ssh(st, &format!("printf '%s' '{}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null", checks_override("")));
+
     // User data in the database, which every upgrade and rollback must keep.
     let put = db(st, "PUT repo github.com/sourcegraph/sourcegraph\nPUT saved-search lang:rust sgbox\n");
     assert_eq!(put.matches("OK").count(), 2, "{put}");
@@ -522,8 +552,8 @@ fn local_box_lifecycle() {
 
     // 4. The 7.5 migrator fails half-way (dirty schema): automatic rollback to 7.4 and its data.
     let boot_before = ssh(st, "cat /proc/sys/kernel/random/boot_id");
-    let fail = "services:\n  migrator:\n    environment:\n      - SGBOX_STANDIN_FAIL=migrator-dirty@7.5.4453\n";
-    ssh(st, &format!("echo '{fail}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null"));
+    let fail = checks_override("  migrator:\n    environment:\n      - SGBOX_STANDIN_FAIL=migrator-dirty@7.5.4453\n");
+    ssh(st, &format!("printf '%s' '{fail}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null"));
     let out = upgrade(st, &["--to", NEW]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "a failed migrator fails the upgrade: {err}");
@@ -539,7 +569,7 @@ fn local_box_lifecycle() {
         boot_before,
         "the data disk was swapped back while the box ran, without a restart: {err}"
     );
-    ssh(st, "echo 'services: {}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null");
+    ssh(st, &format!("printf '%s' '{}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null", checks_override("")));
     clock.lap("failed migrator: automatic rollback (data disk swapped back)");
 
     // 5. Standard upgrade 7.4 → 7.5 while clients poll every 100 ms: `/__version`, and a search
@@ -593,10 +623,8 @@ fn local_box_lifecycle() {
     // Zero, through a Caddy change (every release pair of the catalog has one): the frontend and
     // Caddy are each handed over while they serve.
     assert_eq!(failed, 0, "no request failed during the standard upgrade: {failed} of {} failed", seen.len());
-    // Searches pass through the backends being replaced; measured at zero on /__version (the
-    // frontend and Caddy switches), and bounded here while the hand-over of the backends is
-    // measured in CI (its figure is printed above).
-    assert!(search_failed * 100 <= searched.len(), "searches kept working through the upgrade: {search_failed} of {} failed", searched.len());
+    // Searches pass through the backends being replaced (searcher, zoekt): zero too.
+    assert_eq!(search_failed, 0, "no search failed during the standard upgrade: {search_failed} of {} failed", searched.len());
     assert!(searched.iter().flatten().any(|s| s.contains(&format!("frontend {MID} via"))), "searches went through the backends before: {searched:?}");
     assert!(searched.iter().flatten().any(|s| s.contains(&format!("frontend {NEW} via"))), "searches went through the backends after: {searched:?}");
     let first_new_search = searched.iter().position(|v| v.as_deref().is_some_and(|s| s.contains(&format!("frontend {NEW} via")))).unwrap();
