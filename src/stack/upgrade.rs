@@ -766,7 +766,7 @@ mod tests {
         // docker inspect: the state named by the container's name; `logs` prints a line.
         fake(
             "docker",
-            r#"case "$1" in inspect) case "$4" in *healthy-one) echo healthy ;; *sick) echo unhealthy ;; *plain) case "$3" in *Health.Status*) echo running ;; *) echo ;; esac ;; *) exit 1 ;; esac ;; logs) echo "last log line" ;; esac"#,
+            r#"case "$1" in inspect) case "$4" in *healthy-one) echo running healthy ;; *sick) echo running unhealthy ;; *plain) echo running none ;; *ended) echo exited none ;; *) exit 1 ;; esac ;; logs) echo "last log line" ;; esac"#,
         );
         // Caddy's upstreams: one request still in flight to :3080 on the first call, none after.
         fake(
@@ -790,6 +790,9 @@ mod tests {
         let (rc, out) = sh("ready x-sick 1");
         assert_eq!(rc, Some(1));
         assert!(out.contains("x-sick is unhealthy") && out.contains("last log line"), "{out}");
+        let (rc, out) = sh("ready x-ended 1");
+        assert_eq!(rc, Some(1));
+        assert!(out.contains("x-ended is exited"), "{out}");
         let (rc, out) = sh("ready x-gone 1");
         assert_eq!(rc, Some(1));
         assert!(out.contains("x-gone is missing"), "{out}");

@@ -23,27 +23,28 @@ say() {
   echo "== $(date -u +%H:%M:%S) $*"
 }
 
-# ready NAME SECONDS: until container NAME is healthy (running, if it has no health check).
+# ready NAME SECONDS: until container NAME is healthy (running, if it has no health check). One
+# docker call a second: under emulation each costs the box a good part of a second.
 ready() {
   n=0
   while :; do
-    st=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1" 2>/dev/null || echo missing)
+    st=$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$1" 2>/dev/null || echo missing)
     case "$st" in
-      healthy) return 0 ;;
-      running) if [ -z "$(docker inspect -f '{{if .State.Health}}yes{{end}}' "$1")" ]; then return 0; fi ;;
-      unhealthy | exited | dead | missing)
-        echo "sgbox: $1 is $st"
+      "running healthy" | "running none") return 0 ;;
+      *unhealthy | exited* | dead* | missing)
+        said=${st% none}
+        echo "sgbox: $1 is ${said#running }"
         docker logs --tail 30 "$1" 2>&1 || true
         return 1
         ;;
     esac
     n=$((n + 1))
-    if [ "$n" -ge $(($2 * 2)) ]; then
+    if [ "$n" -ge "$2" ]; then
       echo "sgbox: $1 is not ready after $2 s ($st)"
       docker logs --tail 30 "$1" 2>&1 || true
       return 1
     fi
-    sleep 0.5
+    sleep 1
   done
 }
 

@@ -105,8 +105,9 @@ fn get(url: &str) -> Option<String> {
     out.status.success().then(|| text(&out.stdout))
 }
 
-/// The e2e's docker-compose.override.yaml: `more` (services' YAML) and a health-check interval of
-/// a minute for the services that have one in every release the test runs.
+/// The e2e's docker-compose.override.yaml: `more` (services' YAML, none of those below: Compose
+/// refuses a service named twice) and a health-check interval of a minute for the services that
+/// have one in every release the test runs.
 fn checks_override(more: &str) -> String {
     let checked = [
         "blobstore",
@@ -120,9 +121,15 @@ fn checks_override(more: &str) -> String {
         "syntect-server",
         "zoekt-webserver-0",
     ];
+    // Sourcegraph gives these two no start period: their first check would come after the
+    // interval, so starting them would wait a minute.
+    let no_start_period = ["searcher-0", "zoekt-webserver-0"];
     let mut y = format!("services:\n{more}");
     for s in checked {
         y.push_str(&format!("  {s}:\n    healthcheck:\n      interval: 60s\n"));
+        if no_start_period.contains(&s) {
+            y.push_str("      start_period: 60s\n      start_interval: 2s\n");
+        }
     }
     y
 }
