@@ -69,8 +69,7 @@ read -r n1 f1 o1 l1 sn1 sf1 so1 sl1 < <(measure sgbox "$SGBOX" "${S[@]}" upgrade
 "$SGBOX" "${S[@]}" rollback --name bench-upg --yes >/dev/null
 "$SGBOX" "${S[@]}" render --name bench-upg --version "$TO" "${COMMON[@]}" --out "$WORK/render" >/dev/null 2>&1
 naive() {
-  # `sgbox ssh -- CMD` passes no stdin: the file travels inside the command.
-  "$SGBOX" "${S[@]}" ssh --name bench-upg -- "echo $(base64 -w0 < "$WORK/render/box/opt/sgbox/docker-compose.yaml") | base64 -d | sudo tee /opt/sgbox/docker-compose.yaml >/dev/null"
+  "$SGBOX" "${S[@]}" ssh --name bench-upg -- sudo tee /opt/sgbox/docker-compose.yaml < "$WORK/render/box/opt/sgbox/docker-compose.yaml" >/dev/null
   "$SGBOX" "${S[@]}" ssh --name bench-upg -- "cd /opt/sgbox && sudo docker compose pull --quiet && sudo docker compose up -d"
 }
 read -r n2 f2 o2 l2 sn2 sf2 so2 sl2 < <(measure naive naive)

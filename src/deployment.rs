@@ -86,11 +86,12 @@ pub async fn running_endpoint(d: &Deployment) -> Result<Endpoint> {
     }
 }
 
-/// Run `cmd` on the running box, its output streamed to ours; returns its exit status.
-pub async fn stream(d: &mut Deployment, insecure: bool, cmd: String) -> Result<i32> {
+/// Run `cmd` on the running box (with `input` on its stdin, then EOF), its output streamed to
+/// ours; returns its exit status.
+pub async fn stream(d: &mut Deployment, insecure: bool, cmd: String, input: Option<Vec<u8>>) -> Result<i32> {
     let ep = running_endpoint(d).await?;
     let s = connect(d, &ep, insecure, Instant::now() + Duration::from_secs(90)).await?;
-    s.stream(cmd).await
+    s.stream(cmd, input).await
 }
 
 /// Render a deployment's files with its SSH key (generated on first use): the I/O around the

@@ -322,7 +322,8 @@ pub struct DownArgs {
 pub struct SshArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// Command to run on the box (after `--`); without one, an interactive shell.
+    /// Command to run on the box (after `--`); without one, an interactive shell. Piped standard
+    /// input is sent to the command, then end of file.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }

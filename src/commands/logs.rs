@@ -32,7 +32,7 @@ pub fn run(ctx: &Context, args: LogsArgs) -> Result<u8> {
                 )
             }
         };
-        boxctl::stream(&mut d, args.target.reach.insecure_accept_host_key, cmd).await
+        boxctl::stream(&mut d, args.target.reach.insecure_accept_host_key, cmd, None).await
     })?;
     Ok(code.clamp(0, 255) as u8)
 }

@@ -2,10 +2,11 @@
 //! becomes ours; without one, OpenSSH opens an interactive shell with the pinned key as its only
 //! known host.
 
+use std::io::{IsTerminal, Read};
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::boxctl;
 use super::Context;
@@ -32,7 +33,15 @@ pub fn run(ctx: &Context, args: SshArgs) -> Result<u8> {
                 .exec();
             return Err(anyhow::Error::new(err).context("running ssh (install openssh-client, or pass a command after --)"));
         }
-        boxctl::stream(&mut d, insecure, onbox::join(&args.command)).await
+        // What is piped in goes to the command, then end of file (`sgbox ssh -- sudo tee F < F`);
+        // from a terminal nothing is forwarded, and the command sees end of file at once rather
+        // than waiting for input that never comes.
+        let stdin = std::io::stdin();
+        let mut input = Vec::new();
+        if !stdin.is_terminal() {
+            stdin.lock().read_to_end(&mut input).context("reading standard input for the command")?;
+        }
+        boxctl::stream(&mut d, insecure, onbox::join(&args.command), Some(input)).await
     })?;
     Ok(code.clamp(0, 255) as u8)
 }

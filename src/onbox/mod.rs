@@ -257,12 +257,13 @@ impl Session {
         .expect("ssh task")
     }
 
-    /// Run `cmd` with its output copied to ours as it arrives; its exit status.
-    pub async fn stream(&self, cmd: String) -> Result<i32> {
+    /// Run `cmd` (with `input` on its stdin, then EOF) with its output copied to ours as it
+    /// arrives; its exit status.
+    pub async fn stream(&self, cmd: String, input: Option<Vec<u8>>) -> Result<i32> {
         let s = self.ssh();
         tokio::task::spawn_blocking(move || {
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            let status = s.stream_blocking(&cmd, &mut out, &mut err);
+            let status = s.stream_blocking(&cmd, input.as_deref(), &mut out, &mut err);
             let _ = out.flush();
             status
         })

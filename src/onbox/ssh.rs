@@ -157,9 +157,10 @@ impl Ssh {
         Ok(Output { status, stdout: String::from_utf8_lossy(&out).into_owned(), stderr: String::from_utf8_lossy(&err).into_owned() })
     }
 
-    /// Run a command, copying its stdout and stderr as they arrive. Returns the exit status.
-    pub fn stream_blocking(&self, cmd: &str, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, SshError> {
-        self.stream_input_blocking(cmd, None, None, out, err)
+    /// Run a command (with `input` on its stdin, then EOF), copying its stdout and stderr as they
+    /// arrive. Returns the exit status.
+    pub fn stream_blocking(&self, cmd: &str, input: Option<&[u8]>, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, SshError> {
+        self.stream_input_blocking(cmd, input, None, out, err)
     }
 
     /// Run `cmd` (with `input` on its stdin), copying its output; `within` bounds the whole

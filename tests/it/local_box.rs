@@ -155,6 +155,23 @@ fn ssh(st: &Path, cmd: &str) -> String {
     text(&out.stdout)
 }
 
+/// The user's docker-compose.override.yaml on the box, written the way a user would: piped into
+/// `sgbox ssh -- sudo tee` (the command gets the input, then end of file).
+fn put_override(st: &Path, yaml: &str) {
+    use std::io::Write;
+    let mut child = sgbox(st)
+        .args(["ssh", "--name", NAME, "--", "sudo tee /opt/sgbox/docker-compose.override.yaml"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "writing the override: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), yaml, "tee echoed what it was given");
+}
+
 fn wait_healthy(st: &Path, within: Duration) -> Value {
     let until = Instant::now() + within;
     loop {
@@ -493,7 +510,7 @@ fn local_box_lifecycle() {
     // Sourcegraph's 5-10 s intervals held the idle box at half its two vCPUs (QEMU at 110-140 %
     // of this machine's CPU, 30-50 % with this). Starting services are still checked every 2 s
     // (`start_interval`), so nothing waits longer for a healthy service.
-    ssh(st, &format!("printf '%s' '{}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null", checks_override("")));
+    put_override(st, &checks_override(""));
 
     // User data in the database, which every upgrade and rollback must keep.
     let put = db(st, "PUT repo github.com/sourcegraph/sourcegraph\nPUT saved-search lang:rust sgbox\n");
@@ -560,7 +577,7 @@ fn local_box_lifecycle() {
     // 4. The 7.5 migrator fails half-way (dirty schema): automatic rollback to 7.4 and its data.
     let boot_before = ssh(st, "cat /proc/sys/kernel/random/boot_id");
     let fail = checks_override("  migrator:\n    environment:\n      - SGBOX_STANDIN_FAIL=migrator-dirty@7.5.4453\n");
-    ssh(st, &format!("printf '%s' '{fail}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null"));
+    put_override(st, &fail);
     let out = upgrade(st, &["--to", NEW]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "a failed migrator fails the upgrade: {err}");
@@ -576,7 +593,7 @@ fn local_box_lifecycle() {
         boot_before,
         "the data disk was swapped back while the box ran, without a restart: {err}"
     );
-    ssh(st, &format!("printf '%s' '{}' | sudo tee /opt/sgbox/docker-compose.override.yaml >/dev/null", checks_override("")));
+    put_override(st, &checks_override(""));
     clock.lap("failed migrator: automatic rollback (data disk swapped back)");
 
     // 5. Standard upgrade 7.4 → 7.5 while clients poll every 100 ms: `/__version`, and a search
