@@ -180,7 +180,9 @@ impl Ssh {
         let mut ch = sess.channel_session().map_err(proto(&addr))?;
         ch.exec(cmd).map_err(proto(&addr))?;
         if let Some(input) = input {
-            // Small payloads (a key, a JSON body): written whole before reading, in blocking mode.
+            // Written whole before reading, in blocking mode: right for what sgbox sends (a key, a
+            // JSON body) and for a file piped into `sgbox ssh -- CMD`. A command that echoes more
+            // than the channel's window back before reading all of a large input would stall here.
             ch.write_all(input).map_err(|e| SshError::Protocol { addr: addr.clone(), message: e.to_string() })?;
             ch.send_eof().map_err(proto(&addr))?;
         }
