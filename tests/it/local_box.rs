@@ -100,6 +100,69 @@ fn curl_to(url: &str) -> Vec<String> {
     a
 }
 
+/// The pollers' client of the box's site (`https://HOST:port`): every request on a new connection,
+/// so a listener that stops taking connections shows; the certificate checked against the test
+/// CA; HTTP/1.0 (the server closes after the answer, no chunks); 10 s timeouts, like `get`. In
+/// this process, TLS sessions resumed: spawning curl 20 times a second took a good part of this
+/// machine's two cores, which the emulated box runs on.
+struct Site {
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Site {
+    fn new(url: &str) -> Site {
+        use rustls::pki_types::pem::PemObject;
+        let port: u16 = url
+            .strip_prefix(&format!("https://{HOST}:"))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("not the box's https URL: {url}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(CA.get().expect("the test CA")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Site { addr: ([127, 0, 0, 1], port).into(), tls: Arc::new(tls) }
+    }
+
+    /// GET `path`: the body of a 2xx answer; None for any other answer, a refused or cut
+    /// connection, a bad certificate or a timeout.
+    fn get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let limit = Duration::from_secs(10);
+        let tcp = std::net::TcpStream::connect_timeout(&self.addr, limit).ok()?;
+        tcp.set_read_timeout(Some(limit)).ok()?;
+        tcp.set_write_timeout(Some(limit)).ok()?;
+        // The request follows TLS's last handshake record at once (not after the server's
+        // delayed acknowledgement, 40 ms).
+        tcp.set_nodelay(true).ok()?;
+        let name = rustls::pki_types::ServerName::try_from(HOST).ok()?;
+        let mut s = rustls::StreamOwned::new(rustls::ClientConnection::new(self.tls.clone(), name).ok()?, tcp);
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {HOST}\r\nUser-Agent: sgbox-e2e\r\n\r\n").as_bytes()).ok()?;
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => {}
+            // Closed without TLS's close_notify: the answer counts only if it is whole (below).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(_) => return None,
+        }
+        let answer = String::from_utf8_lossy(&buf);
+        let (head, body) = answer.split_once("\r\n\r\n")?;
+        let code: u16 = head.split(' ').nth(1)?.parse().ok()?;
+        let length = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
+        });
+        let whole = length.is_none_or(|n| body.len() == n);
+        ((200..300).contains(&code) && whole).then(|| body.to_string())
+    }
+}
+
 fn get(url: &str) -> Option<String> {
     let out = std::process::Command::new("curl").arg("-f").args(curl_to(url)).output().ok()?;
     out.status.success().then(|| text(&out.stdout))
@@ -601,11 +664,13 @@ fn local_box_lifecycle() {
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
     let searched: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let site = Arc::new(Site::new(&url));
+    assert_eq!(site.get("/__version").map(|v| v.trim().to_string()).as_deref(), Some(MID), "the pollers' client reads what curl reads");
     let poll = |seen: &Arc<Mutex<Vec<Option<String>>>>, path: &'static str| {
-        let (stop, seen, url) = (stop.clone(), seen.clone(), url.clone());
+        let (stop, seen, site) = (stop.clone(), seen.clone(), site.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let v = get(&format!("{url}{path}")).map(|s| s.trim().to_string());
+                let v = site.get(path).map(|s| s.trim().to_string());
                 seen.lock().unwrap().push(v);
                 std::thread::sleep(Duration::from_millis(100));
             }
