@@ -88,12 +88,16 @@ fn test_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std
     (ca, leaf, key)
 }
 
+/// The forwarded port in the box's site URL, `https://HOST:port/...` (None for another URL).
+fn https_port(url: &str) -> Option<&str> {
+    url.strip_prefix(&format!("https://{HOST}:")).map(|rest| rest.split('/').next().unwrap_or(""))
+}
+
 /// curl's arguments to reach `url` on the box: HOST resolved to the local forward, the test CA
 /// trusted (the certificate is checked for real from here).
 fn curl_to(url: &str) -> Vec<String> {
     let mut a = vec!["-sS".to_string(), "-m".into(), "10".into()];
-    if let Some(rest) = url.strip_prefix(&format!("https://{HOST}:")) {
-        let port = rest.split('/').next().unwrap_or("");
+    if let Some(port) = https_port(url) {
         a.extend(["--resolve".into(), format!("{HOST}:{port}:127.0.0.1"), "--cacert".into(), CA.get().expect("the test CA").display().to_string()]);
     }
     a.push(url.to_string());
@@ -113,11 +117,7 @@ struct Site {
 impl Site {
     fn new(url: &str) -> Site {
         use rustls::pki_types::pem::PemObject;
-        let port: u16 = url
-            .strip_prefix(&format!("https://{HOST}:"))
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("not the box's https URL: {url}"));
+        let port: u16 = https_port(url).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("not the box's https URL: {url}"));
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls::pki_types::CertificateDer::pem_file_iter(CA.get().expect("the test CA")).unwrap() {
             roots.add(cert.unwrap()).unwrap();

