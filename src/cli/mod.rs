@@ -351,12 +351,34 @@ pub struct ImageArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build a base image. Local: Debian 13 from Debian packages with debootstrap (offline but
-    /// for the package mirror; needs root), with Docker and Compose inside.
+    /// Build a machine image. AWS: an AMI with a Sourcegraph release baked in (a temporary
+    /// builder bakes it and is removed; copies to other regions; public only when asked). Local:
+    /// Debian 13 from Debian packages with debootstrap (offline but for the package mirror;
+    /// needs root), with Docker and Compose inside.
     Build {
         /// Which cloud the image is for.
         #[arg(long, value_name = "CLOUD")]
         cloud: String,
+        /// AWS: the Sourcegraph release to bake in (exact, or a minor for its newest patch)
+        /// [default: the newest].
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+        /// AWS: the region to build in [default: AWS_REGION's or the profile's].
+        #[arg(long, value_name = "REGION")]
+        region: Option<String>,
+        /// AWS: regions to copy the image to, comma-separated.
+        #[arg(long, value_name = "REGIONS", value_delimiter = ',')]
+        copy_to: Vec<String>,
+        /// AWS: share the image with everyone (its snapshots are then unencrypted). Refused
+        /// before anything is built when the account blocks public AMI sharing.
+        #[arg(long)]
+        public: bool,
+        /// AWS: print what would be built and created, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// AWS: how long the whole build may take (the bake pulls every image of the release).
+        #[arg(long, value_name = "DURATION", default_value = "60m")]
+        timeout: String,
         /// Output folder [default: the per-user cache, where `up --cloud local` looks first].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,

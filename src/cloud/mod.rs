@@ -15,6 +15,7 @@
 //! user can fix is a [`UserError`] inside, so it keeps exit code 2 through anyhow's chain.
 
 pub mod aws;
+pub mod image_spec;
 pub mod local;
 pub mod spec;
 

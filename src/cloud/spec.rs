@@ -33,6 +33,9 @@ pub struct Spec {
     /// Who may reach HTTP(S) (the SSH CIDR unless the user opened it).
     pub web_cidr: Option<IpNet>,
     pub allow_undersized: bool,
+    /// The release whose baked image (`sgbox image build`) the box can boot from: its own, when
+    /// it uses the official image references a baked image holds (no registry mirror).
+    pub baked_release: Option<String>,
     pub aws: AwsSettings,
     pub local: LocalSettings,
     pub resources: Vec<PlannedResource>,
@@ -52,6 +55,7 @@ impl Spec {
             ssh_cidr: s.ssh_cidr,
             web_cidr: s.web_cidr(),
             allow_undersized: s.allow_undersized,
+            baked_release: s.registry_mirror.is_none().then(|| s.version.to_string()),
             aws: s.aws.clone(),
             local: s.local.clone(),
         }

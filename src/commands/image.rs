@@ -1,20 +1,39 @@
-//! `sgbox image build`: base images. Local: Debian 13 built offline (but for the package
-//! mirror) with debootstrap, into the cache folder `up --cloud local` uses by default.
+//! `sgbox image build`: machine images. AWS: an AMI with a Sourcegraph release baked in
+//! (`cloud::aws::image`, from the pure `cloud::image_spec`), copied and published as asked, and
+//! a manifest of what exists where. Local: Debian 13 built offline (but for the package mirror)
+//! with debootstrap, into the cache folder `up --cloud local` uses by default.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use serde_json::json;
 
+use super::boxctl::{parse_duration, runtime};
 use super::Context;
 use crate::cli::{ImageArgs, ImageCommand};
+use crate::cloud::aws::image::AwsImages;
+use crate::cloud::image_spec::{ImageRequest, ImageSpec};
 use crate::cloud::{self, local::image, local::image::Built};
 use crate::error::UserError;
 use crate::output::{self, Phase};
-use crate::settings::Cloud;
+use crate::settings::{Cloud, Layer, Settings};
 use crate::state::cache_root;
 
 pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
-    let ImageCommand::Build { cloud, out, mirror, force } = args.command;
+    let ImageCommand::Build { cloud, out, mirror, force, version, region, copy_to, public, dry_run, timeout } = args.command;
     let cloud: Cloud = cloud.parse().map_err(|m| UserError::field("--cloud", m).hint("use aws, gcp or local"))?;
+    if cloud == Cloud::Aws {
+        if out.is_some() || mirror.is_some() || force {
+            return Err(UserError::field("--out", "--out, --mirror and --force are for --cloud local")
+                .hint("drop them; an AMI is found again by its recipe, so a re-run builds nothing twice")
+                .into());
+        }
+        let timeout = parse_duration("--timeout", &timeout)?;
+        return aws(version, region, copy_to, public, dry_run, timeout);
+    }
+    if cloud == Cloud::Local && (version.is_some() || region.is_some() || !copy_to.is_empty() || public || dry_run) {
+        return Err(UserError::field("--version", "--version, --region, --copy-to, --public and --dry-run are for --cloud aws")
+            .hint("the local base image holds no release yet: `sgbox image build --cloud local` builds Debian 13 with Docker")
+            .into());
+    }
     let out = match out {
         Some(o) => o,
         None => cache_root()?.join("images").join(image::IMAGE_DIR_NAME),
@@ -41,4 +60,104 @@ pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
     println!("  built {} in {:.0} s{}", m.built_at, m.build_seconds, if cached { " (reused)" } else { "" });
     println!("Use it: sgbox up --cloud local   (or --base-image {})", out.display());
     Ok(())
+}
+
+/// Settings of the image's box: the release and the region, checked as `up` checks them.
+fn image_settings(version: Option<&str>, region: Option<&str>) -> Result<Settings, UserError> {
+    let layer =
+        Layer::from_flags([("cloud", Some("aws".to_string())), ("version", version.map(str::to_string)), ("region", region.map(str::to_string))]);
+    Settings::resolve(&layer)
+}
+
+fn aws(
+    version: Option<String>,
+    region: Option<String>,
+    copy_to: Vec<String>,
+    public: bool,
+    dry_run: bool,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let settings = image_settings(version.as_deref(), region.as_deref())?;
+    let mut copies: Vec<String> = Vec::new();
+    for r in copy_to.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+        image_settings(None, Some(r)).map_err(|e| UserError { field: Some("--copy-to".into()), ..e })?;
+        if !copies.iter().any(|c| c == r) {
+            copies.push(r.to_string());
+        }
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let mut loader = crate::cloud::aws::Aws::loader();
+        if let Some(r) = &settings.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        let conf = loader.load().await;
+        let region = match settings.region.clone().or_else(|| conf.region().map(|r| r.to_string())) {
+            Some(r) => r,
+            None => {
+                return Err(UserError::field("--region", "no region was given, and AWS_REGION and the profile name none")
+                    .hint("pass --region, e.g. --region us-east-1 (Marketplace wants the source image there)")
+                    .into())
+            }
+        };
+        copies.retain(|c| *c != region);
+        let spec = ImageSpec::of(&ImageRequest { settings: &settings, region, copy_to: copies, public, now: std::time::SystemTime::now() });
+        let journal = cache_root()?.join("image-builds");
+        let builder = AwsImages::new(conf, journal, &spec);
+        let p = Phase::start("checking regions and permissions");
+        if let Err(e) = builder.preflight(&spec).await {
+            p.fail();
+            return Err(anyhow::Error::from(e));
+        }
+        p.done();
+        if dry_run {
+            if output::json() {
+                return output::result_json(json!({ "dry_run": true, "cloud": "aws", "spec": spec }));
+            }
+            for l in spec.plan_lines() {
+                println!("{l}");
+            }
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let p = Phase::start(format!("image {} (Sourcegraph {})", spec.name, spec.release));
+        let images = match builder.build(&spec, timeout, &|m: &str| output::note(format!("  {m}"))).await {
+            Ok(i) => {
+                p.done();
+                i
+            }
+            Err(e) => {
+                p.fail();
+                return Err(anyhow::Error::from(e)).context("building the image (temporary resources were removed)");
+            }
+        };
+        let manifest = json!({
+            "cloud": "aws",
+            "name": spec.name,
+            "release": spec.release,
+            "recipe": spec.recipe,
+            "sgbox_version": spec.sgbox_version,
+            "images": images,
+            "digests": spec.images.iter().map(|(s, r)| (s.clone(), serde_json::Value::String(r.clone()))).collect::<serde_json::Map<_, _>>(),
+            "deprecate_at": spec.deprecate_at,
+            "public": spec.public,
+            "build_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "built_at": crate::state::now_rfc3339(),
+        });
+        if output::json() {
+            return output::result_json(manifest);
+        }
+        println!("Image {} (Sourcegraph {}):", spec.name, spec.release);
+        for i in &images {
+            println!(
+                "  {:<16} {}{}{}",
+                i.region,
+                i.image_id,
+                if i.public { "  public" } else { "" },
+                if i.reused { "  (already built)" } else { "" }
+            );
+        }
+        println!("Launch it: sgbox up --cloud aws --version {}   (finds it by its tags; or --image-id)", spec.release);
+        Ok(())
+    })
 }

@@ -15,9 +15,16 @@
 - --pending-snapshots N: the first N answers of DescribeSnapshots show each snapshot `pending`, at a
   progress growing to 90%: EBS copies a snapshot in the background, for up to an hour.
 - --log FILE: one JSON line per call: action, forwarded, status, and the call's form parameters.
+- --play FILE: AWS's part where moto has none, read from FILE (JSON) at every call, so a test can
+  change it while sgbox runs: "console" {instance id: text} answers GetConsoleOutput for those
+  instances (a test plays an image builder whose bake prints to its console; moto's console is a
+  fixed text); "image_block_public_access" (e.g. "unblocked", "block-new-sharing") answers
+  GetImageBlockPublicAccessState; "image_deprecation": true answers EnableImageDeprecation
+  (moto 5.2.5 implements neither) for an image moto has.
 The action is the EC2 Query API's `Action=` form field, or the X-Amz-Target header (SSM).
 """
 import argparse
+import base64
 import json
 import random
 import re
@@ -59,6 +66,7 @@ def main():
     ap.add_argument("--log", default="")
     ap.add_argument("--lag", action="store_true")
     ap.add_argument("--pending-snapshots", type=int, default=0)
+    ap.add_argument("--play", default="")
     ap.add_argument("--stale", action="append", default=[], help="KIND: start as if KIND (instance, volume, address, snapshot) was just created")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -85,6 +93,12 @@ def main():
                 action = (q.get("Action") or [""])[0]
             params = {k: v[0] for k, v in q.items() if k != "Action"}
             self.params = params
+            played = self._play(action, params)
+            if played is not None:
+                status, payload = played
+                self._reply(status, "text/xml", payload.encode(), {})
+                self._log(action, False, status)
+                return
             if a.lag and action in LAGGED_READS:
                 kind, id_param, code, root, set_name = LAGGED_READS[action]
                 with lock:
@@ -144,6 +158,36 @@ def main():
                 while True:
                     time.sleep(3600)
             self._reply(status, headers.get("Content-Type", "text/xml"), payload, headers)
+
+        def _play(self, action, params):
+            if not a.play:
+                return None
+            try:
+                with open(a.play) as f:
+                    play = json.load(f)
+            except (OSError, ValueError):
+                return None
+            ns = 'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"'
+            if action == "GetConsoleOutput" and params.get("InstanceId") in play.get("console", {}):
+                text = play["console"][params["InstanceId"]]
+                out = base64.b64encode(text.encode()).decode()
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+                return 200, (
+                    f'<?xml version="1.0" encoding="UTF-8"?><GetConsoleOutputResponse {ns}><requestId>fault-proxy</requestId>'
+                    f'<instanceId>{params["InstanceId"]}</instanceId><timestamp>{stamp}</timestamp><output>{out}</output></GetConsoleOutputResponse>'
+                )
+            if action == "GetImageBlockPublicAccessState" and "image_block_public_access" in play:
+                return 200, (
+                    f'<?xml version="1.0" encoding="UTF-8"?><GetImageBlockPublicAccessStateResponse {ns}><requestId>fault-proxy</requestId>'
+                    f'<imageBlockPublicAccessState>{play["image_block_public_access"]}</imageBlockPublicAccessState><managedBy>account</managedBy>'
+                    f"</GetImageBlockPublicAccessStateResponse>"
+                )
+            if action == "EnableImageDeprecation" and play.get("image_deprecation"):
+                return 200, (
+                    f'<?xml version="1.0" encoding="UTF-8"?><EnableImageDeprecationResponse {ns}><requestId>fault-proxy</requestId>'
+                    f"<return>true</return></EnableImageDeprecationResponse>"
+                )
+            return None
 
         def _reply(self, status, ctype, payload, headers):
             self.send_response(status)

@@ -2,6 +2,8 @@
 //! through the standard AWS_ENDPOINT_URL: no test-only code path in sgbox. Every claim is checked
 //! with independent reads (boto3), not with sgbox's own output.
 
+mod image;
+
 use crate::common::moto::{Moto, Proxy, DEBIAN_AMI, OLD_DEBIAN_AMI};
 use crate::common::{run, sgbox, text};
 use serde_json::Value;

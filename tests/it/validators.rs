@@ -373,3 +373,36 @@ fn workflow_linters_reject_a_broken_workflow() {
         text(&o.stderr)
     );
 }
+
+/// The image builder's bake user-data (what `image build --cloud aws` gives the builder, shown by
+/// its dry run; moto answers the dry run's region check) passes cloud-init's own schema, and the
+/// bake script in it parses as POSIX sh (dash, as on the box).
+#[test]
+fn the_image_bake_user_data_passes_cloud_init_schema_and_sh() {
+    let moto = crate::common::moto::Moto::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = sgbox(tmp.path());
+    moto.env(&mut c, &moto.url());
+    c.env("SGBOX_CACHE_DIR", tmp.path().join("cache"));
+    c.args(["image", "build", "--cloud", "aws", "--version", "7.5", "--region", "us-east-1", "--dry-run", "--output", "json"]);
+    let o = run(&mut c);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ud = v["spec"]["bake_user_data"].as_str().unwrap();
+    let f = tmp.path().join("bake-user-data");
+    std::fs::write(&f, ud).unwrap();
+    let o = cloud_init_schema(&cloud_init_bin(), &[f]);
+    assert!(o.status.success(), "cloud-init's schema rejected the bake user-data:\n{}{}\n{ud}", text(&o.stdout), text(&o.stderr));
+    // The script as cloud-init writes it: the block under its path, unindented.
+    let script: String = ud
+        .split("path: /usr/local/sbin/sgbox-bake\n")
+        .nth(1)
+        .and_then(|rest| rest.split("    content: |\n").nth(1))
+        .map(|body| body.lines().take_while(|l| l.is_empty() || l.starts_with("      ")).map(|l| format!("{}\n", l.get(6..).unwrap_or(""))).collect())
+        .expect("the bake script in the user-data");
+    assert!(script.starts_with("#!/bin/sh\n") && script.contains("systemctl poweroff"), "{script}");
+    let sh = tmp.path().join("sgbox-bake");
+    std::fs::write(&sh, &script).unwrap();
+    let o = Command::new("dash").arg("-n").arg(&sh).output().expect("dash is installed");
+    assert!(o.status.success(), "the bake script does not parse: {}", text(&o.stderr));
+}

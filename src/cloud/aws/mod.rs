@@ -36,6 +36,7 @@ use aws_smithy_runtime_api::client::waiters::error::WaiterError;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+pub mod image;
 pub mod lookup;
 pub mod policy;
 
@@ -140,6 +141,53 @@ fn waited<O, E: std::fmt::Debug>(what: &str, timeout: Duration) -> impl FnOnce(W
 
 fn code_of<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>) -> Option<String> {
     e.as_service_error().and_then(|s| s.code()).map(str::to_string)
+}
+
+/// Debian 13's AMI in a region: Debian's public SSM parameter, else Debian's images by owner.
+/// Any other refusal (credentials, policy) is reported, not papered over.
+pub(crate) async fn debian_ami(ec2: &aws_sdk_ec2::Client, ssm: &aws_sdk_ssm::Client, region: &str) -> Result<String> {
+    let via_ssm = match ssm.get_parameter().name(DEBIAN_SSM_PARAMETER).send().await {
+        Ok(o) => o.parameter().and_then(|p| p.value()).map(str::to_string),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_parameter_not_found()) => None,
+        Err(e) => return Err(api("GetParameter")(e)),
+    };
+    if let Some(id) = via_ssm {
+        return Ok(id);
+    }
+    let out = ec2
+        .describe_images()
+        .owners(DEBIAN_OWNER)
+        .filters(Filter::builder().name("name").values("debian-13-amd64-*").build())
+        .filters(Filter::builder().name("architecture").values("x86_64").build())
+        .filters(Filter::builder().name("state").values("available").build())
+        .send()
+        .await
+        .map_err(api("DescribeImages"))?;
+    let mut imgs: Vec<_> = out.images().to_vec();
+    imgs.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()));
+    imgs.last().and_then(|i| i.image_id()).map(str::to_string).ok_or_else(|| {
+        failed("finding the Debian 13 AMI", format!("neither {DEBIAN_SSM_PARAMETER} nor Debian's images (owner {DEBIAN_OWNER}) exist in {region}"))
+    })
+}
+
+/// The newest finished image of `release` baked by sgbox in this account and region, holding the
+/// official image references: (id, name).
+async fn baked_image(ec2: &aws_sdk_ec2::Client, release: &str) -> Result<Option<(String, String)>> {
+    use crate::cloud::image_spec::{TAG_COMPLETE, TAG_REFS, TAG_RELEASE};
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name(format!("tag:{TAG_RELEASE}")).values(release).build())
+        .filters(Filter::builder().name(format!("tag:{TAG_REFS}")).values("official").build())
+        .filters(Filter::builder().name(format!("tag:{TAG_COMPLETE}")).values("true").build())
+        .filters(Filter::builder().name(format!("tag:{TAG_MANAGED}")).values("true").build())
+        .filters(Filter::builder().name("state").values("available").build())
+        .send()
+        .await
+        .map_err(api("DescribeImages"))?;
+    let mut imgs: Vec<_> = out.images().to_vec();
+    imgs.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()));
+    Ok(imgs.last().map(|i| (i.image_id().unwrap_or_default().to_string(), i.name().unwrap_or_default().to_string())))
 }
 
 impl Aws {
@@ -426,6 +474,14 @@ impl Aws {
         let rec = self.record();
         let img = self.ec2.describe_images().image_ids(&image.id).send().await.map_err(api("DescribeImages"))?;
         let root = img.images().first().and_then(|i| i.root_device_name()).unwrap_or("/dev/xvda").to_string();
+        // A baked image's root snapshot may be larger than the default root disk.
+        let snapshot_gb = img
+            .images()
+            .first()
+            .and_then(|i| i.block_device_mappings().iter().find(|m| m.device_name() == Some(root.as_str())))
+            .and_then(|m| m.ebs())
+            .and_then(|e| e.volume_size())
+            .unwrap_or(0);
         let sg = rec.security_group.clone().ok_or_else(|| failed("creating the instance", "no security group recorded"))?;
         let key = rec.key_pair.clone().ok_or_else(|| failed("creating the instance", "no key pair recorded"))?;
         let token = self.token("instance")?;
@@ -453,7 +509,7 @@ impl Aws {
                     .device_name(root)
                     .ebs(
                         EbsBlockDevice::builder()
-                            .volume_size(ROOT_GB)
+                            .volume_size(ROOT_GB.max(snapshot_gb))
                             .volume_type(VolumeType::Gp3)
                             .encrypted(true)
                             .delete_on_termination(true)
@@ -653,36 +709,15 @@ impl Machine for Aws {
             self.update(|r| r.image = Some(id.clone()))?;
             return Ok(BaseImage { id: id.clone(), description: format!("{id} ({name}, given by image-id)") });
         }
-        // Debian's public parameter; where a region lacks it, Debian's images by owner. Any other
-        // refusal (credentials, policy) is reported, not papered over.
-        let via_ssm = match self.ssm.get_parameter().name(DEBIAN_SSM_PARAMETER).send().await {
-            Ok(o) => o.parameter().and_then(|p| p.value()).map(str::to_string),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_parameter_not_found()) => None,
-            Err(e) => return Err(api("GetParameter")(e)),
-        };
-        let id = match via_ssm {
-            Some(id) => id,
-            None => {
-                let out = self
-                    .ec2
-                    .describe_images()
-                    .owners(DEBIAN_OWNER)
-                    .filters(Filter::builder().name("name").values("debian-13-amd64-*").build())
-                    .filters(Filter::builder().name("architecture").values("x86_64").build())
-                    .filters(Filter::builder().name("state").values("available").build())
-                    .send()
-                    .await
-                    .map_err(api("DescribeImages"))?;
-                let mut imgs: Vec<_> = out.images().to_vec();
-                imgs.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()));
-                imgs.last().and_then(|i| i.image_id()).map(str::to_string).ok_or_else(|| {
-                    failed(
-                        "finding the Debian 13 AMI",
-                        format!("neither {DEBIAN_SSM_PARAMETER} nor Debian's images (owner {DEBIAN_OWNER}) exist in {}", self.region),
-                    )
-                })?
+        // A baked image of the release (`sgbox image build`), the newest, when the box uses the
+        // official image references it holds; else plain Debian 13, which pulls at first boot.
+        if let Some(release) = self.spec.baked_release.as_deref() {
+            if let Some((id, name)) = baked_image(&self.ec2, release).await? {
+                self.update(|r| r.image = Some(id.clone()))?;
+                return Ok(BaseImage { description: format!("{id} ({name}: Sourcegraph {release} baked in)"), id });
             }
-        };
+        }
+        let id = debian_ami(&self.ec2, &self.ssm, &self.region).await?;
         self.update(|r| r.image = Some(id.clone()))?;
         Ok(BaseImage { description: format!("{id} (Debian 13)"), id })
     }
