@@ -359,8 +359,8 @@ pub enum ImageCommand {
         /// Which cloud the image is for.
         #[arg(long, value_name = "CLOUD")]
         cloud: String,
-        /// AWS: the Sourcegraph release to bake in (exact, or a minor for its newest patch)
-        /// [default: the newest].
+        /// The Sourcegraph release to bake in (exact, or a minor for its newest patch). AWS:
+        /// required [default: the newest]; local: without it, only the Debian 13 base image.
         #[arg(long, value_name = "VERSION")]
         version: Option<String>,
         /// AWS: the region to build in [default: AWS_REGION's or the profile's].
@@ -369,16 +369,27 @@ pub enum ImageCommand {
         /// AWS: regions to copy the image to, comma-separated.
         #[arg(long, value_name = "REGIONS", value_delimiter = ',')]
         copy_to: Vec<String>,
-        /// AWS: share the image with everyone (its snapshots are then unencrypted). Refused
-        /// before anything is built when the account blocks public AMI sharing.
+        /// AWS: share the image with everyone (implies --unencrypted). Refused before anything
+        /// is built when the account blocks public AMI sharing.
         #[arg(long)]
         public: bool,
+        /// AWS: unencrypted snapshots, so that the image can be made public later (by a run
+        /// with --public, which then finds this image); still private.
+        #[arg(long)]
+        unencrypted: bool,
         /// AWS: print what would be built and created, and change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// AWS: how long the whole build may take (the bake pulls every image of the release).
+        /// How long the whole build may take (the bake pulls every image of the release).
         #[arg(long, value_name = "DURATION", default_value = "60m")]
         timeout: String,
+        /// The registry the bake pulls from, as for `up` (the image then holds the mirror's
+        /// references, which boxes with the same mirror use).
+        #[arg(long, value_name = "URL")]
+        registry_mirror: Option<String>,
+        /// How the mirror holds the images: digest or tags-only, as for `up`.
+        #[arg(long, value_name = "MODE")]
+        mirror_mode: Option<String>,
         /// Output folder [default: the per-user cache, where `up --cloud local` looks first].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,

@@ -70,6 +70,9 @@ pub struct ImageRequest<'a> {
     pub region: String,
     pub copy_to: Vec<String>,
     pub public: bool,
+    /// Encrypted snapshots (AWS shares no public AMI with encrypted ones): false with `--public`
+    /// or `--unencrypted`.
+    pub encrypted: bool,
     pub now: std::time::SystemTime,
 }
 
@@ -78,7 +81,7 @@ impl ImageSpec {
         let s = r.settings;
         let release = s.release();
         let images: Vec<(String, String)> = release.services.iter().map(|(name, img)| (name.clone(), image_ref(img, s))).collect();
-        let encrypted = !r.public;
+        let encrypted = r.encrypted && !r.public;
         let packages = packages(s.cloud);
         let insecure = s.registry_mirror.as_ref().filter(|m| m.insecure).map(|m| m.base.split('/').next().unwrap_or("").to_string());
         let mut h = Sha256::new();
@@ -237,7 +240,7 @@ mod tests {
         let layer = Layer::from_flags(pairs.iter().map(|(k, v)| (*k, Some(v.to_string()))));
         let s = Settings::resolve(&layer).unwrap();
         let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000);
-        ImageSpec::of(&ImageRequest { settings: &s, region: "us-east-1".into(), copy_to: vec!["eu-west-1".into()], public, now })
+        ImageSpec::of(&ImageRequest { settings: &s, region: "us-east-1".into(), copy_to: vec!["eu-west-1".into()], public, encrypted: !public, now })
     }
 
     #[test]
@@ -245,7 +248,9 @@ mod tests {
         let a = spec(&[("cloud", "aws"), ("version", "7.5.4453")], false);
         assert_eq!(a.recipe, spec(&[("cloud", "aws"), ("version", "7.5.4453")], false).recipe, "the same inputs, the same recipe");
         assert_ne!(a.recipe, spec(&[("cloud", "aws"), ("version", "7.4.0")], false).recipe, "another release");
-        assert_ne!(a.recipe, spec(&[("cloud", "aws"), ("version", "7.5.4453")], true).recipe, "public images are unencrypted: another image");
+        let public = spec(&[("cloud", "aws"), ("version", "7.5.4453")], true);
+        assert_ne!(a.recipe, public.recipe, "public images are unencrypted: another image");
+        assert!(!public.encrypted && public.public);
         assert!(a.name.starts_with("sgbox-sourcegraph-7.5.4453-") && a.name.ends_with(a.short()), "{}", a.name);
         assert!(a.encrypted && a.official_refs);
         assert!(a.images.iter().all(|(_, r)| r.starts_with("index.docker.io/") && r.contains("@sha256:")), "pulled by digest: {:?}", a.images);

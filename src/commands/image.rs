@@ -3,6 +3,8 @@
 //! a manifest of what exists where. Local: Debian 13 built offline (but for the package mirror)
 //! with debootstrap, into the cache folder `up --cloud local` uses by default.
 
+use std::path::PathBuf;
+
 use anyhow::{Context as _, Result};
 use serde_json::json;
 
@@ -18,7 +20,22 @@ use crate::settings::{Cloud, Layer, Settings};
 use crate::state::cache_root;
 
 pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
-    let ImageCommand::Build { cloud, out, mirror, force, version, region, copy_to, public, dry_run, timeout } = args.command;
+    let ImageCommand::Build {
+        cloud,
+        out,
+        mirror,
+        force,
+        version,
+        region,
+        copy_to,
+        public,
+        unencrypted,
+        dry_run,
+        timeout,
+        registry_mirror,
+        mirror_mode,
+    } = args.command;
+    let registry = (registry_mirror, mirror_mode);
     let cloud: Cloud = cloud.parse().map_err(|m| UserError::field("--cloud", m).hint("use aws, gcp or local"))?;
     if cloud == Cloud::Aws {
         if out.is_some() || mirror.is_some() || force {
@@ -27,18 +44,23 @@ pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
                 .into());
         }
         let timeout = parse_duration("--timeout", &timeout)?;
-        return aws(version, region, copy_to, public, dry_run, timeout);
+        return aws(version, region, copy_to, (public, unencrypted), dry_run, timeout, registry);
     }
-    if cloud == Cloud::Local && (version.is_some() || region.is_some() || !copy_to.is_empty() || public || dry_run) {
-        return Err(UserError::field("--version", "--version, --region, --copy-to, --public and --dry-run are for --cloud aws")
-            .hint("the local base image holds no release yet: `sgbox image build --cloud local` builds Debian 13 with Docker")
+    if cloud == Cloud::Local && (region.is_some() || !copy_to.is_empty() || public || unencrypted || dry_run) {
+        return Err(UserError::field("--region", "--region, --copy-to, --public, --unencrypted and --dry-run are for --cloud aws")
+            .hint("a local image stays on this machine: `sgbox image build --cloud local [--version X --registry-mirror URL]`")
             .into());
     }
-    let out = match out {
-        Some(o) => o,
-        None => cache_root()?.join("images").join(image::IMAGE_DIR_NAME),
+    let timeout = parse_duration("--timeout", &timeout)?;
+    let base_dir = cache_root()?.join("images").join(image::IMAGE_DIR_NAME);
+    let out = match (&version, out) {
+        (_, Some(o)) => o,
+        (None, None) => base_dir.clone(),
+        // Decided below, from the recipe.
+        (Some(_), None) => PathBuf::new(),
     };
-    let builder = cloud::image_builder(cloud, out.clone(), mirror, force)?;
+    let base_out = if version.is_some() { base_dir } else { out.clone() };
+    let builder = cloud::image_builder(cloud, base_out.clone(), mirror, force)?;
     let p = Phase::start("local base image (Debian 13)");
     let built = match builder.build(&|m| output::note(format!("  {m}"))) {
         Ok(b) => b,
@@ -52,6 +74,9 @@ pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
         Built::Cached(m) => (m, true),
     };
     p.done_with(if cached { "already built (same recipe)" } else { "built" });
+    if let Some(v) = version {
+        return local_bake(&base_out, &m, if out.as_os_str().is_empty() { None } else { Some(out) }, &v, registry, timeout);
+    }
     if output::json() {
         return output::result_json(json!({ "cloud": "local", "dir": out, "cached": cached, "image": m }));
     }
@@ -69,15 +94,81 @@ fn image_settings(version: Option<&str>, region: Option<&str>) -> Result<Setting
     Settings::resolve(&layer)
 }
 
+/// A Sourcegraph release baked into the local base image (`cloud::local::bake`).
+fn local_bake(
+    base_dir: &std::path::Path,
+    base: &image::ImageManifest,
+    out: Option<PathBuf>,
+    version: &str,
+    (mirror, mode): (Option<String>, Option<String>),
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let layer = Layer::from_flags([
+        ("cloud", Some("local".to_string())),
+        ("version", Some(version.to_string())),
+        ("registry-mirror", mirror),
+        ("mirror-mode", mode),
+    ]);
+    let settings = Settings::resolve(&layer)?;
+    let spec = ImageSpec::of(&ImageRequest {
+        settings: &settings,
+        region: "local".into(),
+        copy_to: vec![],
+        public: false,
+        encrypted: false,
+        now: std::time::SystemTime::now(),
+    });
+    let out = out.unwrap_or_else(|| cloud::local::bake::out_dir(base_dir, &spec));
+    let boot = image::open(base_dir)?;
+    let cache = cache_root()?;
+    let (accel, why) = cloud::local::qemu::choose_accel(crate::settings::Accel::Auto, &boot, &cache)
+        .map_err(|m| UserError::field("accel", m).hint("the bake runs under TCG when KVM cannot"))?;
+    if let Some(w) = why {
+        output::note(w);
+    }
+    let p = Phase::start(format!("local image with Sourcegraph {} baked in", spec.release));
+    let (m, cached) = match cloud::local::bake::bake(&boot, base, &out, &spec, accel, timeout, &|m| output::note(format!("  {m}"))) {
+        Ok(r) => r,
+        Err(e) => {
+            p.fail();
+            return Err(e);
+        }
+    };
+    p.done_with(if cached { "already baked (same recipe)" } else { "baked" });
+    if output::json() {
+        return output::result_json(json!({
+            "cloud": "local",
+            "dir": out,
+            "cached": cached,
+            "image": m,
+            "release": spec.release,
+            "recipe": spec.recipe,
+            "digests": spec.images.iter().map(|(s, r)| (s.clone(), serde_json::Value::String(r.clone()))).collect::<serde_json::Map<_, _>>(),
+        }));
+    }
+    println!("Local image with Sourcegraph {}: {}", spec.release, out.display());
+    println!("  baked {} in {:.0} s{}", m.built_at, m.build_seconds, if cached { " (reused)" } else { "" });
+    println!("Use it: sgbox up --cloud local --version {} --base-image {}   (pulls nothing for the release)", spec.release, out.display());
+    Ok(())
+}
+
 fn aws(
     version: Option<String>,
     region: Option<String>,
     copy_to: Vec<String>,
-    public: bool,
+    (public, unencrypted): (bool, bool),
     dry_run: bool,
     timeout: std::time::Duration,
+    (mirror, mode): (Option<String>, Option<String>),
 ) -> Result<()> {
-    let settings = image_settings(version.as_deref(), region.as_deref())?;
+    let layer = Layer::from_flags([
+        ("cloud", Some("aws".to_string())),
+        ("version", version.clone()),
+        ("region", region.clone()),
+        ("registry-mirror", mirror),
+        ("mirror-mode", mode),
+    ]);
+    let settings = Settings::resolve(&layer)?;
     let mut copies: Vec<String> = Vec::new();
     for r in copy_to.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
         image_settings(None, Some(r)).map_err(|e| UserError { field: Some("--copy-to".into()), ..e })?;
@@ -101,7 +192,14 @@ fn aws(
             }
         };
         copies.retain(|c| *c != region);
-        let spec = ImageSpec::of(&ImageRequest { settings: &settings, region, copy_to: copies, public, now: std::time::SystemTime::now() });
+        let spec = ImageSpec::of(&ImageRequest {
+            settings: &settings,
+            region,
+            copy_to: copies,
+            public,
+            encrypted: !(public || unencrypted),
+            now: std::time::SystemTime::now(),
+        });
         let journal = cache_root()?.join("image-builds");
         let builder = AwsImages::new(conf, journal, &spec);
         let p = Phase::start("checking regions and permissions");

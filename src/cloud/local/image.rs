@@ -74,6 +74,13 @@ pub struct ImageManifest {
     pub built_at: String,
     pub disk_bytes: u64,
     pub build_seconds: f64,
+    /// A baked image (`image build --cloud local --version`): the Sourcegraph release inside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// The bake's recipe (`cloud::image_spec`); with the base image's recipe, what makes two
+    /// baked images the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_recipe: Option<String>,
 }
 
 /// What QEMU boots.
@@ -354,6 +361,8 @@ fn build_in(work: &Path, opts: &BuildOptions, recipe: &str, started: std::time::
         built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         disk_bytes: fs::metadata(opts.out.join("base.qcow2"))?.len(),
         build_seconds: started.elapsed().as_secs_f64(),
+        release: None,
+        bake_recipe: None,
     };
     write_atomic(&opts.out.join("image.json"), serde_json::to_string_pretty(&m)?.as_bytes(), 0o644)?;
     Ok(m)
@@ -391,6 +400,8 @@ mod tests {
             recipe_sha256: recipe_sha256(),
             built_at: "2026-11-21T00:00:00Z".into(),
             disk_bytes: 1,
+            release: None,
+            bake_recipe: None,
             build_seconds: 1.0,
         };
         fs::write(tmp.path().join("image.json"), serde_json::to_string(&m).unwrap()).unwrap();

@@ -7,6 +7,7 @@
 //! Networking is QEMU's user mode: SSH, HTTP and HTTPS are forwarded from 127.0.0.1 only, and the
 //! guest reaches the host as 10.0.2.2 (a local registry mirror, for instance).
 
+pub mod bake;
 pub mod image;
 pub mod qemu;
 
@@ -210,35 +211,40 @@ impl Local {
     }
 
     fn write_seed(&self, instance_id: &str, user_data: &str) -> Result<()> {
-        let tmp = self.dir.join(".seed");
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).map_err(io_err("creating the seed folder"))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the seed folder"))?;
-        let meta = format!("instance-id: {instance_id}\nlocal-hostname: {}\n", self.spec.name);
-        write_atomic(&tmp.join("user-data"), user_data.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
-        write_atomic(&tmp.join("meta-data"), meta.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
-        let tool = iso_tool().ok_or_else(|| failed("making the seed", "no genisoimage, mkisofs or xorriso"))?;
-        let mut cmd = Command::new(&tool);
-        if tool.ends_with("xorriso") {
-            cmd.arg("-as").arg("mkisofs");
-        }
-        let out_tmp = self.dir.join(".seed.iso");
-        let out = cmd
-            .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
-            .arg(&out_tmp)
-            .arg(tmp.join("user-data"))
-            .arg(tmp.join("meta-data"))
-            .output()
-            .map_err(io_err("running the ISO tool"))?;
-        let _ = fs::remove_dir_all(&tmp);
-        if !out.status.success() {
-            return Err(failed("making the seed ISO", String::from_utf8_lossy(&out.stderr).trim().to_string()));
-        }
-        // The seed holds the user-data, so the database passwords: owner only.
-        fs::set_permissions(&out_tmp, fs::Permissions::from_mode(0o600)).map_err(io_err("restricting the seed"))?;
-        fs::rename(&out_tmp, &self.files.seed).map_err(io_err("placing the seed"))?;
-        Ok(())
+        make_seed(&self.dir, &self.files.seed, instance_id, &self.spec.name, user_data)
     }
+}
+
+/// A NoCloud seed ISO at `out` (mode 0600: a box's user-data names its secrets' places), made in
+/// `work`.
+pub fn make_seed(work: &Path, out: &Path, instance_id: &str, hostname: &str, user_data: &str) -> Result<()> {
+    let tmp = work.join(".seed");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io_err("creating the seed folder"))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the seed folder"))?;
+    let meta = format!("instance-id: {instance_id}\nlocal-hostname: {hostname}\n");
+    write_atomic(&tmp.join("user-data"), user_data.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
+    write_atomic(&tmp.join("meta-data"), meta.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
+    let tool = iso_tool().ok_or_else(|| failed("making the seed", "no genisoimage, mkisofs or xorriso"))?;
+    let mut cmd = Command::new(&tool);
+    if tool.ends_with("xorriso") {
+        cmd.arg("-as").arg("mkisofs");
+    }
+    let out_tmp = work.join(".seed.iso");
+    let o = cmd
+        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+        .arg(&out_tmp)
+        .arg(tmp.join("user-data"))
+        .arg(tmp.join("meta-data"))
+        .output()
+        .map_err(io_err("running the ISO tool"))?;
+    let _ = fs::remove_dir_all(&tmp);
+    if !o.status.success() {
+        return Err(failed("making the seed ISO", String::from_utf8_lossy(&o.stderr).trim().to_string()));
+    }
+    fs::set_permissions(&out_tmp, fs::Permissions::from_mode(0o600)).map_err(io_err("restricting the seed"))?;
+    fs::rename(&out_tmp, out).map_err(io_err("placing the seed"))?;
+    Ok(())
 }
 
 fn port_free(p: u16) -> bool {

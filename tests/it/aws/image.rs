@@ -236,22 +236,35 @@ fn image_build_bakes_copies_finishes_each_image_and_leaves_nothing_temporary() {
     assert!(err.contains("--public") && err.contains("block") && err.contains("fix:"), "{err}");
     assert_eq!(mutations(&proxy3), Vec::<String>::new(), "nothing was made");
 
-    // --public where it may: a public-safe image (unencrypted snapshots), shared with everyone in
-    // every region, and still nothing temporary left.
+    // The pipeline's way: an --unencrypted (public-safe, still private) image is built and tested,
+    // then --public finds that very image and only shares it, in every region.
     b.set_play(serde_json::json!({ "image_deprecation": true, "image_block_public_access": "unblocked" }));
     let proxy4 = b.proxy(None);
     let player = b.play_builder("ok");
-    let out = run(&mut b.cmd(&proxy4, &args));
+    let mut unenc = ARGS.to_vec();
+    unenc.push("--unencrypted");
+    let out = run(&mut b.cmd(&proxy4, &unenc));
     wait_player(player);
-    assert!(out.status.success(), "public build: {}", text(&out.stderr));
-    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_ne!(p["recipe"], m["recipe"], "an unencrypted image is another image");
-    assert!(p["images"].as_array().unwrap().iter().all(|i| i["public"] == true), "{p:#}");
+    assert!(out.status.success(), "unencrypted build: {}", text(&out.stderr));
+    let u: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(u["recipe"], m["recipe"], "an unencrypted image is another image");
+    assert!(u["images"].as_array().unwrap().iter().all(|i| i["public"] == false), "{u:#}");
     assert_eq!(calls(&proxy4, "RunInstances")[0]["BlockDeviceMapping.1.Ebs.Encrypted"], "false");
+    assert!(calls(&proxy4, "CopyImage").iter().all(|c| c["Encrypted"] == "false"));
+    let proxy5 = b.proxy(None);
+    let out = run(&mut b.cmd(&proxy5, &args));
+    assert!(out.status.success(), "public: {}", text(&out.stderr));
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["recipe"], u["recipe"], "--public finds the image --unencrypted built");
+    assert!(p["images"].as_array().unwrap().iter().all(|i| i["public"] == true && i["reused"] == true), "{p:#}");
+    assert!(calls(&proxy5, "RunInstances").is_empty() && calls(&proxy5, "CopyImage").is_empty(), "nothing built twice");
     let images = b.nothing_temporary();
     let public: Vec<&Value> = images.iter().filter(|i| i["LaunchPermissions"].to_string().contains("\"all\"")).collect();
     assert_eq!(public.len(), 3, "the public image in each region, the private ones still private: {images:#?}");
     assert!(public.iter().all(|i| tag(i, "sgbox:recipe").as_deref() == p["recipe"].as_str()));
+    for i in &public {
+        assert!(i["Snapshots"].as_array().unwrap().iter().all(|s| s["Encrypted"] == false), "public-safe snapshots: {i:#}");
+    }
 }
 
 #[test]
