@@ -5,7 +5,10 @@
 //! needs the fewest restarts (the snapshot restores swap the data disk while the VM runs; the
 //! reboot is a scenario of its own):
 //!
-//!  1. `up` at 5.9: healthy at the release (by our own GET and by `status`), the data disk and
+//!  0. 5.9 baked into the base image by a VM (`image build --cloud local --version`), the scrub
+//!     checked on the baked disk (no host key, machine id, login user, cloud-init state, Docker
+//!     identity; the release's images and /etc/sgbox/image.json there);
+//!  1. `up` at 5.9 from the baked image with the registry stopped (nothing can be pulled): healthy at the release (by our own GET and by `status`), the data disk and
 //!     Docker's root on it, sshd restricted; a re-run of `up` changes nothing; no password printed;
 //!  2. `upgrade` refusals with nothing changed: a downgrade (exit 2), `--dry-run` of 5.9 → 7.4,
 //!     a full data disk (exit 2);
@@ -195,6 +198,44 @@ fn checks_override(more: &str) -> String {
         }
     }
     y
+}
+
+/// The baked image's disk, read with debugfs (no boot): what the scrub must have removed is
+/// gone, and what the bake recorded is there. Two boxes from it then differ in host keys and
+/// machine id: neither is in the image, so each box makes its own at first boot.
+fn scrubbed(baked: &Path, n_images: usize) {
+    let raw = baked.with_extension("raw");
+    let o = std::process::Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(baked.join("base.qcow2")).arg(&raw).output().unwrap();
+    assert!(o.status.success(), "qemu-img convert: {}", text(&o.stderr));
+    let fs = |cmd: &str| {
+        let o = std::process::Command::new("debugfs").args(["-R", cmd]).arg(&raw).output().expect("debugfs (e2fsprogs) is installed");
+        format!("{}{}", text(&o.stdout), text(&o.stderr))
+    };
+    let ssh = fs("ls -p /etc/ssh");
+    assert!(ssh.contains("/sshd_config/"), "debugfs reads the image: {ssh}");
+    assert!(!ssh.contains("ssh_host_"), "no SSH host key in the image: {ssh}");
+    let id = fs("cat /etc/machine-id");
+    let id = id.lines().filter(|l| !l.starts_with("debugfs")).collect::<String>();
+    assert!(id.trim().is_empty() || id.trim() == "uninitialized", "no machine id in the image: {id}");
+    let home = fs("ls -p /home");
+    assert!(home.lines().filter(|l| l.starts_with('/')).all(|l| l.contains("/./") || l.contains("/../")), "no login user's home: {home}");
+    for (dir, gone) in [("/root", ".bash_history"), ("/root", ".ssh"), ("/usr/local/sbin", "sgbox-bake"), ("/etc/sgbox", "bake.env")] {
+        let l = fs(&format!("ls -p {dir}"));
+        assert!(!l.contains(&format!("/{gone}/")), "{dir}/{gone} is scrubbed: {l}");
+    }
+    let docker = fs("ls -p /var/lib/docker");
+    assert!(docker.contains("/image/") && docker.contains("/overlay2/"), "the baked images: {docker}");
+    for gone in ["engine-id", "containers", "network"] {
+        assert!(!docker.contains(&format!("/{gone}/")), "Docker's {gone} is scrubbed: {docker}");
+    }
+    let cloud = fs("ls -p /var/lib/cloud");
+    assert!(!cloud.contains("/instances/") && !cloud.contains("/instance/"), "cloud-init's state is cleaned: {cloud}");
+    let record = fs("cat /etc/sgbox/image.json");
+    let record = &record[record.find('{').unwrap_or(0)..];
+    let v: Value = serde_json::from_str(record.trim()).unwrap_or_else(|e| panic!("/etc/sgbox/image.json ({e}): {record}"));
+    assert_eq!(v["release"], OLD, "{v:#}");
+    assert_eq!(v["images"].as_object().map(|m| m.len()), Some(n_images), "every image of the release: {v:#}");
+    std::fs::remove_file(&raw).unwrap();
 }
 
 fn json_of(out: &std::process::Output) -> Value {
@@ -416,11 +457,32 @@ impl Drop for Teardown<'_> {
 #[ignore = "end to end on a real QEMU box (20+ minutes): .ci/test runs it with --include-ignored"]
 fn local_box_lifecycle() {
     let mut clock = Clock::new();
-    let image = base_image();
+    base_image();
     clock.lap("base image (built once, then cached)");
-    let registry = Registry::start();
+    let mut registry = Registry::start();
     registry.push_standins(&[OLD, WAYPOINT, MID, NEW]);
     clock.lap("registry with the stand-ins of 4 releases");
+
+    // 0. The first release baked into the base image (`image build --cloud local --version`: a
+    //    VM pulls it from the registry, scrubs itself, powers off), the scrub checked on the
+    //    baked disk itself; then the registry stops answering, and the box comes up from the
+    //    baked image pulling nothing.
+    let bake_dir = tempfile::tempdir().unwrap();
+    let baked = bake_dir.path().join("baked");
+    let out = run(sgbox(bake_dir.path())
+        .args(["image", "build", "--cloud", "local", "--version", OLD, "--registry-mirror", &registry.mirror_for_guest(), "--mirror-mode", "tags-only"])
+        .arg("--out")
+        .arg(&baked)
+        .args(["--timeout", "20m", "--output", "json"]));
+    assert!(out.status.success(), "image build --version: {}", text(&out.stderr));
+    let b = json_of(&out);
+    assert!(b["release"] == OLD && b["cached"] == false && b["image"]["release"] == OLD, "{b:#}");
+    eprintln!("e2e: baked {OLD} in {:.0} s", b["image"]["build_seconds"].as_f64().unwrap_or(0.0));
+    scrubbed(&baked, b["digests"].as_object().map(|d| d.len()).unwrap_or(0));
+    clock.lap("bake 5.9 into the base image (a VM), its scrub checked on the disk");
+    registry.pause();
+    let image = baked;
+    let mirror = registry.mirror_for_guest();
     let state = tempfile::tempdir().unwrap();
     let st = state.path();
     let _teardown = Teardown(st);
@@ -439,7 +501,7 @@ fn local_box_lifecycle() {
             key.display().to_string(),
             "--registry-mirror".to_string(),
         ]);
-        a.push(registry.mirror_for_guest());
+        a.push(mirror.clone());
         a.extend(["--mirror-mode", "tags-only", "--base-image"].iter().map(|s| s.to_string()));
         a.push(image.display().to_string());
         a.extend(["--yes", "--output", "json", "--timeout", "25m"].iter().map(|s| s.to_string()));
@@ -470,7 +532,12 @@ fn local_box_lifecycle() {
     let pids = qemu_pids(&overlay.display().to_string());
     assert_eq!(pids.len(), 1, "one VM: {pids:?}");
     let mut stderr_all = text(&out.stderr);
-    clock.lap("up (boot, cloud-init, 27 services healthy)");
+    // Nothing could be pulled: the boot script copied the baked images into the data disk's
+    // Docker root.
+    let seeded = ssh(st, "sudo grep -c \"seeding Docker's root\" /var/log/cloud-init-output.log; sudo docker images -q | wc -l");
+    assert!(seeded.lines().next().is_some_and(|n| n.trim() != "0"), "the boot script seeded Docker's root: {seeded}");
+    registry.resume();
+    clock.lap("up from the baked image, no registry (boot, cloud-init, 27 services healthy)");
 
     let status = wait_healthy(st, Duration::from_secs(60));
     let services = status["services"].as_array().unwrap();

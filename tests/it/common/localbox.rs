@@ -42,9 +42,9 @@ pub fn base_image() -> PathBuf {
 }
 
 pub struct Registry {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Registry {
@@ -58,22 +58,37 @@ impl Registry {
             format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n", dir.path().join("data").display()),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let mut r = Registry { child: None, port, dir };
+        r.resume();
+        r
+    }
+
+    /// Stop serving (the port refuses connections); the pushed images stay for `resume`.
+    pub fn pause(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err(), "nothing answers on the registry's port now");
+    }
+
+    /// Serve again, on the same port, with what was pushed.
+    pub fn resume(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("registry.log")).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
-            .arg(&cfg)
+            .arg(self.dir.path().join("config.yml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start docker-registry ({e}): {INSTALL_HINT}"));
-        let r = Registry { child, port, _dir: dir };
+        self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "docker-registry did not listen on 127.0.0.1:{port}");
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < until, "docker-registry did not listen on 127.0.0.1:{}", self.port);
             std::thread::sleep(Duration::from_millis(100));
         }
-        r
     }
 
     /// Push one stand-in image per official image of each release.
@@ -96,8 +111,16 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.pause_quietly();
+    }
+}
+
+impl Registry {
+    fn pause_quietly(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

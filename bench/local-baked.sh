@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): time from `sgbox up --cloud local` to healthy, from an image with the
+# release baked in (`sgbox image build --cloud local --version`, the registry stopped while it
+# boots) against the plain base image pulling every image from a registry on this machine, in
+# the same run, on the same machine, in turn. Prints both times, the ratio, and each `up`'s
+# phases; the bake's own time is printed once (it is paid once per release, not per box).
+# Needs what the local-box test needs (bash .ci/setup, root).
+#
+#   bash bench/local-baked.sh [RUNS]      (default 1 pair; each pair: plain, then baked)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-1}
+RELEASE=7.5.4453
+cargo build -q --release --locked
+SGBOX=$PWD/target/release/sgbox
+source bench/lib.sh
+bench_box bench-baked
+now() { date +%s.%N; }
+
+IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+start_registry "$RELEASE"
+MIRROR=(--registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only)
+"$SGBOX" image build --cloud local --version "$RELEASE" "${MIRROR[@]}" --out "$WORK/baked" --output json >"$WORK/bake.json"
+python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["image"]; print(f"bake (once per release): {m[\"build_seconds\"]:.0f} s, disk {m[\"disk_bytes\"]/1e6:.0f} MB")' "$WORK/bake.json"
+COMMON=(--cloud local --version "$RELEASE" "${MIRROR[@]}" --accel tcg)
+
+# up_from IMAGE: seconds to healthy; the box deleted afterwards.
+up_from() {
+  local start
+  start=$(now)
+  "$SGBOX" --state-dir "$WORK/state" up --name bench-baked "${COMMON[@]}" --base-image "$1" --yes -q --output json >"$WORK/up.json"
+  echo "$(now) - $start" | bc
+  "$SGBOX" --state-dir "$WORK/state" down --name bench-baked --delete-data --yes -q >/dev/null
+}
+phases() { python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings"]; print(" ".join(f"{k}={v}" for k, v in t.items()))' "$WORK/up.json"; }
+
+printf '%-5s %10s %10s %7s  %s\n' run plain_s baked_s ratio "phases (s): plain | baked"
+for i in $(seq "$RUNS"); do
+  p=$(up_from "$IMAGE"); pp=$(phases)
+  # Nothing answers on the registry's port while the baked box boots: it cannot pull.
+  kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+  b=$(up_from "$WORK/baked"); bp=$(phases)
+  docker-registry serve "$WORK/registry.yml" >>"$WORK/registry.log" 2>&1 &
+  pids[0]=$!
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$REG/v2/" >/dev/null && break; sleep 0.1; done
+  printf '%-5s %10.1f %10.1f %7.2f  %s | %s\n' "$i" "$p" "$b" "$(echo "$b / $p" | bc -l)" "$pp" "$bp"
+done
