@@ -359,8 +359,8 @@ pub enum ImageCommand {
         /// Which cloud the image is for.
         #[arg(long, value_name = "CLOUD")]
         cloud: String,
-        /// The Sourcegraph release to bake in (exact, or a minor for its newest patch). AWS:
-        /// required [default: the newest]; local: without it, only the Debian 13 base image.
+        /// The Sourcegraph release to bake in (exact, or a minor for its newest patch). AWS: the
+        /// newest when not given; local: without it, only the Debian 13 base image is built.
         #[arg(long, value_name = "VERSION")]
         version: Option<String>,
         /// AWS: the region to build in [default: AWS_REGION's or the profile's].

@@ -219,7 +219,8 @@ fn scrubbed(baked: &Path, n_images: usize) {
     assert!(id.trim().is_empty() || id.trim() == "uninitialized", "no machine id in the image: {id}");
     let home = fs("ls -p /home");
     assert!(home.lines().filter(|l| l.starts_with('/')).all(|l| l.contains("/./") || l.contains("/../")), "no login user's home: {home}");
-    for (dir, gone) in [("/root", ".bash_history"), ("/root", ".ssh"), ("/usr/local/sbin", "sgbox-bake"), ("/etc/sgbox", "bake.env")] {
+    for (dir, gone) in [("/root", ".bash_history"), ("/root/.ssh", "authorized_keys"), ("/usr/local/sbin", "sgbox-bake"), ("/etc/sgbox", "bake.env")]
+    {
         let l = fs(&format!("ls -p {dir}"));
         assert!(!l.contains(&format!("/{gone}/")), "{dir}/{gone} is scrubbed: {l}");
     }
@@ -470,7 +471,18 @@ fn local_box_lifecycle() {
     let bake_dir = tempfile::tempdir().unwrap();
     let baked = bake_dir.path().join("baked");
     let out = run(sgbox(bake_dir.path())
-        .args(["image", "build", "--cloud", "local", "--version", OLD, "--registry-mirror", &registry.mirror_for_guest(), "--mirror-mode", "tags-only"])
+        .args([
+            "image",
+            "build",
+            "--cloud",
+            "local",
+            "--version",
+            OLD,
+            "--registry-mirror",
+            &registry.mirror_for_guest(),
+            "--mirror-mode",
+            "tags-only",
+        ])
         .arg("--out")
         .arg(&baked)
         .args(["--timeout", "20m", "--output", "json"]));
