@@ -29,3 +29,7 @@ start_registry() {
   for r in "$@"; do args+=(--release "$r"); done
   python3 tests/harness/standins.py push --build --registry "127.0.0.1:$REG" --catalog data/sourcegraph-compose-releases.json "${args[@]}" >&2
 }
+
+now() { date +%s.%N; }
+# local_base_image: the built Debian 13 image's folder (built once, then cached).
+local_base_image() { "$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])'; }

@@ -15,7 +15,7 @@ SGBOX=$PWD/target/debug/sgbox
 source bench/lib.sh
 bench_box bench-rt
 
-IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+IMAGE=$(local_base_image)
 start_registry "$REL"
 "$SGBOX" "${S[@]}" up --name bench-rt --version "$REL" --cloud local --registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only \
   --base-image "$IMAGE" --accel tcg --yes --output json >"$WORK/up.json"

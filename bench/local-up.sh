@@ -13,9 +13,8 @@ cargo build -q --release --locked
 SGBOX=$PWD/target/release/sgbox
 source bench/lib.sh
 bench_box bench-sgbox
-now() { date +%s.%N; }
 
-IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+IMAGE=$(local_base_image)
 start_registry "$RELEASE"
 COMMON=(--cloud local --version "$RELEASE" --registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only --base-image "$IMAGE" --accel tcg)
 

@@ -16,7 +16,7 @@ SGBOX=$PWD/target/release/sgbox
 source bench/lib.sh
 bench_box bench-upg
 
-IMAGE=$("$SGBOX" image build --cloud local --output json --yes | python3 -c 'import json,sys; print(json.load(sys.stdin)["dir"])')
+IMAGE=$(local_base_image)
 start_registry "$FROM" "$TO"
 COMMON=(--cloud local --registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only --base-image "$IMAGE" --accel tcg)
 URL=$("$SGBOX" "${S[@]}" up --name bench-upg --version "$FROM" "${COMMON[@]}" --yes --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])')

@@ -20,14 +20,13 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::client::Waiters;
 use aws_sdk_ec2::primitives::{DateTime, DateTimeFormat};
 use aws_sdk_ec2::types::{
-    AttributeValue, BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, Image, ImageState, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceStateName, LaunchPermission, LaunchPermissionModifications, PermissionGroup, ResourceType,
-    ShutdownBehavior, Tag, TagSpecification, VolumeType,
+    AttributeValue, Filter, Image, ImageState, InstanceStateName, LaunchPermission, LaunchPermissionModifications, PermissionGroup, ResourceType,
+    ShutdownBehavior, Tag, TagSpecification,
 };
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::{api, code_of, debian_ami, waited};
+use super::{api, code_of, debian_ami, imds_v2_only, root_disk, waited};
 use crate::cloud::image_spec::{ImageSpec, TAG_BUILD, TAG_COMPLETE};
 use crate::cloud::{failed, io_err, CloudError, Result};
 use crate::error::UserError;
@@ -335,26 +334,8 @@ impl AwsImages {
                     .security_group_ids(&group)
                     .user_data(base64::engine::general_purpose::STANDARD.encode(&spec.bake_user_data))
                     .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
-                    .metadata_options(
-                        InstanceMetadataOptionsRequest::builder()
-                            .http_tokens(HttpTokensState::Required)
-                            .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                            .http_put_response_hop_limit(1)
-                            .build(),
-                    )
-                    .block_device_mappings(
-                        BlockDeviceMapping::builder()
-                            .device_name(root)
-                            .ebs(
-                                EbsBlockDevice::builder()
-                                    .volume_size(spec.root_gb)
-                                    .volume_type(VolumeType::Gp3)
-                                    .encrypted(spec.encrypted)
-                                    .delete_on_termination(true)
-                                    .build(),
-                            )
-                            .build(),
-                    )
+                    .metadata_options(imds_v2_only())
+                    .block_device_mappings(root_disk(root, spec.root_gb, spec.encrypted))
                     .tag_specifications(tag_spec(ResourceType::Instance, &spec.builder_tags("builder")))
                     .tag_specifications(tag_spec(ResourceType::Volume, &spec.builder_tags("builder-root")))
                     .client_token(token)

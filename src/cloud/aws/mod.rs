@@ -143,6 +143,29 @@ fn code_of<E: ProvideErrorMetadata>(e: &aws_sdk_ec2::error::SdkError<E, aws_sdk_
     e.as_service_error().and_then(|s| s.code()).map(str::to_string)
 }
 
+/// Instance metadata only through IMDSv2 sessions, one network hop (not from containers behind a
+/// bridge): for the box and for an image's builder alike.
+fn imds_v2_only() -> InstanceMetadataOptionsRequest {
+    InstanceMetadataOptionsRequest::builder()
+        .http_tokens(HttpTokensState::Required)
+        .http_endpoint(InstanceMetadataEndpointState::Enabled)
+        .http_put_response_hop_limit(1)
+        .build()
+}
+
+/// A gp3 root volume of `gb` GiB at `device`, deleted with its instance.
+fn root_disk(device: String, gb: i32, encrypted: bool) -> BlockDeviceMapping {
+    BlockDeviceMapping::builder()
+        .device_name(device)
+        .ebs(EbsBlockDevice::builder().volume_size(gb).volume_type(VolumeType::Gp3).encrypted(encrypted).delete_on_termination(true).build())
+        .build()
+}
+
+/// The newest of some images, by creation date.
+fn newest(images: &[aws_sdk_ec2::types::Image]) -> Option<&aws_sdk_ec2::types::Image> {
+    images.iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+}
+
 /// Debian 13's AMI in a region: Debian's public SSM parameter, else Debian's images by owner.
 /// Any other refusal (credentials, policy) is reported, not papered over.
 pub(crate) async fn debian_ami(ec2: &aws_sdk_ec2::Client, ssm: &aws_sdk_ssm::Client, region: &str) -> Result<String> {
@@ -163,9 +186,7 @@ pub(crate) async fn debian_ami(ec2: &aws_sdk_ec2::Client, ssm: &aws_sdk_ssm::Cli
         .send()
         .await
         .map_err(api("DescribeImages"))?;
-    let mut imgs: Vec<_> = out.images().to_vec();
-    imgs.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()));
-    imgs.last().and_then(|i| i.image_id()).map(str::to_string).ok_or_else(|| {
+    newest(out.images()).and_then(|i| i.image_id()).map(str::to_string).ok_or_else(|| {
         failed("finding the Debian 13 AMI", format!("neither {DEBIAN_SSM_PARAMETER} nor Debian's images (owner {DEBIAN_OWNER}) exist in {region}"))
     })
 }
@@ -185,9 +206,7 @@ async fn baked_image(ec2: &aws_sdk_ec2::Client, release: &str) -> Result<Option<
         .send()
         .await
         .map_err(api("DescribeImages"))?;
-    let mut imgs: Vec<_> = out.images().to_vec();
-    imgs.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()));
-    Ok(imgs.last().map(|i| (i.image_id().unwrap_or_default().to_string(), i.name().unwrap_or_default().to_string())))
+    Ok(newest(out.images()).map(|i| (i.image_id().unwrap_or_default().to_string(), i.name().unwrap_or_default().to_string())))
 }
 
 impl Aws {
@@ -497,26 +516,8 @@ impl Aws {
             .set_subnet_id(self.spec.aws.subnet_id.clone())
             .set_placement(zone.map(|z| Placement::builder().availability_zone(z).build()))
             .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .http_put_response_hop_limit(1)
-                    .build(),
-            )
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(root)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .volume_size(ROOT_GB.max(snapshot_gb))
-                            .volume_type(VolumeType::Gp3)
-                            .encrypted(true)
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build(),
-            )
+            .metadata_options(imds_v2_only())
+            .block_device_mappings(root_disk(root, ROOT_GB.max(snapshot_gb), true))
             .tag_specifications(self.tags(ResourceType::Instance, "box"))
             .tag_specifications(self.tags(ResourceType::Volume, "root"))
             .client_token(token)
