@@ -232,8 +232,9 @@ fn scrubbed(baked: &Path, n_images: usize) {
     let cloud = fs("ls -p /var/lib/cloud");
     assert!(!cloud.contains("/instances/") && !cloud.contains("/instance/"), "cloud-init's state is cleaned: {cloud}");
     let record = fs("cat /etc/sgbox/image.json");
-    let record = &record[record.find('{').unwrap_or(0)..];
-    let v: Value = serde_json::from_str(record.trim()).unwrap_or_else(|e| panic!("/etc/sgbox/image.json ({e}): {record}"));
+    // debugfs's banner (stderr) follows the file's one line.
+    let record = record.lines().find(|l| l.starts_with('{')).unwrap_or("");
+    let v: Value = serde_json::from_str(record).unwrap_or_else(|e| panic!("/etc/sgbox/image.json ({e}): {record}"));
     assert_eq!(v["release"], OLD, "{v:#}");
     assert_eq!(v["images"].as_object().map(|m| m.len()), Some(n_images), "every image of the release: {v:#}");
     std::fs::remove_file(&raw).unwrap();
