@@ -13,6 +13,7 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::hex;
 use crate::render::image_ref;
 use crate::settings::{Cloud, Settings};
 
@@ -117,6 +118,11 @@ impl ImageSpec {
         spec
     }
 
+    /// Service → reference, as the manifests print them.
+    pub fn references(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.images.iter().map(|(s, r)| (s.clone(), serde_json::Value::String(r.clone()))).collect()
+    }
+
     /// The short form of the recipe, in names.
     pub fn short(&self) -> &str {
         &self.recipe[..12]
@@ -193,6 +199,22 @@ impl ImageSpec {
     }
 }
 
+/// The bake's verdict from its console (the last `sgbox-bake:` line that is one): None while it
+/// has said nothing yet.
+pub fn bake_outcome(console: &str, recipe: &str) -> Option<std::result::Result<(), String>> {
+    let mut outcome = None;
+    for l in console.lines() {
+        let Some(rest) = l.split("sgbox-bake: ").nth(1) else { continue };
+        let rest = rest.trim_end_matches('\r').trim();
+        if let Some(r) = rest.strip_prefix("ok recipe=") {
+            outcome = Some(if r == recipe { Ok(()) } else { Err(format!("the builder baked recipe {r}, not {recipe}")) });
+        } else if let Some(step) = rest.strip_prefix("failed step=") {
+            outcome = Some(Err(format!("the bake failed at step {step}")));
+        }
+    }
+    outcome
+}
+
 /// What the box installs at first boot (the same list as the box's user-data), baked in.
 fn packages(cloud: Cloud) -> Vec<&'static str> {
     let mut p = vec!["docker.io", "docker-cli", "docker-compose"];
@@ -201,10 +223,6 @@ fn packages(cloud: Cloud) -> Vec<&'static str> {
     }
     p.push("curl");
     p
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The builder's cloud-config: no key, nothing inbound (the image's default user, which cloud-init
@@ -271,5 +289,15 @@ mod tests {
         assert!(ud.contains("sgbox-bake: ok recipe="), "the script prints its signal");
         let plan = a.plan_lines().join("\n");
         assert!(plan.contains("no inbound rule") && plan.contains("IMDSv2") && plan.contains("eu-west-1"), "{plan}");
+    }
+
+    #[test]
+    fn only_the_bakes_own_last_word_counts() {
+        let r = "abc123";
+        assert_eq!(bake_outcome("boot\nsgbox-bake: started release=7.5 recipe=abc123\n", r), None, "still baking");
+        assert_eq!(bake_outcome("[  80.1] sgbox-bake: ok recipe=abc123\r\n", r), Some(Ok(())));
+        assert!(bake_outcome("sgbox-bake: failed step=pull:frontend\n", r).unwrap().unwrap_err().contains("pull:frontend"));
+        assert!(bake_outcome("sgbox-bake: ok recipe=other\n", r).unwrap().is_err(), "another recipe's bake is not this one");
+        assert_eq!(bake_outcome("sgbox-bake: failed step=x\nsgbox-bake: ok recipe=abc123\n", r), Some(Ok(())), "the last line wins");
     }
 }

@@ -134,6 +134,11 @@ pub fn failed(op: impl Into<String>, message: impl Into<String>) -> CloudError {
 
 pub type Result<T, E = CloudError> = std::result::Result<T, E>;
 
+/// Lower-case hex of a digest (recipes, checksums).
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// The disk image a box boots from.
 #[derive(Clone, Debug, Serialize)]
 pub struct BaseImage {

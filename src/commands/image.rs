@@ -52,14 +52,13 @@ pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
             .into());
     }
     let timeout = parse_duration("--timeout", &timeout)?;
+    // With --version, --out names the baked image (default: beside the base image, named by the
+    // recipe); the base image is the cached one. Without, --out names the base image.
     let base_dir = cache_root()?.join("images").join(image::IMAGE_DIR_NAME);
-    let out = match (&version, out) {
-        (_, Some(o)) => o,
-        (None, None) => base_dir.clone(),
-        // Decided below, from the recipe.
-        (Some(_), None) => PathBuf::new(),
+    let (base_out, baked_out) = match version {
+        Some(_) => (base_dir, out),
+        None => (out.unwrap_or(base_dir), None),
     };
-    let base_out = if version.is_some() { base_dir } else { out.clone() };
     let builder = cloud::image_builder(cloud, base_out.clone(), mirror, force)?;
     let p = Phase::start("local base image (Debian 13)");
     let built = match builder.build(&|m| output::note(format!("  {m}"))) {
@@ -75,23 +74,33 @@ pub fn run(_ctx: &Context, args: ImageArgs) -> Result<()> {
     };
     p.done_with(if cached { "already built (same recipe)" } else { "built" });
     if let Some(v) = version {
-        return local_bake(&base_out, &m, if out.as_os_str().is_empty() { None } else { Some(out) }, &v, registry, timeout);
+        return local_bake(&base_out, &m, baked_out, &v, registry, timeout);
     }
     if output::json() {
-        return output::result_json(json!({ "cloud": "local", "dir": out, "cached": cached, "image": m }));
+        return output::result_json(json!({ "cloud": "local", "dir": base_out, "cached": cached, "image": m }));
     }
-    println!("Local base image: {}", out.display());
+    println!("Local base image: {}", base_out.display());
     println!("  disk {} ({} MB), kernel boot `{}`", m.disk, m.disk_bytes / 1_000_000, m.cmdline);
     println!("  built {} in {:.0} s{}", m.built_at, m.build_seconds, if cached { " (reused)" } else { "" });
-    println!("Use it: sgbox up --cloud local   (or --base-image {})", out.display());
+    println!("Use it: sgbox up --cloud local   (or --base-image {})", base_out.display());
     Ok(())
 }
 
-/// Settings of the image's box: the release and the region, checked as `up` checks them.
-fn image_settings(version: Option<&str>, region: Option<&str>) -> Result<Settings, UserError> {
-    let layer =
-        Layer::from_flags([("cloud", Some("aws".to_string())), ("version", version.map(str::to_string)), ("region", region.map(str::to_string))]);
-    Settings::resolve(&layer)
+/// Settings of the image's boxes: the release, the region and the registry, checked as `up`
+/// checks them.
+fn image_settings(
+    cloud: &str,
+    version: Option<String>,
+    region: Option<String>,
+    (mirror, mode): (Option<String>, Option<String>),
+) -> Result<Settings, UserError> {
+    Settings::resolve(&Layer::from_flags([
+        ("cloud", Some(cloud.to_string())),
+        ("version", version),
+        ("region", region),
+        ("registry-mirror", mirror),
+        ("mirror-mode", mode),
+    ]))
 }
 
 /// A Sourcegraph release baked into the local base image (`cloud::local::bake`).
@@ -100,16 +109,10 @@ fn local_bake(
     base: &image::ImageManifest,
     out: Option<PathBuf>,
     version: &str,
-    (mirror, mode): (Option<String>, Option<String>),
+    registry: (Option<String>, Option<String>),
     timeout: std::time::Duration,
 ) -> Result<()> {
-    let layer = Layer::from_flags([
-        ("cloud", Some("local".to_string())),
-        ("version", Some(version.to_string())),
-        ("registry-mirror", mirror),
-        ("mirror-mode", mode),
-    ]);
-    let settings = Settings::resolve(&layer)?;
+    let settings = image_settings("local", Some(version.to_string()), None, registry)?;
     let spec = ImageSpec::of(&ImageRequest {
         settings: &settings,
         region: "local".into(),
@@ -143,7 +146,7 @@ fn local_bake(
             "image": m,
             "release": spec.release,
             "recipe": spec.recipe,
-            "digests": spec.images.iter().map(|(s, r)| (s.clone(), serde_json::Value::String(r.clone()))).collect::<serde_json::Map<_, _>>(),
+            "digests": spec.references(),
         }));
     }
     println!("Local image with Sourcegraph {}: {}", spec.release, out.display());
@@ -159,19 +162,12 @@ fn aws(
     (public, unencrypted): (bool, bool),
     dry_run: bool,
     timeout: std::time::Duration,
-    (mirror, mode): (Option<String>, Option<String>),
+    registry: (Option<String>, Option<String>),
 ) -> Result<()> {
-    let layer = Layer::from_flags([
-        ("cloud", Some("aws".to_string())),
-        ("version", version.clone()),
-        ("region", region.clone()),
-        ("registry-mirror", mirror),
-        ("mirror-mode", mode),
-    ]);
-    let settings = Settings::resolve(&layer)?;
+    let settings = image_settings("aws", version, region, registry)?;
     let mut copies: Vec<String> = Vec::new();
     for r in copy_to.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
-        image_settings(None, Some(r)).map_err(|e| UserError { field: Some("--copy-to".into()), ..e })?;
+        image_settings("aws", None, Some(r.to_string()), (None, None)).map_err(|e| UserError { field: Some("--copy-to".into()), ..e })?;
         if !copies.iter().any(|c| c == r) {
             copies.push(r.to_string());
         }
@@ -236,7 +232,7 @@ fn aws(
             "recipe": spec.recipe,
             "sgbox_version": spec.sgbox_version,
             "images": images,
-            "digests": spec.images.iter().map(|(s, r)| (s.clone(), serde_json::Value::String(r.clone()))).collect::<serde_json::Map<_, _>>(),
+            "digests": spec.references(),
             "deprecate_at": spec.deprecate_at,
             "public": spec.public,
             "build_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,

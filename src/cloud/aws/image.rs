@@ -27,13 +27,14 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::{api, code_of, debian_ami, imds_v2_only, root_disk, waited};
-use crate::cloud::image_spec::{ImageSpec, TAG_BUILD, TAG_COMPLETE};
+use crate::cloud::image_spec::{bake_outcome, ImageSpec, TAG_BUILD, TAG_COMPLETE};
 use crate::cloud::{failed, io_err, CloudError, Result};
 use crate::error::UserError;
 use crate::state::write_atomic;
 
-/// What a build has made so far (ids as soon as they exist). Tags are the truth; this keeps the
-/// builder's ClientToken across a resume and lets a killed run's ids be named in messages.
+/// The builder's ClientToken across a resume, and its ids as soon as they exist. Tags and names
+/// are the truth (every resource is found by them); images are not recorded here, since each
+/// region's is found by its name.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BuildJournal {
     pub recipe: String,
@@ -43,9 +44,6 @@ pub struct BuildJournal {
     pub builder: Option<String>,
     #[serde(default)]
     pub security_group: Option<String>,
-    /// Region → image id.
-    #[serde(default)]
-    pub images: BTreeMap<String, String>,
 }
 
 /// One image of the manifest.
@@ -64,21 +62,6 @@ pub struct AwsImages {
     conf: aws_config::SdkConfig,
     home: String,
     journal: PathBuf,
-}
-
-/// The console line of a finished bake.
-pub fn bake_outcome(console: &str, recipe: &str) -> Option<std::result::Result<(), String>> {
-    let mut outcome = None;
-    for l in console.lines() {
-        let Some(rest) = l.split("sgbox-bake: ").nth(1) else { continue };
-        let rest = rest.trim_end_matches('\r').trim();
-        if let Some(r) = rest.strip_prefix("ok recipe=") {
-            outcome = Some(if r == recipe { Ok(()) } else { Err(format!("the builder baked recipe {r}, not {recipe}")) });
-        } else if let Some(step) = rest.strip_prefix("failed step=") {
-            outcome = Some(Err(format!("the bake failed at step {step}")));
-        }
-    }
-    outcome
 }
 
 fn tag_spec(kind: ResourceType, tags: &[(String, String)]) -> TagSpecification {
@@ -189,13 +172,10 @@ impl AwsImages {
     pub async fn build(&self, spec: &ImageSpec, timeout: Duration, note: &(dyn Fn(&str) + Send + Sync)) -> Result<Vec<BuiltImage>> {
         self.janitor(spec, note).await?;
         let stop = async {
-            #[cfg(unix)]
-            {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => "terminated (SIGTERM)",
-                }
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted (Ctrl-C)",
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => "terminated (SIGTERM)",
             }
         };
         let r = tokio::select! {
@@ -204,8 +184,10 @@ impl AwsImages {
         };
         let cleaned = self.remove_builder(spec, note).await;
         if r.is_err() {
-            for (region, id) in self.journal(spec).images {
-                self.remove_unfinished(&region, &id, note).await;
+            for region in spec.regions() {
+                if let Ok(Some(img)) = find_image(&self.ec2(&region), spec).await {
+                    self.remove_unfinished(&region, img.image_id().unwrap_or_default(), note).await;
+                }
             }
         }
         let images = r?;
@@ -218,7 +200,7 @@ impl AwsImages {
         let until = Instant::now() + timeout;
         let left = || until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
         let home = self.ec2(&spec.region);
-        let mut first = match self.find(&home, spec).await? {
+        let mut first = match find_image(&home, spec).await? {
             Some(img) if img.state() == Some(&ImageState::Failed) => {
                 note(&format!("{} in {} failed earlier; removing it and baking again", img.image_id().unwrap_or(""), spec.region));
                 self.remove_unfinished(&spec.region, img.image_id().unwrap_or(""), note).await;
@@ -226,29 +208,24 @@ impl AwsImages {
             }
             other => other,
         };
-        let reused = first.as_ref().is_some_and(|i| has_tag(i, TAG_COMPLETE));
         if first.is_none() {
             let instance = self.bake(spec, left(), note).await?;
             first = Some(self.create_image(&home, spec, &instance, note).await?);
         }
         let first = first.expect("found or created");
         let first_id = first.image_id().unwrap_or_default().to_string();
-        self.note_journal(spec, |j| {
-            j.images.insert(spec.region.clone(), first_id.clone());
-        })?;
         let done = finish(&home, &spec.region, &first_id, spec, left(), note).await?;
         self.remove_builder(spec, note).await?;
-        let mut out = vec![BuiltImage { reused, ..done }];
+        let mut out = vec![done];
 
         // Copies, in parallel; each is found by name first, so a re-run copies nothing twice.
         let mut copies = tokio::task::JoinSet::new();
         for region in spec.regions().into_iter().skip(1) {
-            let (ec2, spec2, src, src_region, journal) =
-                (self.ec2(&region), spec.clone(), first_id.clone(), spec.region.clone(), self.journal.clone());
+            let (ec2, spec2, src, src_region) = (self.ec2(&region), spec.clone(), first_id.clone(), spec.region.clone());
             let wait = left();
             copies.spawn(async move {
                 let quiet = |_: &str| {};
-                copy_to(&ec2, &region, &src, &src_region, &spec2, wait, &journal, &quiet).await
+                copy_to(&ec2, &region, &src, &src_region, &spec2, wait, &quiet).await
             });
         }
         let mut failures = Vec::new();
@@ -272,12 +249,6 @@ impl AwsImages {
             }
         }
         Ok(out)
-    }
-
-    /// The spec's image in a region: by name (unique per region and owner), the recipe's tag
-    /// checked.
-    async fn find(&self, ec2: &aws_sdk_ec2::Client, spec: &ImageSpec) -> Result<Option<Image>> {
-        find_image(ec2, spec).await
     }
 
     /// Launch the builder (or find it) and wait until it has baked and powered off.
@@ -311,7 +282,7 @@ impl AwsImages {
             }
         };
         self.note_journal(spec, |j| j.security_group = Some(group.clone()))?;
-        let instance = match self.builder(&ec2, spec).await? {
+        let instance = match builders(&ec2, spec).await?.into_iter().next() {
             Some(i) => i,
             None => {
                 let ami = debian_ami(&ec2, &self.ssm(&spec.region), &spec.region).await?;
@@ -416,9 +387,6 @@ impl AwsImages {
             },
             Err(e) => return Err(api("CreateImage")(e)),
         };
-        self.note_journal(spec, |j| {
-            j.images.insert(spec.region.clone(), id.clone());
-        })?;
         note(&format!("image {id} created from the builder in {}", spec.region));
         Ok(Image::builder().image_id(id).name(&spec.name).build())
     }
@@ -431,11 +399,6 @@ impl AwsImages {
             .await
             .map_err(api("DescribeSecurityGroups"))?;
         Ok(out.security_groups().first().and_then(|g| g.group_id()).map(str::to_string))
-    }
-
-    /// The build's builder instance, unless terminated.
-    async fn builder(&self, ec2: &aws_sdk_ec2::Client, spec: &ImageSpec) -> Result<Option<String>> {
-        Ok(builders(ec2, spec).await?.into_iter().next())
     }
 
     /// What a killed run of this recipe left: its builder and security group go; an unfinished
@@ -546,6 +509,8 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
 }
 
+/// The spec's image in a region, by name: EC2 keeps names unique per region and owner, and the
+/// name carries the recipe.
 async fn find_image(ec2: &aws_sdk_ec2::Client, spec: &ImageSpec) -> Result<Option<Image>> {
     let out = ec2
         .describe_images()
@@ -593,7 +558,6 @@ async fn finish(
     Ok(BuiltImage { region: region.to_string(), image_id: id.to_string(), name: spec.name.clone(), snapshot_ids: snaps, public, reused: complete })
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn copy_to(
     ec2: &aws_sdk_ec2::Client,
     region: &str,
@@ -601,7 +565,6 @@ async fn copy_to(
     source_region: &str,
     spec: &ImageSpec,
     timeout: Duration,
-    journal: &std::path::Path,
     note: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<BuiltImage> {
     let id = match find_image(ec2, spec).await? {
@@ -623,13 +586,6 @@ async fn copy_to(
             out.image_id().unwrap_or_default().to_string()
         }
     };
-    // The journal is the parent's; a copy only adds its id (read, changed, written at once).
-    if let Ok(t) = std::fs::read_to_string(journal) {
-        if let Ok(mut j) = serde_json::from_str::<BuildJournal>(&t) {
-            j.images.insert(region.to_string(), id.clone());
-            let _ = write_atomic(journal, serde_json::to_string_pretty(&j).expect("json").as_bytes(), 0o644);
-        }
-    }
     finish(ec2, region, &id, spec, timeout, note).await
 }
 
@@ -661,19 +617,4 @@ async fn publish(ec2: &aws_sdk_ec2::Client, img: &mut BuiltImage) -> Result<()> 
         .map_err(api("ModifyImageAttribute"))?;
     img.public = true;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_bakes_own_last_word_counts() {
-        let r = "abc123";
-        assert_eq!(bake_outcome("boot\nsgbox-bake: started release=7.5 recipe=abc123\n", r), None, "still baking");
-        assert_eq!(bake_outcome("[  80.1] sgbox-bake: ok recipe=abc123\r\n", r), Some(Ok(())));
-        assert!(bake_outcome("sgbox-bake: failed step=pull:frontend\n", r).unwrap().unwrap_err().contains("pull:frontend"));
-        assert!(bake_outcome("sgbox-bake: ok recipe=other\n", r).unwrap().is_err(), "another recipe's bake is not this one");
-        assert_eq!(bake_outcome("sgbox-bake: failed step=x\nsgbox-bake: ok recipe=abc123\n", r), Some(Ok(())), "the last line wins");
-    }
 }

@@ -75,9 +75,9 @@ fn bake_in(
 ) -> Result<ImageManifest> {
     let overlay = work.join("overlay.qcow2");
     let disk = base.disk.display().to_string();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &disk, "-F", "qcow2", &overlay.display().to_string(), &format!("{BAKE_DISK_GB}G")])?;
+    super::qemu_img(&["create", "-q", "-f", "qcow2", "-b", &disk, "-F", "qcow2", &overlay.display().to_string(), &format!("{BAKE_DISK_GB}G")])?;
     let seed = work.join("seed.iso");
-    super::make_seed(work, &seed, &format!("sgbox-bake-{}", spec.short()), "sgbox-bake", &spec.bake_user_data).map_err(|e| anyhow::anyhow!("{e}"))?;
+    super::make_seed(work, &seed, &format!("sgbox-bake-{}", spec.short()), "sgbox-bake", &spec.bake_user_data)?;
     let console = work.join("console.log");
     let mut args: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| args.extend(xs.iter().map(|s| s.to_string()));
@@ -115,14 +115,14 @@ fn bake_in(
     };
     let text = fs::read_to_string(&console).unwrap_or_default();
     let tail = || text.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    match crate::cloud::aws::image::bake_outcome(&text, &spec.recipe) {
+    match crate::cloud::image_spec::bake_outcome(&text, &spec.recipe) {
         Some(Ok(())) => {}
         Some(Err(why)) => bail!("{why}; the bake VM's console ({}):\n{}", console.display(), tail()),
         None => bail!("the bake VM stopped ({status}) without saying the bake succeeded; its console ({}):\n{}", console.display(), tail()),
     }
     note("flattening the baked disk into a standalone image");
     let flat = work.join("base.qcow2");
-    qemu_img(&["convert", "-O", "qcow2", &overlay.display().to_string(), &flat.display().to_string()])?;
+    super::qemu_img(&["convert", "-O", "qcow2", &overlay.display().to_string(), &flat.display().to_string()])?;
     let _ = fs::remove_file(&overlay);
     let tmp_out = work.join("out");
     fs::create_dir_all(&tmp_out)?;
@@ -148,12 +148,4 @@ fn bake_in(
     }
     fs::rename(&tmp_out, out).with_context(|| format!("placing the baked image in {}", out.display()))?;
     Ok(m)
-}
-
-fn qemu_img(args: &[&str]) -> Result<()> {
-    let o = Command::new("qemu-img").args(args).output().context("running qemu-img")?;
-    if !o.status.success() {
-        bail!("qemu-img {}: {}", args.first().unwrap_or(&""), String::from_utf8_lossy(&o.stderr).trim());
-    }
-    Ok(())
 }

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256, Sha512};
 
+use crate::cloud::hex;
 use crate::error::UserError;
 use crate::state::write_atomic;
 
@@ -198,10 +199,6 @@ fn download_checked(base: &str, name: &str, dest: &Path) -> Result<()> {
     }
     fs::rename(&part, dest)?;
     Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 pub struct BuildOptions {

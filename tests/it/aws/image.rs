@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::moto::{Moto, Proxy};
+use crate::common::moto::{venv_bin, Moto, Proxy};
 use crate::common::{run, sgbox, text};
 use serde_json::Value;
 
 const REGIONS: [&str; 3] = ["us-east-1", "us-west-2", "eu-west-1"];
 
 fn venv_python() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+    venv_bin("python")
 }
 
 struct Build {

@@ -12,7 +12,7 @@ use super::text;
 pub const DEBIAN_AMI: &str = "ami-0d3b1e5a9c13debe1";
 pub const OLD_DEBIAN_AMI: &str = "ami-0aa0d3b1e5a9c1312";
 
-fn venv_bin(name: &str) -> PathBuf {
+pub fn venv_bin(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").join(name);
     assert!(p.exists(), "{} not found: run `bash .ci/setup` (pip installs moto[server,ec2,ssm] into .venv)", p.display());
     p
