@@ -26,7 +26,7 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::{api, code_of, debian_ami, imds_v2_only, root_disk, waited};
+use super::{api, code_of, debian_ami, eventually, imds_v2_only, root_disk, waited};
 use crate::cloud::image_spec::{bake_outcome, ImageSpec, TAG_BUILD, TAG_COMPLETE};
 use crate::cloud::{failed, io_err, CloudError, Result};
 use crate::error::UserError;
@@ -532,6 +532,9 @@ async fn finish(
     timeout: Duration,
     note: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<BuiltImage> {
+    // EC2 may not show an image it just created or copied yet (InvalidAMIID.NotFound), which
+    // the SDK's waiter takes as a failure: seen first, then waited for.
+    eventually(|| async { ec2.describe_images().image_ids(id).send().await.map_err(api("DescribeImages")) }).await?;
     ec2.wait_until_image_available().image_ids(id).wait(timeout).await.map_err(waited("the image to be available", timeout))?;
     let out = ec2.describe_images().image_ids(id).send().await.map_err(api("DescribeImages"))?;
     let img = out.images().first().cloned().ok_or_else(|| failed("DescribeImages", format!("{id} vanished in {region}")))?;
