@@ -37,6 +37,15 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Who an IAM policy is for (`iam-policy --for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyFor {
+    /// The user or role that runs boxes.
+    Box,
+    /// The role of the image pipeline (`image build`).
+    ImageBuild,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Text,
@@ -81,11 +90,15 @@ pub enum Command {
     /// The site admin `up` created: username, email and password (printed only here).
     Admin(TargetArgs),
     /// Print the least-privilege IAM policy sgbox needs (JSON): attach it to the user or role
-    /// that runs sgbox.
+    /// that runs sgbox (`--for image-build`: to the one the image pipeline assumes).
     IamPolicy {
         /// The cloud (only aws has one).
         #[arg(long, value_name = "CLOUD", default_value = "aws")]
         cloud: String,
+        /// What the policy is for: running boxes (up, status, upgrade, rollback, down), or
+        /// building machine images (image build).
+        #[arg(long = "for", value_enum, value_name = "WHAT", default_value = "box")]
+        r#for: PolicyFor,
     },
     /// Print a shell completion script.
     Completions {

@@ -85,7 +85,7 @@ pub enum CloudError {
     /// Something the user asked for cannot work as given (nothing was created).
     #[error("{0}")]
     Input(#[source] UserError),
-    #[error("{what} did not happen within {}", humantime::format_duration(*.waited))]
+    #[error("{what} did not happen within {}", humantime::format_duration(Duration::from_secs(.waited.as_secs_f64().round() as u64)))]
     Timeout { what: String, waited: Duration },
     /// The cloud's API refused a call.
     #[error("{op}: {code}: {message}{}", api_hint(*.kind, op))]

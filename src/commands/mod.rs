@@ -84,13 +84,18 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::History(a) => history::run(&ctx, a),
         Command::Admin(a) => admin::run(&ctx, a),
         Command::Snapshots(a) => snapshots::run(&ctx, a),
-        Command::IamPolicy { cloud } => {
+        Command::IamPolicy { cloud, r#for } => {
             if cloud != "aws" {
                 return Err(crate::error::UserError::field("cloud", format!("'{cloud}' has no IAM policy from sgbox"))
                     .hint("use --cloud aws (GCP comes with its own roles when it lands; the local cloud needs none)")
                     .into());
             }
-            println!("{}", serde_json::to_string_pretty(&crate::cloud::aws::policy::document())?);
+            use crate::cloud::aws::policy;
+            let of = match r#for {
+                crate::cli::PolicyFor::Box => policy::For::Box,
+                crate::cli::PolicyFor::ImageBuild => policy::For::ImageBuild,
+            };
+            println!("{}", serde_json::to_string_pretty(&policy::document(of))?);
             Ok(())
         }
         Command::Completions { shell } => {

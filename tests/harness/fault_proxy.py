@@ -20,7 +20,10 @@
   instances (a test plays an image builder whose bake prints to its console; moto's console is a
   fixed text); "image_block_public_access" (e.g. "unblocked", "block-new-sharing") answers
   GetImageBlockPublicAccessState; "image_deprecation": true answers EnableImageDeprecation
-  (moto 5.2.5 implements neither) for an image moto has.
+  (moto 5.2.5 implements neither) for an image moto has; "errors" {action: code} answers that
+  action with that EC2 error (HTTP 400). A played call is still sent to moto first, and moto's
+  refusal by IAM (401/403, when it enforces policies) is the answer: what the proxy plays is
+  authorized like everything else.
 The action is the EC2 Query API's `Action=` form field, or the X-Amz-Target header (SSM).
 """
 import argparse
@@ -95,6 +98,11 @@ def main():
             self.params = params
             played = self._play(action, params)
             if played is not None:
+                verdict, vheaders, vpayload = self._forward(body)
+                if verdict in (401, 403):
+                    self._log(action, True, verdict)
+                    self._reply(verdict, vheaders.get("Content-Type", "text/xml"), vpayload, vheaders)
+                    return
                 status, payload = played
                 self._reply(status, "text/xml", payload.encode(), {})
                 self._log(action, False, status)
@@ -130,15 +138,7 @@ def main():
                 self._reply(503 if not target else 400, ctype, payload, {})
                 self._log(action, False, 503)
                 return
-            req = urllib.request.Request(a.upstream + self.path, data=body if self.command != "GET" else None, method=self.command)
-            for k, v in self.headers.items():
-                if k.lower() not in ("host", "content-length", "connection", "accept-encoding"):
-                    req.add_header(k, v)
-            try:
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    status, headers, payload = r.status, dict(r.headers), r.read()
-            except urllib.error.HTTPError as e:
-                status, headers, payload = e.code, dict(e.headers), e.read()
+            status, headers, payload = self._forward(body)
             self._log(action, True, status)
             if action == "DescribeSnapshots" and status == 200:
                 with lock:
@@ -159,6 +159,19 @@ def main():
                     time.sleep(3600)
             self._reply(status, headers.get("Content-Type", "text/xml"), payload, headers)
 
+        def _forward(self, body):
+            req = urllib.request.Request(a.upstream + self.path, data=body if self.command != "GET" else None, method=self.command)
+            # The Host header too: it is signed (SigV4), and moto checks signatures when it
+            # enforces IAM.
+            for k, v in self.headers.items():
+                if k.lower() not in ("content-length", "connection", "accept-encoding"):
+                    req.add_header(k, v)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, dict(r.headers), r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, dict(e.headers), e.read()
+
         def _play(self, action, params):
             if not a.play:
                 return None
@@ -168,6 +181,9 @@ def main():
             except (OSError, ValueError):
                 return None
             ns = 'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"'
+            if action in play.get("errors", {}):
+                code = play["errors"][action]
+                return 400, EC2_ERROR.format(code=code, message=f"{action} refused (fault proxy, played)")
             if action == "GetConsoleOutput" and params.get("InstanceId") in play.get("console", {}):
                 text = play["console"][params["InstanceId"]]
                 out = base64.b64encode(text.encode()).decode()

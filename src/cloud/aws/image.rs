@@ -375,7 +375,10 @@ impl AwsImages {
             .name(&spec.name)
             .description(&spec.description)
             .no_reboot(true)
+            // Tagged at creation, image and snapshots: the IAM policy lets sgbox change only what
+            // carries sgbox:managed (and tag only during its own creations).
             .tag_specifications(tag_spec(ResourceType::Image, &spec.image_tags()))
+            .tag_specifications(tag_spec(ResourceType::Snapshot, &spec.image_tags()))
             .send()
             .await;
         let id = match out {
@@ -541,8 +544,8 @@ async fn finish(
     let snaps = snapshots_of(&img);
     let complete = has_tag(&img, TAG_COMPLETE);
     if !complete {
-        // CopyImage does not copy tags everywhere, and CreateImage's snapshot tags are not
-        // supported everywhere either: tagged here, image and snapshots alike.
+        // Tagged at creation already; again here, image and snapshots alike, for an image a
+        // creation's tags did not reach (moto tags no snapshot at creation).
         let mut resources = vec![id.to_string()];
         resources.extend(snaps.iter().cloned());
         ec2.create_tags().set_resources(Some(resources)).set_tags(Some(tags(&spec.image_tags()))).send().await.map_err(api("CreateTags"))?;
@@ -580,7 +583,10 @@ async fn copy_to(
                 .name(&spec.name)
                 .description(&spec.description)
                 .encrypted(spec.encrypted)
-                .copy_image_tags(true)
+                // The recipe's tags, not the source's (CopyImageTags would also copy
+                // sgbox:complete, before this copy is finished).
+                .tag_specifications(tag_spec(ResourceType::Image, &spec.image_tags()))
+                .tag_specifications(tag_spec(ResourceType::Snapshot, &spec.image_tags()))
                 // The same copy on a retry or a resumed run (EC2 keeps ClientTokens).
                 .client_token(format!("sgbox-{}-{region}", spec.short()))
                 .send()

@@ -261,14 +261,14 @@ async fn the_shipped_iam_policy_is_enough_and_every_action_in_it_is_needed() {
     let subnet = subnet.as_str().unwrap().to_string();
     let url = moto.url();
 
-    let keys = moto.user_with("sgbox", &policy::document());
+    let keys = moto.user_with("sgbox", &policy::document(policy::For::Box));
     let dir = tempfile::tempdir().unwrap();
     lifecycle(&url, (&keys.0, &keys.1), "full", &subnet, dir.path()).await.expect("the whole life runs with exactly sgbox's policy");
 
     // Without any one action, the same life fails, refused by IAM.
     let mut not_needed = Vec::new();
-    for (i, action) in policy::actions().into_iter().enumerate() {
-        let keys = moto.user_with(&format!("without{i}"), &policy::document_without(Some(action)));
+    for (i, action) in policy::actions(policy::For::Box).into_iter().enumerate() {
+        let keys = moto.user_with(&format!("without{i}"), &policy::document_without(policy::For::Box, Some(action)));
         let dir = tempfile::tempdir().unwrap();
         let name: &'static str = Box::leak(format!("v{i}").into_boxed_str());
         match lifecycle(&url, (&keys.0, &keys.1), name, &subnet, dir.path()).await {

@@ -28,7 +28,10 @@ struct Build {
 
 impl Build {
     fn new() -> Build {
-        let moto = Moto::start();
+        Build::on(Moto::start())
+    }
+
+    fn on(moto: Moto) -> Build {
         let state = tempfile::tempdir().unwrap();
         let play = state.path().join("play.json");
         let b = Build { moto, state, play };
@@ -63,9 +66,15 @@ impl Build {
 
     /// The builder's part, once: in the background until a builder runs.
     fn play_builder(&self, outcome: &str) -> std::process::Child {
+        self.play_builder_in(outcome, "us-east-1")
+    }
+
+    fn play_builder_in(&self, outcome: &str, region: &str) -> std::process::Child {
         Command::new(venv_python())
             .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/play_builder.py"))
-            .args(["--endpoint", &self.moto.url(), "--play", &self.play.display().to_string(), "--outcome", outcome])
+            .args(["--endpoint", &self.moto.url(), "--play", &self.play.display().to_string(), "--outcome", outcome, "--region", region])
+            .env("AWS_ACCESS_KEY_ID", &self.moto.admin.0)
+            .env("AWS_SECRET_ACCESS_KEY", &self.moto.admin.1)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -77,7 +86,7 @@ impl Build {
         let script = format!(
             r#"
 import boto3, json
-ec2 = boto3.client('ec2', endpoint_url='{}', region_name='{region}', aws_access_key_id='testing', aws_secret_access_key='testing')
+ec2 = boto3.client('ec2', endpoint_url='{}', region_name='{region}', aws_access_key_id='{}', aws_secret_access_key='{}')
 imgs = ec2.describe_images(Owners=['self'])['Images']
 for i in imgs:
     i['LaunchPermissions'] = ec2.describe_image_attribute(ImageId=i['ImageId'], Attribute='launchPermission')['LaunchPermissions']
@@ -86,11 +95,17 @@ for i in imgs:
 b = [{{'Name': 'tag-key', 'Values': ['sgbox:image-build']}}]
 inst = [i for r in ec2.describe_instances(Filters=b)['Reservations'] for i in r['Instances'] if i['State']['Name'] != 'terminated']
 sgs = ec2.describe_security_groups(Filters=b)['SecurityGroups']
+# The builds' snapshots: tagged by sgbox, or made by CreateImage/CopyImage (moto's seeded AMIs
+# have snapshots of their own).
+snaps = [s for s in ec2.describe_snapshots(OwnerIds=['self'])['Snapshots']
+         if any(t['Key'] == 'sgbox:managed' for t in s.get('Tags', [])) or 'Auto-created' not in s.get('Description', '')]
 vols = ec2.describe_volumes(Filters=b)['Volumes']
 keys = ec2.describe_key_pairs()['KeyPairs']
-print(json.dumps({{'images': imgs, 'instances': inst, 'sgs': sgs, 'volumes': vols, 'keys': keys}}, default=str))
+print(json.dumps({{'images': imgs, 'instances': inst, 'sgs': sgs, 'volumes': vols, 'keys': keys, 'snapshots': snaps}}, default=str))
 "#,
-            self.moto.url()
+            self.moto.url(),
+            self.moto.admin.0,
+            self.moto.admin.1
         );
         let out = Command::new(venv_python()).arg("-c").arg(&script).output().unwrap();
         assert!(out.status.success(), "boto3: {}", text(&out.stderr));
@@ -379,4 +394,91 @@ fn image_build_bad_input_exits_2_and_creates_nothing() {
     assert_eq!(v["spec"]["copy_to"], serde_json::json!(["eu-west-1"]));
     assert!(v["spec"]["bake_user_data"].as_str().unwrap().starts_with("#cloud-config"));
     assert_eq!(mutations(&proxy), Vec::<String>::new());
+}
+
+/// The IAM policy sgbox ships for image builds (`sgbox iam-policy --for image-build`), proven
+/// against moto enforcing it: a user holding exactly it builds, copies and publishes an image, and
+/// a failed build's cleanup (the unfinished image deregistered, its snapshots deleted) runs too;
+/// between them every action of the policy is used, and none is refused. (The calls the fault
+/// proxy plays are authorized by moto first.) A user without CreateImage fails and leaves nothing.
+#[test]
+fn image_build_runs_with_exactly_its_iam_policy_and_uses_all_of_it() {
+    let b = Build::on(Moto::start_enforcing_iam());
+    let out = run(sgbox(b.state.path()).args(["iam-policy", "--cloud", "aws", "--for", "image-build"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let policy: Vec<String> = doc["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["Action"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().split(':').nth(1).unwrap().to_string()))
+        .collect();
+    let user = b.moto.user_with("image-pipeline", &doc);
+    let as_user = |c: &mut Command| {
+        c.env("AWS_ACCESS_KEY_ID", &user.0).env("AWS_SECRET_ACCESS_KEY", &user.1);
+    };
+    let refused = |proxy: &Proxy| -> Vec<String> {
+        proxy.calls().into_iter().filter(|(_, _, st)| *st == 401 || *st == 403).map(|(a, _, st)| format!("{a} ({st})")).collect()
+    };
+    let mut used = std::collections::BTreeSet::new();
+
+    // The pipeline's build: an image, a copy, both published.
+    let proxy = b.proxy(None);
+    let player = b.play_builder("ok");
+    let mut cmd = b.cmd(
+        &proxy,
+        &["--version", "7.5", "--region", "us-east-1", "--copy-to", "us-west-2", "--unencrypted", "--public", "--output", "json", "--timeout", "3m"],
+    );
+    as_user(&mut cmd);
+    let out = run(&mut cmd);
+    let _ = wait_player_or_kill(player);
+    assert!(out.status.success(), "image build with exactly the policy: {}", text(&out.stderr));
+    assert_eq!(refused(&proxy), Vec::<String>::new());
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(m["images"].as_array().unwrap().iter().all(|i| i["public"] == true), "{m:#}");
+    used.extend(proxy.calls().into_iter().map(|(a, _, _)| a));
+
+    // A build that fails after its image exists (the deprecation refused): the builder goes, the
+    // unfinished image is deregistered and its snapshots deleted, with the same user.
+    b.set_play(serde_json::json!({ "image_deprecation": true, "image_block_public_access": "unblocked", "errors": { "EnableImageDeprecation": "InvalidParameterValue" } }));
+    let proxy = b.proxy(None);
+    let player = b.play_builder_in("ok", "eu-west-1");
+    let mut cmd = b.cmd(&proxy, &["--version", "7.5", "--region", "eu-west-1", "--output", "json", "--timeout", "3m"]);
+    as_user(&mut cmd);
+    let out = run(&mut cmd);
+    let _ = wait_player_or_kill(player);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("EnableImageDeprecation"), "{err}");
+    assert_eq!(refused(&proxy), Vec::<String>::new());
+    let eu = b.region("eu-west-1");
+    for k in ["images", "instances", "sgs", "snapshots"] {
+        assert_eq!(eu[k].as_array().map(Vec::len), Some(0), "{k} left after the failed build: {:#}", eu[k]);
+    }
+    assert!(proxy.calls().iter().any(|(a, _, st)| a == "DeleteSnapshot" && *st == 200), "the image had snapshots to delete");
+    used.extend(proxy.calls().into_iter().map(|(a, _, _)| a));
+    let unused: Vec<&String> = policy.iter().filter(|a| !used.contains(*a)).collect();
+    assert!(unused.is_empty(), "the image-build policy allows actions no build used: {unused:?}");
+
+    // One action short (CreateImage): refused by IAM, exit 1, and the builder still removed.
+    b.set_play(serde_json::json!({ "image_deprecation": true, "image_block_public_access": "unblocked" }));
+    let mut short = doc.clone();
+    for st in short["Statement"].as_array_mut().unwrap() {
+        st["Action"].as_array_mut().unwrap().retain(|a| a != "ec2:CreateImage");
+    }
+    let weak = b.moto.user_with("no-create-image", &short);
+    let proxy = b.proxy(None);
+    let player = b.play_builder_in("ok", "us-west-2");
+    let mut cmd = b.cmd(&proxy, &["--version", "7.5", "--region", "us-west-2", "--timeout", "3m"]);
+    cmd.env("AWS_ACCESS_KEY_ID", &weak.0).env("AWS_SECRET_ACCESS_KEY", &weak.1);
+    let out = run(&mut cmd);
+    let _ = wait_player_or_kill(player);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("CreateImage"), "{err}");
+    assert_eq!(refused(&proxy), vec!["CreateImage (403)".to_string()], "{err}");
+    let west = b.region("us-west-2");
+    for k in ["instances", "sgs"] {
+        assert_eq!(west[k].as_array().map(Vec::len), Some(0), "{k} left after the refused build: {:#}", west[k]);
+    }
 }

@@ -22,10 +22,43 @@ pub struct Moto {
     child: Child,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// The keys of a user allowed everything: the harness's own (boto3 readers, players).
+    pub admin: (String, String),
 }
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::start_with(None)
+    }
+
+    /// moto enforcing IAM (`INITIAL_NO_AUTH_ACTION_COUNT`): its free requests make the harness's
+    /// admin user; every later request needs a user's keys and a policy allowing the action.
+    pub fn start_enforcing_iam() -> Moto {
+        let mut m = Moto::start_with(Some(3));
+        m.admin = m.user_with(
+            "harness-admin",
+            &serde_json::json!({
+                "Version": "2012-10-17",
+                "Statement": [{ "Effect": "Allow", "Action": "*", "Resource": "*" }]
+            }),
+        );
+        m
+    }
+
+    /// A user holding exactly `doc`: its keys (made with the admin's, or with free requests).
+    pub fn user_with(&self, name: &str, doc: &serde_json::Value) -> (String, String) {
+        let v = self.py(&format!(
+            "iam = boto3.client('iam', endpoint_url=ec2.meta.endpoint_url, region_name='us-east-1', aws_access_key_id=KEYS[0], aws_secret_access_key=KEYS[1])\n\
+             iam.create_user(UserName='{name}')\n\
+             iam.put_user_policy(UserName='{name}', PolicyName='sgbox', PolicyDocument={})\n\
+             k = iam.create_access_key(UserName='{name}')['AccessKey']\n\
+             print(json.dumps([k['AccessKeyId'], k['SecretAccessKey']]))",
+            serde_json::to_string(&doc.to_string()).unwrap()
+        ));
+        (v[0].as_str().unwrap().to_string(), v[1].as_str().unwrap().to_string())
+    }
+
+    fn start_with(free_requests: Option<u32>) -> Moto {
         let dir = tempfile::tempdir().unwrap();
         let amis = dir.path().join("amis.json");
         let ami = |id: &str, name: &str, date: &str| {
@@ -45,7 +78,13 @@ impl Moto {
         std::fs::write(&amis, list.to_string()).unwrap();
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
-        let child = Command::new(venv_bin("moto_server"))
+        // tests/harness/moto_server.py: moto_server checking signatures on the bytes signed.
+        let mut cmd = Command::new(venv_bin("python"));
+        cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/moto_server.py"));
+        if let Some(n) = free_requests {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
+        let child = cmd
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .env("MOTO_AMIS_PATH", &amis)
             .env("MOTO_ENABLE_AMI_VALIDATION", "true")
@@ -56,7 +95,7 @@ impl Moto {
             .stderr(log)
             .spawn()
             .expect("moto_server starts");
-        let m = Moto { child, port, dir };
+        let m = Moto { child, port, dir, admin: ("testing".into(), "testing".into()) };
         let until = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < until, "moto did not listen on {port}");
@@ -72,8 +111,8 @@ impl Moto {
     /// Environment for sgbox: the standard AWS variables, nothing test-specific.
     pub fn env(&self, cmd: &mut Command, endpoint: &str) {
         cmd.env("AWS_ENDPOINT_URL", endpoint)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_ACCESS_KEY_ID", &self.admin.0)
+            .env("AWS_SECRET_ACCESS_KEY", &self.admin.1)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env_remove("AWS_PROFILE");
@@ -82,7 +121,9 @@ impl Moto {
     /// Run boto3 (from moto's venv) against moto: an independent reader of what sgbox made.
     pub fn py(&self, code: &str) -> serde_json::Value {
         let script = format!(
-            "import boto3, json, base64\nec2 = boto3.client('ec2', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}\n",
+            "import boto3, json, base64\nKEYS = ({:?}, {:?})\nec2 = boto3.client('ec2', endpoint_url='{}', region_name='us-east-1', aws_access_key_id=KEYS[0], aws_secret_access_key=KEYS[1])\n{code}\n",
+            self.admin.0,
+            self.admin.1,
             self.url()
         );
         let out = Command::new(venv_bin("python")).arg("-c").arg(&script).output().unwrap();
