@@ -29,7 +29,7 @@ floor() {
   genisoimage -quiet -volid cidata -joliet -rock -output "$d/seed.iso" "$d/user-data" "$d/meta-data"
   qemu-img create -q -f qcow2 -F qcow2 -b "$IMAGE/base.qcow2" "$d/overlay.qcow2" 16G
   qemu-img create -q -f qcow2 "$d/data.qcow2" 20G
-  qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 4096 -display none -daemonize -pidfile "$d/qemu.pid" \
+  qemu-system-x86_64 -accel tcg -cpu qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16 -smp 2 -m 4096 -display none -daemonize -pidfile "$d/qemu.pid" \
     -serial "file:$d/console.log" -monitor none \
     -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img" -append "root=LABEL=rootfs rw console=ttyS0 net.ifnames=0 panic=-1" \
     -drive "file=$d/overlay.qcow2,if=none,id=root,format=qcow2" -device virtio-blk-pci,drive=root \

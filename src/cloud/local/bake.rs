@@ -83,7 +83,7 @@ fn bake_in(
     let mut push = |xs: &[&str]| args.extend(xs.iter().map(|s| s.to_string()));
     match accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        _ => push(&["-accel", "tcg", "-cpu", "max"]),
+        _ => push(&["-accel", "tcg", "-cpu", super::qemu::TCG_CPU]),
     }
     push(&["-smp", "2", "-m", "2048", "-display", "none", "-monitor", "none", "-no-reboot"]);
     push(&["-serial", &format!("file:{}", console.display())]);
