@@ -7,12 +7,16 @@
 # Needs what the local-box test needs (bash .ci/setup, root).
 #
 #   bash bench/local-baked.sh [RUNS]      (default 1 pair; each pair: plain, then baked)
+#   SGBOX=target/debug/sgbox bash bench/local-baked.sh   (a built sgbox: it only waits on the VMs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
 RELEASE=7.5.4453
-cargo build -q --release --locked
-SGBOX=$PWD/target/release/sgbox
+if [ -z "${SGBOX:-}" ]; then
+  cargo build -q --release --locked
+  SGBOX=$PWD/target/release/sgbox
+fi
+SGBOX=$(realpath "$SGBOX")
 source bench/lib.sh
 bench_box bench-baked
 

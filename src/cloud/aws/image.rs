@@ -325,6 +325,9 @@ impl AwsImages {
 
         let until = Instant::now() + timeout;
         let mut last = String::new();
+        // A found builder (a resumed run) may have finished already: looked at soon, then less
+        // often, up to one DescribeInstances every 15 s through a bake of minutes.
+        let mut pause = Duration::from_secs(2);
         loop {
             let d = ec2.describe_instances().instance_ids(&instance).send().await.map_err(api("DescribeInstances"))?;
             let state = d.reservations().iter().flat_map(|r| r.instances()).next().and_then(|i| i.state()).and_then(|s| s.name()).cloned();
@@ -364,7 +367,8 @@ impl AwsImages {
             if Instant::now() >= until {
                 return Err(CloudError::Timeout { what: format!("the bake on {instance}"), waited: timeout });
             }
-            tokio::time::sleep(Duration::from_secs(15)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(15));
         }
     }
 
