@@ -24,7 +24,7 @@ IMAGE=$(local_base_image)
 start_registry "$RELEASE"
 MIRROR=(--registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only)
 "$SGBOX" image build --cloud local --version "$RELEASE" "${MIRROR[@]}" --out "$WORK/baked" --output json >"$WORK/bake.json"
-python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["image"]; print(f"bake (once per release): {m[\"build_seconds\"]:.0f} s, disk {m[\"disk_bytes\"]/1e6:.0f} MB")' "$WORK/bake.json"
+python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["image"]; b=m["build_seconds"]; d=m["disk_bytes"]; print(f"bake (once per release): {b:.0f} s, disk {d/1e6:.0f} MB")' "$WORK/bake.json"
 COMMON=(--cloud local --version "$RELEASE" "${MIRROR[@]}" --accel tcg)
 
 # up_from IMAGE: seconds to healthy; the box deleted afterwards.
