@@ -548,8 +548,9 @@ async fn finish(
     let snaps = snapshots_of(&img);
     let complete = has_tag(&img, TAG_COMPLETE);
     if !complete {
-        // Tagged at creation already; again here, image and snapshots alike, for an image a
-        // creation's tags did not reach (moto tags no snapshot at creation).
+        // Tagged at creation already (CreateImage/CopyImage TagSpecifications); tagging again
+        // is idempotent and allowed on what carries sgbox:managed. Redundant since creation tags
+        // the snapshots too: kept for now, see the note.
         let mut resources = vec![id.to_string()];
         resources.extend(snaps.iter().cloned());
         ec2.create_tags().set_resources(Some(resources)).set_tags(Some(tags(&spec.image_tags()))).send().await.map_err(api("CreateTags"))?;
