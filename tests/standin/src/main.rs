@@ -40,9 +40,9 @@ use std::env;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::exit;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -220,9 +220,11 @@ fn main() {
         Role::Generic => {
             GRACEFUL.store(true, Ordering::SeqCst);
             let v = version.clone();
-            http_serve(&image, &ports, Arc::new(move |req: &Request| {
-                if req.path == "/__version" { (200, v.clone()) } else { (200, "ok".to_string()) }
-            }));
+            http_serve(
+                &image,
+                &ports,
+                Arc::new(move |req: &Request| if req.path == "/__version" { (200, v.clone()) } else { (200, "ok".to_string()) }),
+            );
             serve_until_term(&image);
         }
     }
@@ -493,6 +495,8 @@ fn connect(host: &str, port: u16, attempts: u32, timeout: Duration) -> Result<Tc
 struct Request {
     method: String,
     path: String,
+    /// The client keeps the connection for another request (HTTP/1.1 without `Connection: close`).
+    keep_alive: bool,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
@@ -531,7 +535,9 @@ fn read_request(s: &mut TcpStream) -> io::Result<Request> {
     let mut first = lines.next().unwrap_or("").split_whitespace();
     let method = first.next().unwrap_or("").to_string();
     let path = first.next().unwrap_or("/").to_string();
+    let http11 = first.next() == Some("HTTP/1.1");
     let headers = parse_headers(lines);
+    let keep_alive = http11 && !header(&headers, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
     if header(&headers, "transfer-encoding").is_some() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "chunked request bodies are not supported"));
     }
@@ -548,7 +554,7 @@ fn read_request(s: &mut TcpStream) -> io::Result<Request> {
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(len);
-    Ok(Request { method, path, headers, body })
+    Ok(Request { method, path, keep_alive, headers, body })
 }
 
 fn reason(status: u16) -> &'static str {
@@ -567,10 +573,16 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &[u8], head_only: bool) -> io::Result<()> {
+    respond_on(s, status, ctype, body, head_only, false)
+}
+
+/// An answer; `keep` leaves the connection open for the client's next request.
+fn respond_on(s: &mut TcpStream, status: u16, ctype: &str, body: &[u8], head_only: bool, keep: bool) -> io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
         reason(status),
-        body.len()
+        body.len(),
+        if keep { "keep-alive" } else { "close" }
     );
     s.write_all(head.as_bytes())?;
     if !head_only {
@@ -623,20 +635,63 @@ fn listen(image: &str, ports: &[u16], on_conn: ConnHandler) {
     }
 }
 
+/// How long an idle kept-alive connection stays open (a Go `http.Server`'s `IdleTimeout`; Caddy's
+/// upstream pool keeps its idle connections for 2 minutes, so the server's side closes first).
+const IDLE_KEEP: Duration = Duration::from_secs(60);
+
+/// Until the client's next request starts (true), or the connection is closed, idle for
+/// IDLE_KEEP, or a graceful stop began (false). An idle connection is not in flight: a graceful
+/// stop closes it, as Go's `http.Server.Shutdown` does (a client retries an idempotent request
+/// that meets a closed idle connection on a new one, as Go's and Caddy's transports do).
+fn next_request(s: &TcpStream) -> bool {
+    let end = Instant::now() + IDLE_KEEP;
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let more = loop {
+        if TERM.load(Ordering::SeqCst) || Instant::now() >= end {
+            break false;
+        }
+        match s.peek(&mut [0u8; 1]) {
+            Ok(n) => break n > 0,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+            Err(_) => break false,
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    more
+}
+
+/// HTTP/1.1 with keep-alive, as Sourcegraph's Go services serve it: a proxy in front (Caddy)
+/// reuses its connections instead of opening one per request.
 fn http_serve(image: &str, ports: &[u16], handler: Handler) {
-    listen(image, ports, Arc::new(move |mut s: TcpStream| {
-        let (status, ctype, body, head_only) = match read_request(&mut s) {
-            Ok(req) => {
-                let (status, body) = handler(&req);
-                let ctype = if body.starts_with("<!doctype html>") { "text/html; charset=utf-8" } else { "text/plain; charset=utf-8" };
-                (status, ctype, body, req.method == "HEAD")
+    listen(
+        image,
+        ports,
+        Arc::new(move |mut s: TcpStream| loop {
+            let (status, ctype, body, head_only, keep) = match read_request(&mut s) {
+                Ok(req) => {
+                    let (status, body) = handler(&req);
+                    let ctype = if body.starts_with("<!doctype html>") { "text/html; charset=utf-8" } else { "text/plain; charset=utf-8" };
+                    // A graceful stop answers what is in flight and closes.
+                    let keep = req.keep_alive && !TERM.load(Ordering::SeqCst);
+                    (status, ctype, body, req.method == "HEAD", keep)
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+                Err(e) => (400, "text/plain; charset=utf-8", format!("bad request: {e}"), false, false),
+            };
+            if respond_on(&mut s, status, ctype, body.as_bytes(), head_only, keep).is_err() || !keep {
+                let _ = s.shutdown(Shutdown::Write);
+                return;
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
-            Err(e) => (400, "text/plain; charset=utf-8", format!("bad request: {e}"), false),
-        };
-        let _ = respond(&mut s, status, ctype, body.as_bytes(), head_only);
-        let _ = s.shutdown(Shutdown::Write);
-    }));
+            // Idle between requests: not in flight (listen() counted the connection when it came).
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            let more = next_request(&s);
+            IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+            if !more {
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
+        }),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -895,23 +950,27 @@ fn db_main(image: &str, ports: &[u16]) {
     };
     let shared = Arc::new(Mutex::new(st));
     let (image_s, dir) = (image.to_string(), Arc::new(dir));
-    listen(image, ports, Arc::new(move |s: TcpStream| {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(300)));
-        let Ok(mut w) = s.try_clone() else { return };
-        for line in BufReader::new(s).lines() {
-            let Ok(line) = line else { return };
-            if line.trim().is_empty() {
-                continue;
+    listen(
+        image,
+        ports,
+        Arc::new(move |s: TcpStream| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(300)));
+            let Ok(mut w) = s.try_clone() else { return };
+            for line in BufReader::new(s).lines() {
+                let Ok(line) = line else { return };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let reply = {
+                    let mut st = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    db_command(&line, &mut st, &dir, &image_s)
+                };
+                if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
+                    return;
+                }
             }
-            let reply = {
-                let mut st = shared.lock().unwrap_or_else(|p| p.into_inner());
-                db_command(&line, &mut st, &dir, &image_s)
-            };
-            if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
-                return;
-            }
-        }
-    }));
+        }),
+    );
 }
 
 /// Line-protocol client for the DB stand-in.
@@ -1030,7 +1089,11 @@ fn migrator_main(image: &str, own: &str, args: &[String]) -> i32 {
     };
     let wait = env::var("SGBOX_STANDIN_WAIT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120u64);
     let mut dbs = Vec::new();
-    for (label, hv, pv) in [("frontend", "PGHOST", "PGPORT"), ("codeintel", "CODEINTEL_PGHOST", "CODEINTEL_PGPORT"), ("codeinsights", "CODEINSIGHTS_PGHOST", "CODEINSIGHTS_PGPORT")] {
+    for (label, hv, pv) in [
+        ("frontend", "PGHOST", "PGPORT"),
+        ("codeintel", "CODEINTEL_PGHOST", "CODEINTEL_PGPORT"),
+        ("codeinsights", "CODEINSIGHTS_PGHOST", "CODEINSIGHTS_PGPORT"),
+    ] {
         let Some(host) = env::var(hv).ok().filter(|h| !h.is_empty()) else { continue };
         let port = pg_port(pv);
         let deadline = Instant::now() + Duration::from_secs(wait);
@@ -1090,7 +1153,9 @@ fn migrator_main(image: &str, own: &str, args: &[String]) -> i32 {
         }
         let what = match &stored {
             None => format!("{label}: fresh install, schema set to {target}"),
-            Some(s) if parse_ver(s).map(mm) == parse_ver(&target).map(mm) => format!("{label}: schema already at {s}, nothing to migrate (now {target})"),
+            Some(s) if parse_ver(s).map(mm) == parse_ver(&target).map(mm) => {
+                format!("{label}: schema already at {s}, nothing to migrate (now {target})")
+            }
             Some(s) => format!("{label}: schema upgraded from {s} to {target}"),
         };
         match c.cmd(&format!("SET_SCHEMA {target}")) {
@@ -1202,7 +1267,8 @@ fn http_get(authority: &str, path: &str, timeout: Duration) -> Result<(u16, Stri
 /// search, zoekt for indexed search) and fails the page when one of them does not answer. So a
 /// client polling `/search` sees what a backend's replacement costs users.
 fn search_page(own: &str, searcher: &str, zoekt: &str) -> (u16, String) {
-    let backends = [searcher.trim_start_matches("http://").trim_end_matches('/').to_string(), zoekt.split([' ', ',']).next().unwrap_or_default().to_string()];
+    let backends =
+        [searcher.trim_start_matches("http://").trim_end_matches('/').to_string(), zoekt.split([' ', ',']).next().unwrap_or_default().to_string()];
     let mut answered = Vec::new();
     for b in &backends {
         match http_get(b, "/__version", Duration::from_secs(5)) {
@@ -1245,7 +1311,12 @@ fn frontend_handle(req: &Request, own: &str) -> (u16, String) {
                 (Err(e), _) => (503, format!("database {host}:{port} unavailable: {e}")),
             }
         }
-        _ => (200, format!("<!doctype html><html><head><title>Sourcegraph (stand-in)</title></head><body><h1>Sourcegraph stand-in {own}</h1></body></html>\n")),
+        _ => (
+            200,
+            format!(
+                "<!doctype html><html><head><title>Sourcegraph (stand-in)</title></head><body><h1>Sourcegraph stand-in {own}</h1></body></html>\n"
+            ),
+        ),
     }
 }
 
@@ -1375,14 +1446,18 @@ fn caddy_main(image: &str, ports: &[u16]) {
     log(image, &format!("reverse-proxying to {}:{} (from {path})", upstream.0, upstream.1));
     let retry = caddy_retry(&text);
     let upstream = Arc::new(upstream);
-    listen(image, ports, Arc::new(move |mut s: TcpStream| {
-        if let Err((status, msg)) = proxy(&mut s, &upstream, retry) {
-            if status != 0 {
-                let _ = respond(&mut s, status, "text/plain; charset=utf-8", format!("{msg}\n").as_bytes(), false);
+    listen(
+        image,
+        ports,
+        Arc::new(move |mut s: TcpStream| {
+            if let Err((status, msg)) = proxy(&mut s, &upstream, retry) {
+                if status != 0 {
+                    let _ = respond(&mut s, status, "text/plain; charset=utf-8", format!("{msg}\n").as_bytes(), false);
+                }
             }
-        }
-        let _ = s.shutdown(Shutdown::Write);
-    }));
+            let _ = s.shutdown(Shutdown::Write);
+        }),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1521,7 +1596,8 @@ mod tests {
 
     #[test]
     fn site_init_checks_the_body_before_the_database() {
-        let req = |b: &str| Request { method: "POST".into(), path: "/-/site-init".into(), headers: vec![], body: b.as_bytes().to_vec() };
+        let req =
+            |b: &str| Request { method: "POST".into(), path: "/-/site-init".into(), keep_alive: false, headers: vec![], body: b.as_bytes().to_vec() };
         assert_eq!(site_init(&req("email=a@b.c&username=admin")).0, 400, "form bodies are not JSON");
         assert_eq!(site_init(&req(r#"{"email":"a@b.c","username":"admin","password":"short"}"#)).0, 409);
         assert_eq!(site_init(&req(r#"{"email":"nope","username":"admin","password":"long enough pw"}"#)).0, 400);
@@ -1558,6 +1634,45 @@ mod tests {
         assert_eq!(hosts_lookup(hosts, "PGSQL"), Some("172.18.0.9".parse().unwrap()));
         assert_eq!(hosts_lookup(hosts, "ip6-localhost"), Some("::1".parse().unwrap()));
         assert_eq!(hosts_lookup(hosts, "me"), None);
+    }
+
+    #[test]
+    fn http_keeps_a_connection_alive_unless_asked_to_close() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        http_serve("test", &[port], Arc::new(|req: &Request| (200, format!("seen {}", req.path))));
+        let mut c = (0..50)
+            .find_map(|_| {
+                TcpStream::connect(("127.0.0.1", port)).ok().or_else(|| {
+                    thread::sleep(Duration::from_millis(20));
+                    None
+                })
+            })
+            .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = |c: &mut TcpStream, req: &str| {
+            c.write_all(req.as_bytes()).unwrap();
+            let (head, mut body) = read_head(c).unwrap();
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().parse().unwrap();
+            while body.len() < len {
+                let mut b = [0u8; 256];
+                let n = c.read(&mut b).unwrap();
+                body.extend_from_slice(&b[..n]);
+            }
+            (head, String::from_utf8(body).unwrap())
+        };
+        let (h1, b1) = answer(&mut c, "GET /one HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(h1.contains("Connection: keep-alive"), "{h1}");
+        assert_eq!(b1, "seen /one");
+        let (h2, b2) = answer(&mut c, "GET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(h2.contains("Connection: close"), "{h2}");
+        assert_eq!(b2, "seen /two", "the second request on the same connection");
+        assert_eq!(c.read(&mut [0u8; 16]).unwrap(), 0, "closed after an answer asked to close");
+        // HTTP/1.0: one request per connection.
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (h3, _) = answer(&mut c, "GET /three HTTP/1.0\r\n\r\n");
+        assert!(h3.contains("Connection: close"), "{h3}");
+        assert_eq!(c.read(&mut [0u8; 16]).unwrap(), 0);
     }
 
     #[test]
