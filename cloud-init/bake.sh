@@ -65,6 +65,11 @@ printf '{"format": 1, "release": "%s", "recipe": "%s", "sgbox_version": "%s", "b
   "$RELEASE" "$RECIPE" "$SGBOX_VERSION" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$images" >/etc/sgbox/image.json.tmp || fail record
 mv /etc/sgbox/image.json.tmp /etc/sgbox/image.json
 
+# The image's default configuration, for a launch without sgbox (from a cloud console): cloud-init
+# reads it under any user-data, and `sgbox up`'s user-data replaces every key of it.
+install -m 0644 /etc/sgbox/image-default.cfg /etc/cloud/cloud.cfg.d/90-sgbox-image-default.cfg || fail default-config
+rm -f /etc/sgbox/image-default.cfg
+
 # Scrub. Docker keeps its image store (image/, overlay2/); its identity (engine-id), networks,
 # containers and build state are per machine.
 systemctl stop docker.socket docker.service containerd.service || fail stop-docker

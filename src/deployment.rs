@@ -99,7 +99,7 @@ pub async fn stream(d: &mut Deployment, insecure: bool, cmd: String, input: Opti
 /// rollback never depends on paths that may have moved since `up`.
 pub fn bundle(dir: &DeploymentDir, s: &Settings) -> Result<Bundle> {
     let ssh_public_key = dir.ssh_public_key()?;
-    render::render(&Inputs { settings: s, release: s.release(), ssh_public_key: &ssh_public_key })
+    render::render(&Inputs { settings: s, release: s.release(), login: render::Login::Sgbox(&ssh_public_key) })
 }
 
 /// For `tls = custom`: send the user's certificate chain and key to the box over SSH (the key

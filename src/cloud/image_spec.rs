@@ -18,6 +18,10 @@ use crate::render::image_ref;
 use crate::settings::{Cloud, Settings};
 
 const BAKE_SH: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/bake.sh"));
+/// Where the builder's user-data puts the image's default configuration; the bake moves it to
+/// `render::CONSOLE_CONFIG` once the builder's own cloud-init is done (cloud-init would read it
+/// as the builder's configuration before that).
+const BAKE_CONSOLE_CONFIG: &str = "/etc/sgbox/image-default.cfg";
 /// Bumped when what a bake does changes in a way the script's text does not show.
 const RECIPE_FORMAT: &str = "sgbox-image-recipe/1";
 /// Root disk of a box made from the image (and of the builder): the OS, the baked release's images,
@@ -61,6 +65,12 @@ pub struct ImageSpec {
     pub root_gb: i32,
     pub builder_type: String,
     pub deprecate_at: String,
+    /// The image's data volume (GiB): a launch from the image gets one, blank (its `sgbox up`
+    /// replaces it by its own).
+    pub data_gb: i32,
+    /// The box a launch without sgbox gets (`render::console_config`), written by the bake to
+    /// `render::CONSOLE_CONFIG`.
+    pub console_config: String,
     /// Not secret: it names images, never a key or a password.
     pub bake_user_data: String,
 }
@@ -78,22 +88,24 @@ pub struct ImageRequest<'a> {
 }
 
 impl ImageSpec {
-    pub fn of(r: &ImageRequest) -> ImageSpec {
+    pub fn of(r: &ImageRequest) -> anyhow::Result<ImageSpec> {
         let s = r.settings;
+        let console_config = crate::render::console_config(s)?;
+        let data_gb = i32::try_from(s.data_disk_gb).unwrap_or(i32::MAX);
         let release = s.release();
         let images: Vec<(String, String)> = release.services.iter().map(|(name, img)| (name.clone(), image_ref(img, s))).collect();
         let encrypted = r.encrypted && !r.public;
         let packages = packages(s.cloud);
         let insecure = s.registry_mirror.as_ref().filter(|m| m.insecure).map(|m| m.base.split('/').next().unwrap_or("").to_string());
         let mut h = Sha256::new();
-        for part in [RECIPE_FORMAT, &s.version.to_string(), env!("CARGO_PKG_VERSION"), BAKE_SH, &packages.join(" ")] {
+        for part in [RECIPE_FORMAT, &s.version.to_string(), env!("CARGO_PKG_VERSION"), BAKE_SH, &packages.join(" "), &console_config] {
             h.update(part.as_bytes());
             h.update(b"\n");
         }
         for (name, reference) in &images {
             h.update(format!("{name} {reference}\n").as_bytes());
         }
-        h.update(format!("encrypted={encrypted} root_gb={ROOT_GB} insecure={}\n", insecure.as_deref().unwrap_or("")).as_bytes());
+        h.update(format!("encrypted={encrypted} root_gb={ROOT_GB} data_gb={data_gb} insecure={}\n", insecure.as_deref().unwrap_or("")).as_bytes());
         let recipe = hex(&h.finalize());
         let deprecate_at = humantime::format_rfc3339_seconds(r.now + std::time::Duration::from_secs(DEPRECATE_AFTER_DAYS * 86_400)).to_string();
         let mut spec = ImageSpec {
@@ -110,12 +122,24 @@ impl ImageSpec {
             root_gb: ROOT_GB,
             builder_type: BUILDER_TYPE.to_string(),
             deprecate_at,
+            data_gb,
+            console_config,
             bake_user_data: String::new(),
             images,
             recipe,
         };
         spec.bake_user_data = bake_user_data(&spec, &packages, insecure.as_deref());
-        spec
+        Ok(spec)
+    }
+
+    /// The bake user-data as the builder gets it: gzip (cloud-init unpacks it), since EC2 takes at
+    /// most 16 KiB and the image's default configuration alone is most of that as text.
+    pub fn bake_user_data_gzip(&self) -> Vec<u8> {
+        use std::io::Write;
+        // mtime 0: the same spec, the same bytes.
+        let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
+        gz.write_all(self.bake_user_data.as_bytes()).expect("in-memory write");
+        gz.finish().expect("in-memory gzip")
     }
 
     /// Service → reference, as the manifests print them.
@@ -179,22 +203,29 @@ impl ImageSpec {
             "Would create (temporary, removed on success and on failure):".into(),
             "  + security-group  no inbound rule (the builder is never connected to)".into(),
             format!(
-                "  + instance        {} from Debian 13, IMDSv2 required, {} GiB gp3 root{}, the bake user-data; powers itself off",
+                "  + instance        {} from Debian 13, IMDSv2 required, {} GiB gp3 root and a blank {} GiB gp3 data volume{}, the bake user-data; powers itself off",
                 self.builder_type,
                 self.root_gb,
+                self.data_gb,
                 if self.encrypted { " (encrypted)" } else { " (unencrypted: public-safe)" }
             ),
             "Would create (kept):".into(),
         ];
         for r in self.regions() {
             l.push(format!(
-                "  + image           {} in {r}: IMDSv2 required, ENA, {} snapshot, deprecated after {}{}",
+                "  + image           {} in {r}: IMDSv2 required, ENA, {} snapshots (root, blank data volume), deprecated after {}{}",
                 self.name,
                 if self.encrypted { "encrypted" } else { "unencrypted" },
                 self.deprecate_at,
                 if self.public { ", public" } else { ", private" }
             ));
         }
+        l.push(format!(
+            "A launch without sgbox (a console) gets the box of {} from {}: HTTP on port 80, the site admin made by the box (sudo cat {})",
+            self.release,
+            crate::render::CONSOLE_CONFIG,
+            crate::render::SITE_ADMIN_FILE
+        ));
         l
     }
 }
@@ -241,11 +272,13 @@ fn bake_user_data(spec: &ImageSpec, packages: &[&str], insecure: Option<&str>) -
     );
     let script: String = BAKE_SH.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("      {l}\n") }).collect();
     format!(
-        "#cloud-config\n# sgbox image bake: Sourcegraph {release} (recipe {short}). No key is given: nothing logs in.\nssh_pwauth: false\nwrite_files:\n  - path: /etc/sgbox/bake.env\n    permissions: {p644}\n    content: |\n{env}  - path: /etc/sgbox/bake-images\n    permissions: {p644}\n    content: |\n{refs}  - path: /usr/local/sbin/sgbox-bake\n    permissions: {p755}\n    content: |\n{script}runcmd:\n  - [systemd-run, --unit=sgbox-bake, --no-block, /usr/local/sbin/sgbox-bake]\n",
+        "#cloud-config\n# sgbox image bake: Sourcegraph {release} (recipe {short}). No key is given: nothing logs in.\nssh_pwauth: false\nwrite_files:\n  - path: /etc/sgbox/bake.env\n    permissions: {p644}\n    content: |\n{env}  - path: /etc/sgbox/bake-images\n    permissions: {p644}\n    content: |\n{refs}  - path: {console}\n    permissions: {p644}\n    encoding: gz+b64\n    content: {console_b64}\n  - path: /usr/local/sbin/sgbox-bake\n    permissions: {p755}\n    content: |\n{script}runcmd:\n  - [systemd-run, --unit=sgbox-bake, --no-block, /usr/local/sbin/sgbox-bake]\n",
         release = spec.release,
         short = spec.short(),
         p644 = q("0644"),
         p755 = q("0755"),
+        console = BAKE_CONSOLE_CONFIG,
+        console_b64 = crate::render::gz_b64(&spec.console_config),
     )
 }
 
@@ -259,6 +292,7 @@ mod tests {
         let s = Settings::resolve(&layer).unwrap();
         let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000);
         ImageSpec::of(&ImageRequest { settings: &s, region: "us-east-1".into(), copy_to: vec!["eu-west-1".into()], public, encrypted: !public, now })
+            .unwrap()
     }
 
     #[test]
@@ -287,6 +321,16 @@ mod tests {
         }
         assert!(ud.contains(&format!("RECIPE={}", a.recipe)));
         assert!(ud.contains("sgbox-bake: ok recipe="), "the script prints its signal");
+        assert!(ud.contains(&format!("  - path: {BAKE_CONSOLE_CONFIG}\n")), "the image's default configuration travels with the bake");
+        assert!(
+            BAKE_SH.contains(BAKE_CONSOLE_CONFIG) && BAKE_SH.contains(crate::render::CONSOLE_CONFIG),
+            "and the bake puts it where cloud-init reads it"
+        );
+        let gz = a.bake_user_data_gzip();
+        assert!(gz.len() < crate::render::AWS_USER_DATA_LIMIT, "EC2 takes at most 16 KiB of user-data: {} bytes gzipped", gz.len());
+        let mut back = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut back).unwrap();
+        assert_eq!(&back, ud, "cloud-init unpacks what the builder gets");
         let plan = a.plan_lines().join("\n");
         assert!(plan.contains("no inbound rule") && plan.contains("IMDSv2") && plan.contains("eu-west-1"), "{plan}");
     }

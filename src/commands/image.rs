@@ -120,7 +120,7 @@ fn local_bake(
         public: false,
         encrypted: false,
         now: std::time::SystemTime::now(),
-    });
+    })?;
     let out = out.unwrap_or_else(|| cloud::local::bake::out_dir(base_dir, &spec));
     let boot = image::open(base_dir)?;
     let cache = cache_root()?;
@@ -195,7 +195,7 @@ fn aws(
             public,
             encrypted: !(public || unencrypted),
             now: std::time::SystemTime::now(),
-        });
+        })?;
         let journal = cache_root()?.join("image-builds");
         let builder = AwsImages::new(conf, journal, &spec);
         let p = Phase::start("checking regions and permissions");

@@ -40,6 +40,7 @@ const T_UNIT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/template
 const T_USER_DATA: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/user-data.yaml.tera"));
 const T_DATA_DISK: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/data-disk.sh.tera"));
 const SECRETS_SH: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/secrets.sh"));
+const SITE_ADMIN_SH: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/site-admin.sh"));
 
 /// Where `up` puts a custom TLS certificate chain and key (never in user-data).
 pub const TLS_CERT: &str = "/opt/sgbox/tls/sourcegraph.pem";
@@ -51,8 +52,28 @@ pub const BOOT_SCRIPT: &str = "/usr/local/sbin/sgbox-data-disk";
 pub struct Inputs<'a> {
     pub settings: &'a Settings,
     pub release: &'a Release,
-    pub ssh_public_key: &'a str,
+    pub login: Login<'a>,
 }
+
+/// Who logs in to the box, and who claims its first site admin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Login<'a> {
+    /// `sgbox up`: the `sgbox` user with this public key, alone allowed in by sshd; sgbox claims
+    /// the site admin over SSH once Sourcegraph answers.
+    Sgbox(&'a str),
+    /// A machine image's default configuration ([`CONSOLE_CONFIG`]), for a launch without
+    /// sgbox (a cloud console): the image's default user gets the launch's key pair, and the box
+    /// claims its own first site admin before Caddy, the only way in from outside, starts.
+    Console,
+}
+
+/// Where a baked image keeps its default configuration: cloud-init reads it as system
+/// configuration, under any user-data, which wins key by key. It sets only keys that `sgbox up`'s
+/// user-data sets too, so a box made by sgbox from the image gets nothing of it.
+pub const CONSOLE_CONFIG: &str = "/etc/cloud/cloud.cfg.d/90-sgbox-image-default.cfg";
+/// The site admin of a box launched without sgbox (its password root-only, on the data disk).
+pub const SITE_ADMIN_SCRIPT: &str = "/usr/local/sbin/sgbox-site-admin";
+pub const SITE_ADMIN_FILE: &str = "/mnt/sgbox-data/sgbox/site-admin";
 
 /// One file for the box.
 #[derive(Debug, Clone)]
@@ -111,7 +132,7 @@ fn render_one(t: &tera::Tera, name: &str, ctx: &tera::Context) -> Result<String>
     })
 }
 
-fn gz_b64(data: &str) -> String {
+pub(crate) fn gz_b64(data: &str) -> String {
     // mtime 0 and a fixed level: identical input, identical bytes.
     let mut enc = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
     enc.write_all(data.as_bytes()).expect("in-memory write");
@@ -167,6 +188,8 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     unit_ctx.insert("data_mount", DATA_MOUNT);
     unit_ctx.insert("tls_key", &matches!(s.tls, Tls::Custom { .. }).then_some(TLS_KEY));
     unit_ctx.insert("before_key", &inp.release.services.keys().filter(|k| k.as_str() != "caddy").cloned().collect::<Vec<_>>().join(" "));
+    unit_ctx.insert("site_admin", &(inp.login == Login::Console).then_some(SITE_ADMIN_SCRIPT));
+    unit_ctx.insert("site_admin_file", SITE_ADMIN_FILE);
     let unit = render_one(&t, "unit", &unit_ctx)?;
 
     let mut daemon = serde_json::json!({
@@ -186,7 +209,8 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     let mut disk_ctx = tera::Context::new();
     disk_ctx.insert("label", DATA_LABEL);
     disk_ctx.insert("mount", DATA_MOUNT);
-    disk_ctx.insert("size_gib", &s.data_disk_gb);
+    // A launch from the image may size its data volume as it likes: any one non-root disk.
+    disk_ctx.insert("size_gib", &if inp.login == Login::Console { 0 } else { s.data_disk_gb });
     disk_ctx.insert("by_id", &data_disk_by_id(s.cloud));
     // The data disk first, then the secrets on it: without the disk, neither Docker nor secrets.
     let boot_script = format!("{}{SECRETS_SH}", render_one(&t, "data-disk", &disk_ctx)?);
@@ -232,9 +256,16 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
         f(
             "/etc/ssh/sshd_config.d/00-sgbox.conf",
             0o644,
-            "# sgbox: keys only, no root, only the sgbox user. Named 00- to sort first: sshd keeps the first value it reads.\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\nAllowUsers sgbox\n".into(),
+            match inp.login {
+                Login::Sgbox(_) => "# sgbox: keys only, no root, only the sgbox user. Named 00- to sort first: sshd keeps the first value it reads.\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\nAllowUsers sgbox\n".into(),
+                // The launch's key pair belongs to the image's default user.
+                Login::Console => "# sgbox: keys only, no root. Named 00- to sort first: sshd keeps the first value it reads.\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n".into(),
+            },
         ),
     ]);
+    if inp.login == Login::Console {
+        files.push(f(SITE_ADMIN_SCRIPT, 0o755, SITE_ADMIN_SH.to_string()));
+    }
 
     let mut h = Sha256::new();
     for file in files.iter().filter(|f| !f.create_only) {
@@ -287,14 +318,32 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     ud.insert("release", &inp.release.version.to_string());
     ud.insert("deployment", &s.name);
     ud.insert("cloud", &s.cloud.to_string());
-    ud.insert("ssh_public_key", inp.ssh_public_key.trim());
+    ud.insert(
+        "ssh_public_key",
+        &match inp.login {
+            Login::Sgbox(k) => Some(k.trim()),
+            Login::Console => None,
+        },
+    );
     ud.insert("bootcmd", &bootcmd);
     ud.insert("boot_script", BOOT_SCRIPT);
     ud.insert("files", &wf);
     ud.insert("crun", &uses_crun(s.cloud));
+    ud.insert("site_admin_file", SITE_ADMIN_FILE);
     let user_data = render_one(&t, "user-data", &ud)?;
 
     Ok(Bundle { user_data, files, rendered_sha256 })
+}
+
+/// The default configuration a baked machine image carries ([`CONSOLE_CONFIG`]): the box of
+/// `s`'s release as `up` would render it, for a launch without sgbox: HTTP on port 80 (no hostname
+/// is known; the launch's security group says who reaches it), the image's default user with the
+/// launch's key pair, any one data volume, and the site admin claimed by the box itself.
+pub fn console_config(s: &Settings) -> Result<String> {
+    let mut c = s.clone();
+    c.tls = Tls::None;
+    c.hostname = None;
+    render(&Inputs { settings: &c, release: s.release(), login: Login::Console }).map(|b| b.user_data)
 }
 
 #[cfg(test)]

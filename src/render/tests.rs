@@ -8,7 +8,7 @@ fn settings(pairs: &[(&'static str, &str)]) -> Settings {
 }
 
 fn bundle(s: &Settings, r: &Release) -> Bundle {
-    render(&Inputs { settings: s, release: r, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 test" }).unwrap()
+    render(&Inputs { settings: s, release: r, login: Login::Sgbox("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 test") }).unwrap()
 }
 
 /// Service names in file order and their `image:` values, read back from the rendered text.
@@ -233,4 +233,56 @@ fn one_render_per_cloud_reads_as_reviewed() {
         let b = bundle(&s, s.release());
         insta::assert_snapshot!(format!("user_data_{cloud}"), b.user_data);
     }
+}
+
+/// The top-level keys of a cloud-config, in order.
+fn top_keys(yaml: &str) -> Vec<String> {
+    yaml.lines().filter(|l| !l.starts_with([' ', '#', '-']) && l.contains(':')).map(|l| l.split(':').next().unwrap_or_default().to_string()).collect()
+}
+
+#[test]
+fn an_images_default_configuration_is_a_whole_box_that_sgbox_up_replaces_key_by_key() {
+    for cloud in ["aws", "local"] {
+        let s = settings(&[
+            ("cloud", cloud),
+            ("version", "7.5"),
+            ("hostname", "sg.example.com"),
+            ("tls", "letsencrypt"),
+            ("tls-email", "ops@example.com"),
+        ]);
+        let console = console_config(&s).unwrap();
+        let up = bundle(&s, s.release()).user_data;
+        // cloud-init merges user-data over its system configuration key by key: `up`'s user-data
+        // must set every key the image's default sets, so that nothing of it reaches an sgbox box.
+        let (ck, uk) = (top_keys(&console), top_keys(&up));
+        assert!(!ck.is_empty() && ck.iter().all(|k| uk.contains(k)), "{ck:?} not all in {uk:?}");
+        assert!(uk.contains(&"users".to_string()) && !ck.contains(&"users".to_string()), "the launch's key pair goes to the image's default user");
+        assert!(!console.contains("ssh_authorized_keys") && !console.contains("ssh-ed25519"), "no key of sgbox's in the image");
+        let files = user_data_files(&console);
+        let boot = render(&Inputs { settings: &s, release: s.release(), login: Login::Console }).unwrap().file(BOOT_SCRIPT).unwrap().content.clone();
+        assert!(boot.contains("\nWANT_GIB=0\n"), "any one data volume (a launch may size it): {cloud}");
+        assert!(!files.contains("AllowUsers"), "sshd lets the image's default user in");
+        assert!(files.contains(":80 {") && !files.contains("sg.example.com"), "HTTP on port 80: no hostname is known");
+        assert!(!files.contains("PGSQL_PASSWORD=") || files.contains("PGSQL_PASSWORD=%s"), "passwords are made on the box");
+        assert!(console.starts_with("#cloud-config\n") && console.contains("sudo cat /mnt/sgbox-data/sgbox/site-admin"), "{console}");
+    }
+    let s = settings(&[("cloud", "aws"), ("version", "7.5")]);
+    let b = render(&Inputs { settings: &s, release: s.release(), login: Login::Console }).unwrap();
+    let unit = &b.file("/etc/systemd/system/sourcegraph.service").unwrap().content;
+    let starts: Vec<&str> = unit.lines().filter(|l| l.starts_with("ExecStart=")).collect();
+    assert_eq!(starts.len(), 3, "{unit}");
+    // Everything but Caddy, then the site admin, then Caddy: the site is never reachable unclaimed.
+    let words: Vec<&str> = starts[0].trim_end_matches('\'').split_whitespace().collect();
+    assert!(words.contains(&"sourcegraph-frontend-0") && !words.contains(&"caddy"), "{}", starts[0]);
+    assert_eq!(starts[1], format!("ExecStart={SITE_ADMIN_SCRIPT}"));
+    assert!(starts[2].ends_with("up -d --remove-orphans"), "{}", starts[2]);
+    let script = b.file(SITE_ADMIN_SCRIPT).unwrap();
+    assert_eq!(script.mode, 0o755);
+    assert!(script.content.contains(SITE_ADMIN_FILE) && script.content.contains("umask 077"), "{}", script.content);
+    // An sgbox box: none of it (sgbox claims the admin over SSH; only its user gets in).
+    let up = bundle(&s, s.release());
+    assert!(up.file(SITE_ADMIN_SCRIPT).is_none());
+    assert!(!up.file("/etc/systemd/system/sourcegraph.service").unwrap().content.contains(SITE_ADMIN_SCRIPT));
+    assert!(up.file("/etc/ssh/sshd_config.d/00-sgbox.conf").unwrap().content.contains("AllowUsers sgbox"));
+    assert!(up.file(BOOT_SCRIPT).unwrap().content.contains(&format!("WANT_GIB={}", s.data_disk_gb)));
 }

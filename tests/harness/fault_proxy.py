@@ -91,8 +91,8 @@ def main():
             action = target.split(".")[-1] if target else ""
             q = {}
             if not target:
-                q = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
-                q.update(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query))
+                q = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+                q.update(urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query, keep_blank_values=True))
                 action = (q.get("Action") or [""])[0]
             params = {k: v[0] for k, v in q.items() if k != "Action"}
             self.params = params

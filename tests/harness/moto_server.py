@@ -14,6 +14,12 @@ the bytes that were signed.
 ResourceType `snapshot`): moto raises NotImplementedError for the first and ignores
 TagSpecifications on the second. sgbox tags at creation because its IAM policy lets it change only
 what carries sgbox:managed.
+
+3. An image maps every EBS volume of the instance it was made from, each with a snapshot of its
+own; a copy carries them all; and a launch creates every volume its image maps, except a device
+the request maps itself (`NoDevice` leaves it out). moto's images map only a root of their own,
+and moto launches only what the request maps: an image's extra volume (a baked image's blank data
+volume) would be invisible, and so would a launch that forgot to leave it out.
 """
 import sys
 
@@ -65,6 +71,16 @@ def _create_image_tagging_snapshots(self, instance_id, name, description, tag_sp
     specs = [{"ResourceType": "image", "Tags": image_tags}] if image_tags else []
     ami = _create_image(self, instance_id, name, description, tag_specifications=specs)
     _tag_snapshots(ami, snap_tags)
+    instance = self.get_instance(instance_id)
+    ami.extra_volumes = []
+    for device, block in instance.get_block_device_mapping:
+        if device == instance.root_device_name:
+            continue
+        volume = self.get_volume(block.volume_id)
+        snap = self.create_snapshot(volume.id, f"Created by CreateImage({instance_id}) for {ami.id}", self.account_id, from_ami=ami.id)
+        for t in snap_tags:
+            snap.add_tag(t["Key"], t["Value"])
+        ami.extra_volumes.append((device, snap, volume.size, bool(block.delete_on_termination), volume.volume_type))
     return ami
 
 
@@ -80,10 +96,51 @@ def _copy_image_tagging(self):
     for t in image_tags:
         ami.add_tag(t["Key"], t["Value"])
     _tag_snapshots(ami, snap_tags)
+    from moto.ec2.models import ec2_backends
+
+    region = self._get_param("SourceRegion")
+    source = ec2_backends[self.ec2_backend.account_id][region].amis[self._get_param("SourceImageId")]
+    ami.extra_volumes = []
+    for device, snap, size, delete, kind in getattr(source, "extra_volumes", []):
+        copy = self.ec2_backend.copy_snapshot(snap.id, region, f"Copied for {ami.id} from {snap.id}", None)
+        for t in snap_tags:
+            copy.add_tag(t["Key"], t["Value"])
+        ami.extra_volumes.append((device, copy, size, delete, kind))
     return result
 
 
 AmisResponse.copy_image = _copy_image_tagging
+
+from moto.ec2.models.amis import Ami  # noqa: E402
+from moto.ec2.models.instances import InstanceBackend  # noqa: E402
+
+_root_mapping = Ami.block_device_mappings
+
+
+def _every_mapping(self):
+    maps = _root_mapping.fget(self)
+    for device, snap, size, delete, kind in getattr(self, "extra_volumes", []):
+        maps.append({"DeviceName": device, "Ebs": {"SnapshotId": snap.id, "VolumeSize": size, "DeleteOnTermination": delete, "VolumeType": kind}})
+    return maps
+
+
+Ami.block_device_mappings = property(_every_mapping)
+
+_run_instances = InstanceBackend.run_instances
+
+
+def _run_instances_with_the_images_volumes(self, image_id, count, user_data, security_group_names, **kwargs):
+    reservation = _run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+    ami = self.amis.get(image_id)
+    asked = {m.get("DeviceName") for m in kwargs.get("block_device_mappings") or []}
+    for instance in reservation.instances:
+        for device, snap, size, delete, kind in getattr(ami, "extra_volumes", []):
+            if device not in asked:
+                instance.add_block_device(size, device, snap.id, bool(snap.encrypted), delete, None, volume_type=kind)
+    return reservation
+
+
+InstanceBackend.run_instances = _run_instances_with_the_images_volumes
 
 from moto.server import main  # noqa: E402  (after the patch: the server's request class)
 

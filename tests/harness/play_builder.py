@@ -9,6 +9,7 @@ the fault proxy's --play file, since moto's console is a fixed text) and it powe
 """
 import argparse
 import base64
+import gzip
 import json
 import os
 import sys
@@ -50,7 +51,9 @@ def main():
         time.sleep(0.2)
     inst = found[0]["InstanceId"]
     ud = ec2.describe_instance_attribute(InstanceId=inst, Attribute="userData")["UserData"]["Value"]
-    user_data = base64.b64decode(ud).decode()
+    raw = base64.b64decode(ud)
+    gzipped = raw[:2] == b"\x1f\x8b"
+    user_data = (gzip.decompress(raw) if gzipped else raw).decode()
     recipe = next(l.split("=", 1)[1] for l in user_data.splitlines() if l.strip().startswith("RECIPE="))
     if a.outcome == "ok":
         said = f"sgbox-bake: started recipe={recipe}\nsgbox-bake: ok recipe={recipe}\n"
@@ -66,7 +69,7 @@ def main():
         json.dump(play, f)
     os.replace(tmp, a.play)
     ec2.stop_instances(InstanceIds=[inst])
-    print(json.dumps({"instance": inst, "recipe": recipe, "user_data": user_data}))
+    print(json.dumps({"instance": inst, "recipe": recipe, "user_data": user_data, "user_data_bytes": len(raw), "user_data_gzip": gzipped}))
 
 
 if __name__ == "__main__":

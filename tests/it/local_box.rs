@@ -10,6 +10,10 @@
 //!     identity; the release's images and /etc/sgbox/image.json there);
 //!  1. `up` at 5.9 from the baked image with the registry stopped (nothing can be pulled): healthy at the release (by our own GET and by `status`), the data disk and
 //!     Docker's root on it, sshd restricted; a re-run of `up` changes nothing; no password printed;
+//!     beside it, a second VM launched from the same image WITHOUT sgbox (meta-data with a key, no
+//!     user-data, as a cloud console launches an image) becomes a working box by the image's
+//!     default configuration: site admin claimed by the box before Caddy starts, its password
+//!     root-only; its own host keys and machine id; nothing of that default on sgbox's box;
 //!  2. `upgrade` refusals with nothing changed: a downgrade (exit 2), `--dry-run` of 5.9 → 7.4,
 //!     a full data disk (exit 2);
 //!  3. the multi-version upgrade 5.9 → 7.4 across the Postgres 16 waypoint 5.11, with sgbox
@@ -232,6 +236,9 @@ fn scrubbed(baked: &Path, n_images: usize) {
         let l = fs(&format!("ls -p {dir}"));
         assert!(!l.contains(&format!("/{gone}/")), "{dir}/{gone} is scrubbed: {l}");
     }
+    let cfg = fs("ls -p /etc/cloud/cloud.cfg.d");
+    assert!(cfg.contains("/90-sgbox-image-default.cfg/"), "the image's default configuration, for a launch without sgbox: {cfg}");
+    assert!(!fs("ls -p /etc/sgbox").contains("/image-default.cfg/"), "moved, not copied");
     let docker = fs("ls -p /var/lib/docker");
     assert!(docker.contains("/image/") && docker.contains("/overlay2/"), "the baked images: {docker}");
     for gone in ["engine-id", "containers", "network"] {
@@ -246,6 +253,170 @@ fn scrubbed(baked: &Path, n_images: usize) {
     assert_eq!(v["release"], OLD, "{v:#}");
     assert_eq!(v["images"].as_object().map(|m| m.len()), Some(n_images), "every image of the release: {v:#}");
     std::fs::remove_file(&raw).unwrap();
+}
+
+/// A box launched from the baked image WITHOUT sgbox, as a cloud console launches a machine
+/// image: plain QEMU, a blank data disk, and a NoCloud seed with only meta-data (an instance id
+/// and the launch's public key, as EC2's metadata gives a key pair) and empty user-data. The
+/// image's default configuration alone must make it a working box. Killed (by PID) on drop.
+struct ConsoleBox {
+    dir: tempfile::TempDir,
+    pid: u32,
+    ssh_port: u16,
+    http_port: u16,
+}
+
+/// The default user of the local base image's cloud-init (Debian's `debian`; `admin` on Debian's
+/// AWS images): the launch's key pair is its.
+const CONSOLE_USER: &str = "debian";
+
+impl ConsoleBox {
+    fn launch(image: &Path) -> ConsoleBox {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cmd = |c: &mut std::process::Command| {
+            let o = c.output().unwrap();
+            assert!(o.status.success(), "{c:?}: {}{}", text(&o.stdout), text(&o.stderr));
+        };
+        cmd(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "console-launch", "-f"]).arg(d.join("key")));
+        let public = std::fs::read_to_string(d.join("key.pub")).unwrap();
+        std::fs::write(
+            d.join("meta-data"),
+            format!("instance-id: i-console-{}\nlocal-hostname: console\npublic-keys:\n  - {}\n", std::process::id(), public.trim()),
+        )
+        .unwrap();
+        std::fs::write(d.join("user-data"), "").unwrap();
+        cmd(std::process::Command::new("genisoimage")
+            .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+            .arg(d.join("seed.iso"))
+            .arg(d.join("user-data"))
+            .arg(d.join("meta-data")));
+        cmd(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image.join("base.qcow2"))
+            .arg(d.join("overlay.qcow2"))
+            .arg("16G"));
+        cmd(std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(d.join("data.qcow2")).arg("20G"));
+        let (ssh_port, http_port) = (free_port(), free_port());
+        let p = |n: &str| d.join(n).display().to_string();
+        cmd(std::process::Command::new("qemu-system-x86_64").args([
+            "-name",
+            "sgbox-e2e-console",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16",
+            "-smp",
+            "2",
+            "-m",
+            "4096",
+            "-display",
+            "none",
+            "-daemonize",
+            "-pidfile",
+            &p("qemu.pid"),
+            "-serial",
+            &format!("file:{}", p("console.log")),
+            "-monitor",
+            "none",
+            "-kernel",
+            &image.join("vmlinuz").display().to_string(),
+            "-initrd",
+            &image.join("initrd.img").display().to_string(),
+            "-append",
+            "root=LABEL=rootfs rw console=ttyS0 net.ifnames=0 panic=-1",
+            "-drive",
+            &format!("file={},if=none,id=root,format=qcow2", p("overlay.qcow2")),
+            "-device",
+            "virtio-blk-pci,drive=root",
+            "-drive",
+            &format!("file={},if=none,id=data,format=qcow2", p("data.qcow2")),
+            "-device",
+            "virtio-blk-pci,drive=data,serial=sgbox-data",
+            "-drive",
+            &format!("file={},if=none,id=seed,format=raw,readonly=on", p("seed.iso")),
+            "-device",
+            "virtio-blk-pci,drive=seed",
+            "-netdev",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,hostfwd=tcp:127.0.0.1:{http_port}-:80"),
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+            "-device",
+            "virtio-rng-pci",
+        ]));
+        let pid = std::fs::read_to_string(d.join("qemu.pid")).unwrap().trim().parse().unwrap();
+        ConsoleBox { dir, pid, ssh_port, http_port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// Until the site answers `release` (Caddy starts only once the box has claimed its admin).
+    fn wait_for(&self, release: &str, within: Duration) {
+        let until = Instant::now() + within;
+        while crate::common::localbox::http_get(&self.url("/__version")).map(|v| v.trim().to_string()).as_deref() != Some(release) {
+            assert!(Instant::now() < until, "the console-launched box never served {release}:\n{}", self.console());
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    }
+
+    /// `cmd` over SSH as the image's default user with the launch's key (this test's own box:
+    /// its host key is not pinned).
+    fn ssh(&self, cmd: &str) -> std::process::Output {
+        std::process::Command::new("ssh")
+            .arg("-i")
+            .arg(self.dir.path().join("key"))
+            .args(["-p", &self.ssh_port.to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+            .args(["-o", "LogLevel=ERROR", &format!("{CONSOLE_USER}@127.0.0.1"), cmd])
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for ConsoleBox {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").arg(self.pid.to_string()).status();
+        let until = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{}", self.pid)).exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// POST a JSON body to a URL: the HTTP status.
+fn post_json(url: &str, body: &str) -> u16 {
+    let o = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+            url,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(body.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    text(&o.stdout).trim().parse().unwrap_or(0)
 }
 
 fn json_of(out: &std::process::Output) -> Value {
@@ -502,6 +673,9 @@ fn local_box_lifecycle() {
     scrubbed(&baked, b["digests"].as_object().map(|d| d.len()).unwrap_or(0));
     clock.lap("bake 5.9 into the base image (a VM), its scrub checked on the disk");
     registry.pause();
+    // 0b. A box launched from the same image without sgbox (a console launch), started now so
+    //     that its boot runs beside `up`'s; checked after scenario 1.
+    let console = ConsoleBox::launch(&baked);
     let image = baked;
     let mirror = registry.mirror_for_guest();
     let state = tempfile::tempdir().unwrap();
@@ -654,6 +828,54 @@ fn local_box_lifecycle() {
     }
     assert!(!stderr_all.contains(admin_pw.as_str()), "the admin password was printed by up");
     clock.lap("status, the box's disks and sshd, idempotent re-run of up");
+
+    // 1b. The console launch: the image's default configuration made a working box by itself,
+    //     with no registry reachable while it booted; it claimed its own site admin before Caddy
+    //     started (so the site was never reachable unclaimed), the password root-only on the data
+    //     disk and never on the console. Two boxes from one image: their own host keys and
+    //     machine ids. And nothing of the image's default reached the box `up` made.
+    console.wait_for(OLD, Duration::from_secs(900));
+    let o = console.ssh("sudo cat /mnt/sgbox-data/sgbox/site-admin");
+    assert!(o.status.success(), "the launch's key logs in as {CONSOLE_USER}, who may sudo: {}", text(&o.stderr));
+    let creds = text(&o.stdout);
+    let field = |k: &str| creds.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("no {k} in {creds}")).to_string();
+    let (admin_user, admin_password) = (field("username"), field("password"));
+    assert!(creds.contains("claimed_at=") && admin_password.len() >= 20, "{creds}");
+    assert_eq!(text(&console.ssh("sudo stat -c '%a %U' /mnt/sgbox-data/sgbox/site-admin").stdout).trim(), "600 root");
+    assert!(!console.ssh("cat /mnt/sgbox-data/sgbox/site-admin").status.success(), "root-only");
+    let sign_in = |pw: &str| post_json(&console.url("/-/sign-in"), &format!("{{\"email\":\"{admin_user}\",\"password\":\"{pw}\"}}"));
+    assert_eq!(sign_in(&admin_password), 200, "the admin the box made signs in through Caddy");
+    assert_eq!(sign_in("not-the-password-at-all"), 401);
+    let page = crate::common::localbox::http_get(&console.url("/sign-in")).unwrap_or_default();
+    assert!(page.contains("\"needsSiteInit\":false"), "nobody else can claim the site: {page}");
+    let log = console.console();
+    assert!(log.contains(&format!("sgbox-site-admin: site admin \"{admin_user}\" created")), "the console says where the password is");
+    assert!(!log.contains(&admin_password), "the password never reaches the console");
+    let o = console.ssh("sudo grep -c \"seeding Docker's root\" /var/log/cloud-init-output.log; id sgbox 2>&1 || true");
+    assert!(
+        text(&o.stdout).lines().next().is_some_and(|n| n.trim() != "0") && text(&o.stdout).contains("no such user"),
+        "seeded from the image, no sgbox user: {}",
+        text(&o.stdout)
+    );
+    let identity = "cat /etc/machine-id; ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub";
+    let (theirs, ours) = (text(&console.ssh(identity).stdout), ssh(st, identity));
+    assert!(theirs.lines().count() == 2 && ours.lines().count() == 2, "{theirs}{ours}");
+    for (a, b) in theirs.lines().zip(ours.lines()) {
+        assert_ne!(a, b, "two boxes from one image have their own machine id and host key");
+    }
+    let o = ssh(
+        st,
+        &format!(
+            "id {CONSOLE_USER} 2>&1 || true; test -e {} && echo leaked || true; sudo sshd -T | grep -i '^allowusers'",
+            "/usr/local/sbin/sgbox-site-admin"
+        ),
+    );
+    assert!(
+        o.contains("no such user") && !o.contains("leaked") && o.contains("allowusers sgbox"),
+        "`up`'s user-data replaced the image's default: {o}"
+    );
+    drop(console);
+    clock.lap("console launch of the image without sgbox (booted beside up): working, admin claimed by the box");
 
     // The user's override from here on (every upgrade and rollback applies it, the hand-over's
     // copies included): health checks once a minute after a service is healthy. Under emulation a

@@ -391,8 +391,20 @@ fn the_image_bake_user_data_passes_cloud_init_schema_and_sh() {
     let ud = v["spec"]["bake_user_data"].as_str().unwrap();
     let f = tmp.path().join("bake-user-data");
     std::fs::write(&f, ud).unwrap();
-    let o = cloud_init_schema(&cloud_init_bin(), &[f]);
-    assert!(o.status.success(), "cloud-init's schema rejected the bake user-data:\n{}{}\n{ud}", text(&o.stdout), text(&o.stderr));
+    // The image's default configuration, which the bake puts into /etc/cloud/cloud.cfg.d/.
+    let console = v["spec"]["console_config"].as_str().unwrap();
+    let fc = tmp.path().join("image-default.cfg");
+    std::fs::write(&fc, console).unwrap();
+    let o = cloud_init_schema(&cloud_init_bin(), &[f, fc]);
+    assert!(
+        o.status.success(),
+        "cloud-init's schema rejected the bake user-data or the image's default configuration:\n{}{}\n{ud}\n{console}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    // The first-boot site-admin script of a console launch parses as POSIX sh too.
+    let o = Command::new("dash").arg("-n").arg(crate::common::localbox::repo().join("cloud-init/site-admin.sh")).output().expect("dash is installed");
+    assert!(o.status.success(), "cloud-init/site-admin.sh does not parse: {}", text(&o.stderr));
     // The script as cloud-init writes it: the block under its path, unindented.
     let script: String = ud
         .split("path: /usr/local/sbin/sgbox-bake\n")

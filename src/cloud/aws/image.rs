@@ -26,7 +26,7 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::{api, code_of, debian_ami, eventually, imds_v2_only, root_disk, waited};
+use super::{api, blank_data_disk, code_of, debian_ami, eventually, imds_v2_only, root_disk, waited};
 use crate::cloud::image_spec::{bake_outcome, ImageSpec, TAG_BUILD, TAG_COMPLETE};
 use crate::cloud::{failed, io_err, CloudError, Result};
 use crate::error::UserError;
@@ -303,12 +303,13 @@ impl AwsImages {
                     .min_count(1)
                     .max_count(1)
                     .security_group_ids(&group)
-                    .user_data(base64::engine::general_purpose::STANDARD.encode(&spec.bake_user_data))
+                    .user_data(base64::engine::general_purpose::STANDARD.encode(spec.bake_user_data_gzip()))
                     .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
                     .metadata_options(imds_v2_only())
                     .block_device_mappings(root_disk(root, spec.root_gb, spec.encrypted))
+                    .block_device_mappings(blank_data_disk(spec.data_gb, spec.encrypted))
                     .tag_specifications(tag_spec(ResourceType::Instance, &spec.builder_tags("builder")))
-                    .tag_specifications(tag_spec(ResourceType::Volume, &spec.builder_tags("builder-root")))
+                    .tag_specifications(tag_spec(ResourceType::Volume, &spec.builder_tags("builder-disk")))
                     .client_token(token)
                     .send()
                     .await

@@ -161,6 +161,30 @@ fn root_disk(device: String, gb: i32, encrypted: bool) -> BlockDeviceMapping {
         .build()
 }
 
+/// A blank gp3 volume of `gb` GiB at the data volume's device, deleted with its instance: the
+/// builder's, so that its image carries a data volume for launches without sgbox.
+fn blank_data_disk(gb: i32, encrypted: bool) -> BlockDeviceMapping {
+    BlockDeviceMapping::builder()
+        .device_name(DATA_DEVICE)
+        .ebs(EbsBlockDevice::builder().volume_size(gb).volume_type(VolumeType::Gp3).encrypted(encrypted).delete_on_termination(true).build())
+        .build()
+}
+
+/// Every volume an image maps besides its root (a baked image's blank data volume, or whatever
+/// another image carries), left out of a launch: a box has its root and the data volume sgbox
+/// made and attaches, nothing else (two blank disks would leave the box to guess which holds
+/// its data).
+fn without_extra_volumes(image: Option<&aws_sdk_ec2::types::Image>, root: &str) -> Vec<BlockDeviceMapping> {
+    image
+        .map(|i| i.block_device_mappings())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m.device_name())
+        .filter(|d| *d != root)
+        .map(|d| BlockDeviceMapping::builder().device_name(d).no_device("").build())
+        .collect()
+}
+
 /// The newest of some images, by creation date.
 fn newest(images: &[aws_sdk_ec2::types::Image]) -> Option<&aws_sdk_ec2::types::Image> {
     images.iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
@@ -501,6 +525,8 @@ impl Aws {
             .and_then(|m| m.ebs())
             .and_then(|e| e.volume_size())
             .unwrap_or(0);
+        let mut disks = vec![root_disk(root.clone(), ROOT_GB.max(snapshot_gb), true)];
+        disks.extend(without_extra_volumes(img.images().first(), &root));
         let sg = rec.security_group.clone().ok_or_else(|| failed("creating the instance", "no security group recorded"))?;
         let key = rec.key_pair.clone().ok_or_else(|| failed("creating the instance", "no key pair recorded"))?;
         let token = self.token("instance")?;
@@ -517,7 +543,7 @@ impl Aws {
             .set_placement(zone.map(|z| Placement::builder().availability_zone(z).build()))
             .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
             .metadata_options(imds_v2_only())
-            .block_device_mappings(root_disk(root, ROOT_GB.max(snapshot_gb), true))
+            .set_block_device_mappings(Some(disks))
             .tag_specifications(self.tags(ResourceType::Instance, "box"))
             .tag_specifications(self.tags(ResourceType::Volume, "root"))
             .client_token(token)

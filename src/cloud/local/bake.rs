@@ -77,7 +77,7 @@ fn bake_in(
     let disk = base.disk.display().to_string();
     super::qemu_img(&["create", "-q", "-f", "qcow2", "-b", &disk, "-F", "qcow2", &overlay.display().to_string(), &format!("{BAKE_DISK_GB}G")])?;
     let seed = work.join("seed.iso");
-    super::make_seed(work, &seed, &format!("sgbox-bake-{}", spec.short()), "sgbox-bake", &spec.bake_user_data)?;
+    super::make_seed(work, &seed, &format!("sgbox-bake-{}", spec.short()), "sgbox-bake", &spec.bake_user_data_gzip())?;
     let console = work.join("console.log");
     let mut args: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| args.extend(xs.iter().map(|s| s.to_string()));

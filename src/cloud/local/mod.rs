@@ -211,19 +211,19 @@ impl Local {
     }
 
     fn write_seed(&self, instance_id: &str, user_data: &str) -> Result<()> {
-        make_seed(&self.dir, &self.files.seed, instance_id, &self.spec.name, user_data)
+        make_seed(&self.dir, &self.files.seed, instance_id, &self.spec.name, user_data.as_bytes())
     }
 }
 
 /// A NoCloud seed ISO at `out` (mode 0600: a box's user-data names its secrets' places), made in
 /// `work`.
-pub fn make_seed(work: &Path, out: &Path, instance_id: &str, hostname: &str, user_data: &str) -> Result<()> {
+pub fn make_seed(work: &Path, out: &Path, instance_id: &str, hostname: &str, user_data: &[u8]) -> Result<()> {
     let tmp = work.join(".seed");
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io_err("creating the seed folder"))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting the seed folder"))?;
     let meta = format!("instance-id: {instance_id}\nlocal-hostname: {hostname}\n");
-    write_atomic(&tmp.join("user-data"), user_data.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
+    write_atomic(&tmp.join("user-data"), user_data, 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
     write_atomic(&tmp.join("meta-data"), meta.as_bytes(), 0o600).map_err(|e| failed("writing the seed", format!("{e:#}")))?;
     let tool = iso_tool().ok_or_else(|| failed("making the seed", "no genisoimage, mkisofs or xorriso"))?;
     let mut cmd = Command::new(&tool);

@@ -192,7 +192,9 @@ fn image_build_bakes_copies_finishes_each_image_and_leaves_nothing_temporary() {
     assert_eq!(ids.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(), REGIONS, "{m:#}");
     assert!(m["digests"]["sourcegraph-frontend-0"].as_str().unwrap().contains("@sha256:"), "{m:#}");
 
-    // The bake's user-data: no key; every image of the release by digest.
+    // The bake's user-data: no key; every image of the release by digest; gzipped within EC2's
+    // 16 KiB.
+    assert!(played["user_data_gzip"] == true && played["user_data_bytes"].as_u64().is_some_and(|n| n < 16 * 1024), "{played:#}");
     let ud = played["user_data"].as_str().unwrap();
     assert!(ud.starts_with("#cloud-config") && !ud.contains("users:") && !ud.contains("ssh_authorized_keys"), "{ud}");
     assert_eq!(ud.matches("@sha256:").count(), m["digests"].as_object().unwrap().len(), "{ud}");
@@ -206,6 +208,15 @@ fn image_build_bakes_copies_finishes_each_image_and_leaves_nothing_temporary() {
     assert_eq!(ri["BlockDeviceMapping.1.Ebs.Encrypted"], "true", "{ri:#}");
     assert_eq!(ri["InstanceInitiatedShutdownBehavior"], "stop", "{ri:#}");
     assert!(calls(&proxy, "AuthorizeSecurityGroupIngress").is_empty(), "nothing inbound");
+    // Besides its root, a blank data volume (made empty, no snapshot; deleted with the builder),
+    // so that the image maps one for a launch without sgbox.
+    assert_eq!(ri["BlockDeviceMapping.2.DeviceName"], "/dev/sdf", "{ri:#}");
+    assert_eq!(ri["BlockDeviceMapping.2.Ebs.VolumeSize"], "250", "{ri:#}");
+    assert_eq!(ri["BlockDeviceMapping.2.Ebs.DeleteOnTermination"], "true", "{ri:#}");
+    assert_eq!(ri["BlockDeviceMapping.2.Ebs.Encrypted"], "true", "{ri:#}");
+    assert!(ri.get("BlockDeviceMapping.2.Ebs.SnapshotId").is_none(), "{ri:#}");
+    // The image's default configuration (a launch without user-data) travels with the bake.
+    assert!(ud.contains("path: /etc/sgbox/image-default.cfg"), "{ud}");
 
     // Each image: finished in its region (tags on it and its snapshots, IMDSv2, deprecation),
     // private, its snapshots encrypted where EBS copies them so.
@@ -219,6 +230,9 @@ fn image_build_bakes_copies_finishes_each_image_and_leaves_nothing_temporary() {
         assert_eq!(tag(img, "sgbox:release").as_deref(), Some("7.5.4453"));
         assert_eq!(tag(img, "sgbox:complete").as_deref(), Some("true"));
         assert_eq!(img["LaunchPermissions"], Value::Array(vec![]), "private: {img:#}");
+        let devices: Vec<&str> = img["BlockDeviceMappings"].as_array().unwrap().iter().filter_map(|b| b["DeviceName"].as_str()).collect();
+        assert!(devices.len() == 2 && devices.contains(&"/dev/sdf"), "the root and the blank data volume: {img:#}");
+        assert_eq!(img["Snapshots"].as_array().map(Vec::len), Some(2), "{img:#}");
         for s in img["Snapshots"].as_array().unwrap() {
             assert_eq!(tag(s, "sgbox:recipe").as_deref(), m["recipe"].as_str(), "snapshot tagged: {s:#}");
         }
@@ -280,6 +294,32 @@ fn image_build_bakes_copies_finishes_each_image_and_leaves_nothing_temporary() {
     for i in &public {
         assert!(i["Snapshots"].as_array().unwrap().iter().all(|s| s["Encrypted"] == false), "public-safe snapshots: {i:#}");
     }
+
+    // `up` boots the newest baked image of its release and leaves the image's data volume out
+    // (NoDevice): the box has its root and the data volume sgbox made and attached, nothing else.
+    let ours: Vec<Value> = images.iter().filter(|i| i["Region"] == "us-east-1").map(|i| i["ImageId"].clone()).collect();
+    let proxy6 = b.proxy(None);
+    let mut c = sgbox(b.state.path());
+    b.moto.env(&mut c, &proxy6.url());
+    c.args(["up", "--cloud", "aws", "--region", "us-east-1", "--name", "baked", "--ssh-cidr", "203.0.113.7/32", "--version", "7.5"]).args([
+        "--no-wait",
+        "--yes",
+        "--output",
+        "json",
+    ]);
+    let out = run(&mut c);
+    assert!(out.status.success(), "up from the baked image: {}", text(&out.stderr));
+    let ri = calls(&proxy6, "RunInstances").pop().expect("up ran an instance");
+    assert!(ours.contains(&ri["ImageId"]), "a baked image of 7.5: {ri:#}");
+    let left_out =
+        (1..=4).any(|n| ri[format!("BlockDeviceMapping.{n}.DeviceName")] == "/dev/sdf" && ri[format!("BlockDeviceMapping.{n}.NoDevice")] == "");
+    assert!(left_out, "the image's data volume is left out: {ri:#}");
+    let attached = b.moto.py(
+        "f = [{'Name': 'tag:sgbox:deployment', 'Values': ['baked']}]\ninst = [i for r in ec2.describe_instances(Filters=f)['Reservations'] for i in r['Instances'] if i['State']['Name'] != 'terminated']\nvols = ec2.describe_volumes(Filters=[{'Name': 'attachment.instance-id', 'Values': [inst[0]['InstanceId']]}])['Volumes']\nprint(json.dumps(vols, default=str))",
+    );
+    let roles: Vec<String> = attached.as_array().unwrap().iter().map(|v| tag(v, "sgbox:role").unwrap_or_else(|| "untagged".into())).collect();
+    assert_eq!(roles.len(), 2, "root and data only: {attached:#}");
+    assert!(roles.contains(&"root".to_string()) && roles.contains(&"data".to_string()), "{attached:#}");
 }
 
 #[test]
