@@ -89,6 +89,12 @@ find /root /home -name authorized_keys -type f -delete 2>/dev/null
 find /root /home -maxdepth 2 -name '.*_history' -type f -delete 2>/dev/null
 rm -rf /tmp/* /tmp/.[!.]* /var/tmp/*
 cloud-init clean --logs --seed --machine-id --configs all >/dev/null 2>&1 || cloud-init clean --logs --seed --machine-id || fail cloud-init-clean
+# D-Bus's copy of the machine id: systemd takes it over the empty /etc/machine-id at first boot,
+# and every box of the image would share it.
+if [ -e /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
+  rm -f /var/lib/dbus/machine-id
+  ln -s /etc/machine-id /var/lib/dbus/machine-id || fail dbus-machine-id
+fi
 journalctl --rotate >/dev/null 2>&1
 journalctl --vacuum-time=1s >/dev/null 2>&1
 find /var/log -type f \( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \) -delete

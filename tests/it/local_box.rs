@@ -10,10 +10,7 @@
 //!     identity; the release's images and /etc/sgbox/image.json there);
 //!  1. `up` at 5.9 from the baked image with the registry stopped (nothing can be pulled): healthy at the release (by our own GET and by `status`), the data disk and
 //!     Docker's root on it, sshd restricted; a re-run of `up` changes nothing; no password printed;
-//!     beside it, a second VM launched from the same image WITHOUT sgbox (meta-data with a key, no
-//!     user-data, as a cloud console launches an image) becomes a working box by the image's
-//!     default configuration: site admin claimed by the box before Caddy starts, its password
-//!     root-only; its own host keys and machine id; nothing of that default on sgbox's box;
+//!     nothing of the image's default configuration (scenario 11) on it;
 //!  2. `upgrade` refusals with nothing changed: a downgrade (exit 2), `--dry-run` of 5.9 → 7.4,
 //!     a full data disk (exit 2);
 //!  3. the multi-version upgrade 5.9 → 7.4 across the Postgres 16 waypoint 5.11, with sgbox
@@ -24,8 +21,14 @@
 //!  5. the standard upgrade 7.4 → 7.5 with `/__version` polled every 100 ms and failures counted;
 //!  6. `sgbox rollback` to 7.4 and its snapshot; `sgbox history` shows all of it;
 //!  7. a reboot of the VM brings the stack back by itself;
-//!  8. a changed host key is refused;
-//!  9. `down` leaves no process and no overlay but keeps the data disk; `--delete-data` removes it.
+//!  8. the data disk unmounted (a first boot whose disk came late): Docker refuses the root disk,
+//!     `status` says why, `up` mounts it and brings the stack back;
+//!  9. a changed host key is refused;
+//! 10. `down` leaves no process and no overlay but keeps the data disk; `--delete-data` removes it;
+//! 11. a second VM launched from the same image WITHOUT sgbox (meta-data with a key, no user-data,
+//!     as a cloud console launches an image), no registry reachable, becomes a working box by the
+//!     image's default configuration: site admin claimed by the box before Caddy starts, its
+//!     password root-only; its own host keys and machine id.
 //!
 //! Each scenario's duration is printed (`e2e: ...`), so a slow machine shows where it hurts.
 //! Needs qemu-system-x86, qemu-utils, debootstrap, genisoimage, docker-registry, busybox-static
@@ -229,6 +232,9 @@ fn scrubbed(baked: &Path, n_images: usize) {
     let id = fs("cat /etc/machine-id");
     let id = id.lines().filter(|l| !l.starts_with("debugfs")).collect::<String>();
     assert!(id.trim().is_empty() || id.trim() == "uninitialized", "no machine id in the image: {id}");
+    // Nor D-Bus's copy, which systemd would take over the empty one.
+    let dbus = fs("stat /var/lib/dbus/machine-id");
+    assert!(dbus.contains("Type: symlink") || dbus.contains("File not found"), "no D-Bus machine id in the image: {dbus}");
     let home = fs("ls -p /home");
     assert!(home.lines().filter(|l| l.starts_with('/')).all(|l| l.contains("/./") || l.contains("/../")), "no login user's home: {home}");
     for (dir, gone) in [("/root", ".bash_history"), ("/root/.ssh", "authorized_keys"), ("/usr/local/sbin", "sgbox-bake"), ("/etc/sgbox", "bake.env")]
@@ -673,9 +679,6 @@ fn local_box_lifecycle() {
     scrubbed(&baked, b["digests"].as_object().map(|d| d.len()).unwrap_or(0));
     clock.lap("bake 5.9 into the base image (a VM), its scrub checked on the disk");
     registry.pause();
-    // 0b. A box launched from the same image without sgbox (a console launch), started now so
-    //     that its boot runs beside `up`'s; checked after scenario 1.
-    let console = ConsoleBox::launch(&baked);
     let image = baked;
     let mirror = registry.mirror_for_guest();
     let state = tempfile::tempdir().unwrap();
@@ -829,40 +832,8 @@ fn local_box_lifecycle() {
     assert!(!stderr_all.contains(admin_pw.as_str()), "the admin password was printed by up");
     clock.lap("status, the box's disks and sshd, idempotent re-run of up");
 
-    // 1b. The console launch: the image's default configuration made a working box by itself,
-    //     with no registry reachable while it booted; it claimed its own site admin before Caddy
-    //     started (so the site was never reachable unclaimed), the password root-only on the data
-    //     disk and never on the console. Two boxes from one image: their own host keys and
-    //     machine ids. And nothing of the image's default reached the box `up` made.
-    console.wait_for(OLD, Duration::from_secs(900));
-    let o = console.ssh("sudo cat /mnt/sgbox-data/sgbox/site-admin");
-    assert!(o.status.success(), "the launch's key logs in as {CONSOLE_USER}, who may sudo: {}", text(&o.stderr));
-    let creds = text(&o.stdout);
-    let field = |k: &str| creds.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("no {k} in {creds}")).to_string();
-    let (admin_user, admin_password) = (field("username"), field("password"));
-    assert!(creds.contains("claimed_at=") && admin_password.len() >= 20, "{creds}");
-    assert_eq!(text(&console.ssh("sudo stat -c '%a %U' /mnt/sgbox-data/sgbox/site-admin").stdout).trim(), "600 root");
-    assert!(!console.ssh("cat /mnt/sgbox-data/sgbox/site-admin").status.success(), "root-only");
-    let sign_in = |pw: &str| post_json(&console.url("/-/sign-in"), &format!("{{\"email\":\"{admin_user}\",\"password\":\"{pw}\"}}"));
-    assert_eq!(sign_in(&admin_password), 200, "the admin the box made signs in through Caddy");
-    assert_eq!(sign_in("not-the-password-at-all"), 401);
-    let page = crate::common::localbox::http_get(&console.url("/sign-in")).unwrap_or_default();
-    assert!(page.contains("\"needsSiteInit\":false"), "nobody else can claim the site: {page}");
-    let log = console.console();
-    assert!(log.contains(&format!("sgbox-site-admin: site admin \"{admin_user}\" created")), "the console says where the password is");
-    assert!(!log.contains(&admin_password), "the password never reaches the console");
-    let o = console.ssh("sudo grep -c \"seeding Docker's root\" /var/log/cloud-init-output.log; id sgbox 2>&1 || true");
-    assert!(
-        text(&o.stdout).lines().next().is_some_and(|n| n.trim() != "0") && text(&o.stdout).contains("no such user"),
-        "seeded from the image, no sgbox user: {}",
-        text(&o.stdout)
-    );
-    let identity = "cat /etc/machine-id; ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub";
-    let (theirs, ours) = (text(&console.ssh(identity).stdout), ssh(st, identity));
-    assert!(theirs.lines().count() == 2 && ours.lines().count() == 2, "{theirs}{ours}");
-    for (a, b) in theirs.lines().zip(ours.lines()) {
-        assert_ne!(a, b, "two boxes from one image have their own machine id and host key");
-    }
+    // Nothing of the image's default configuration (for a launch without sgbox, scenario 11)
+    // reached the box `up` made: its user-data replaced every key of it.
     let o = ssh(
         st,
         &format!(
@@ -874,8 +845,8 @@ fn local_box_lifecycle() {
         o.contains("no such user") && !o.contains("leaked") && o.contains("allowusers sgbox"),
         "`up`'s user-data replaced the image's default: {o}"
     );
-    drop(console);
-    clock.lap("console launch of the image without sgbox (booted beside up): working, admin claimed by the box");
+    let identity = "cat /etc/machine-id; ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub";
+    let ours = ssh(st, identity);
 
     // The user's override from here on (every upgrade and rollback applies it, the hand-over's
     // copies included): health checks once a minute after a service is healthy. Under emulation a
@@ -1163,6 +1134,45 @@ fn local_box_lifecycle() {
     assert!(!data.exists(), "data disk deleted on request");
     assert!(!st.join(NAME).exists(), "nothing left in the state folder");
     clock.lap("changed host key refused, down, down --delete-data");
+
+    // 11. A box launched from the same image WITHOUT sgbox, as a cloud console launches an image
+    //     (meta-data with the launch's key, no user-data), with no registry reachable: the image's
+    //     default configuration made it a working box by itself; it claimed its own site admin
+    //     before Caddy started (the site never reachable unclaimed), the password root-only on the
+    //     data disk and never on the console. Two boxes from one image: their own host keys and
+    //     machine ids.
+    registry.pause();
+    let console = ConsoleBox::launch(&image);
+    console.wait_for(OLD, Duration::from_secs(900));
+    let o = console.ssh("sudo cat /mnt/sgbox-data/sgbox/site-admin");
+    assert!(o.status.success(), "the launch's key logs in as {CONSOLE_USER}, who may sudo: {}", text(&o.stderr));
+    let creds = text(&o.stdout);
+    let field = |k: &str| creds.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("no {k} in {creds}")).to_string();
+    let (admin_user, admin_password) = (field("username"), field("password"));
+    assert!(creds.contains("claimed_at=") && admin_password.len() >= 20, "{creds}");
+    assert_eq!(text(&console.ssh("sudo stat -c '%a %U' /mnt/sgbox-data/sgbox/site-admin").stdout).trim(), "600 root");
+    assert!(!console.ssh("cat /mnt/sgbox-data/sgbox/site-admin").status.success(), "root-only");
+    let sign_in = |pw: &str| post_json(&console.url("/-/sign-in"), &format!("{{\"email\":\"{admin_user}\",\"password\":\"{pw}\"}}"));
+    assert_eq!(sign_in(&admin_password), 200, "the admin the box made signs in through Caddy");
+    assert_eq!(sign_in("not-the-password-at-all"), 401);
+    let page = crate::common::localbox::http_get(&console.url("/sign-in")).unwrap_or_default();
+    assert!(page.contains("\"needsSiteInit\":false"), "nobody else can claim the site: {page}");
+    let log = console.console();
+    assert!(log.contains(&format!("sgbox-site-admin: site admin \"{admin_user}\" created")), "the console says where the password is");
+    assert!(!log.contains(&admin_password), "the password never reaches the console");
+    let o = console.ssh("sudo grep -c \"seeding Docker's root\" /var/log/cloud-init-output.log; id sgbox 2>&1 || true");
+    assert!(
+        text(&o.stdout).lines().next().is_some_and(|n| n.trim() != "0") && text(&o.stdout).contains("no such user"),
+        "seeded from the image, no sgbox user: {}",
+        text(&o.stdout)
+    );
+    let theirs = text(&console.ssh(identity).stdout);
+    assert!(theirs.lines().count() == 2 && ours.lines().count() == 2, "{theirs}{ours}");
+    for (a, b) in theirs.lines().zip(ours.lines()) {
+        assert_ne!(a, b, "two boxes from one image have their own machine id and host key");
+    }
+    drop(console);
+    clock.lap("a console launch of the image, without sgbox: a working box, its admin claimed by the box");
     clock.table();
     drop(registry);
 }

@@ -230,9 +230,13 @@ pub fn host_mirror() -> String {
     from_sources.unwrap_or_else(|| "http://deb.debian.org/debian".to_string())
 }
 
+/// What the image holds of a machine's identity (in the recipe: an image built before this
+/// changed is built again).
+const IDENTITY: &str = "no host keys; /etc/machine-id empty; /var/lib/dbus/machine-id linked to it";
+
 fn recipe_sha256() -> String {
     let mut h = Sha256::new();
-    for part in [SUITE, &PACKAGES.join(","), CLOUD_CFG, NETWORK, FSTAB, KERNEL_CMDLINE] {
+    for part in [SUITE, &PACKAGES.join(","), CLOUD_CFG, NETWORK, FSTAB, KERNEL_CMDLINE, IDENTITY] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -331,6 +335,14 @@ fn build_in(work: &Path, opts: &BuildOptions, recipe: &str, started: std::time::
         }
     }
     fs::write(root.join("etc/machine-id"), "")?;
+    // D-Bus's package leaves its own copy of a machine id, which systemd takes over an empty
+    // /etc/machine-id at first boot: every box of the image would share one. Linked, as Debian's
+    // cloud images do.
+    let dbus = root.join("var/lib/dbus/machine-id");
+    let _ = fs::remove_file(&dbus);
+    if dbus.parent().is_some_and(Path::is_dir) {
+        std::os::unix::fs::symlink("/etc/machine-id", &dbus).context("linking D-Bus's machine id")?;
+    }
 
     let tmp_out = work.join("out");
     fs::create_dir_all(&tmp_out)?;
