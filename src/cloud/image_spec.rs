@@ -135,11 +135,7 @@ impl ImageSpec {
     /// The bake user-data as the builder gets it: gzip (cloud-init unpacks it), since EC2 takes at
     /// most 16 KiB and the image's default configuration alone is most of that as text.
     pub fn bake_user_data_gzip(&self) -> Vec<u8> {
-        use std::io::Write;
-        // mtime 0: the same spec, the same bytes.
-        let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
-        gz.write_all(self.bake_user_data.as_bytes()).expect("in-memory write");
-        gz.finish().expect("in-memory gzip")
+        crate::render::gzip(&self.bake_user_data)
     }
 
     /// Service → reference, as the manifests print them.

@@ -132,11 +132,15 @@ fn render_one(t: &tera::Tera, name: &str, ctx: &tera::Context) -> Result<String>
     })
 }
 
-pub(crate) fn gz_b64(data: &str) -> String {
-    // mtime 0 and a fixed level: identical input, identical bytes.
+/// gzip, deterministic: mtime 0 and a fixed level, so identical input gives identical bytes.
+pub(crate) fn gzip(data: &str) -> Vec<u8> {
     let mut enc = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
     enc.write_all(data.as_bytes()).expect("in-memory write");
-    base64::engine::general_purpose::STANDARD.encode(enc.finish().expect("in-memory gzip"))
+    enc.finish().expect("in-memory gzip")
+}
+
+pub(crate) fn gz_b64(data: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(gzip(data))
 }
 
 /// Debian's crun, the OCI runtime of the local box.
