@@ -219,11 +219,28 @@ pub fn beyond_retention(all: &[Snapshot], keep: usize) -> Vec<Snapshot> {
     sorted.into_iter().take(n).collect()
 }
 
+/// A data disk the deployment kept without a machine (an `up` after `down`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptDisk {
+    /// The volume id, or the disk file.
+    pub id: String,
+    /// The release its databases are at, as recorded beside it (none from an older sgbox).
+    pub release: Option<crate::release::version::Version>,
+}
+
 /// One deployment's box on one cloud.
 #[async_trait]
 pub trait Machine: Send + Sync {
     /// Check tools, credentials and requested names/ports before anything is created.
     async fn preflight(&self) -> Result<()>;
+
+    /// The data disk a new machine would start on, when the deployment has one and no machine.
+    async fn kept_data_disk(&self) -> Result<Option<KeptDisk>>;
+
+    /// Record beside the data disk the release its databases are at (when `up` creates it, and
+    /// at every upgrade and rollback), so that an `up` after `down` checks its version before it
+    /// creates anything. The box keeps its own record on the disk (`cloud-init/data-release.sh`).
+    async fn record_data_release(&self, release: crate::release::version::Version) -> Result<()>;
 
     /// Before acting on an existing deployment: refuse when this run would reach another home
     /// than the deployment's (AWS: another account or region), where it would find nothing.

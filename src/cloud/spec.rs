@@ -36,6 +36,8 @@ pub struct Spec {
     /// The release whose baked image (`sgbox image build`) the box can boot from: its own, when
     /// it uses the official image references a baked image holds (no registry mirror).
     pub baked_release: Option<String>,
+    /// The release the box runs (recorded beside its data disk).
+    pub release: crate::release::version::Version,
     pub aws: AwsSettings,
     pub local: LocalSettings,
     pub resources: Vec<PlannedResource>,
@@ -56,6 +58,7 @@ impl Spec {
             web_cidr: s.web_cidr(),
             allow_undersized: s.allow_undersized,
             baked_release: s.registry_mirror.is_none().then(|| s.version.to_string()),
+            release: s.version,
             aws: s.aws.clone(),
             local: s.local.clone(),
         }

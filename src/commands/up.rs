@@ -60,6 +60,30 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
         }
     }
 
+    // A data disk kept by `down` holds its release's databases: `up` starts that release on it,
+    // and the upgrade to another one is `sgbox upgrade`'s (snapshot first, rolled back on failure).
+    if existing.is_none() {
+        if let Some(k) = machine.kept_data_disk().await? {
+            match k.release {
+                Some(r) if r != settings.version => {
+                    return Err(UserError::field(
+                        "version",
+                        format!("the data disk {} that \"{}\" kept holds Sourcegraph {r}'s databases; `up` does not change releases", k.id, settings.name),
+                    )
+                    .hint(format!(
+                        "run `sgbox up --name {n} --version {r}`, then `sgbox upgrade --name {n} --to {v}{back}`; or start afresh: `sgbox down --name {n} --delete-data`",
+                        n = settings.name,
+                        v = settings.version,
+                        back = if settings.version < r { " --allow-downgrade" } else { "" }
+                    ))
+                    .into());
+                }
+                Some(_) => output::detail(format!("starting on the kept data disk {}", k.id)),
+                None => output::detail(format!("starting on the kept data disk {} (its release is not recorded; the box checks it)", k.id)),
+            }
+        }
+    }
+
     // Secrets, key and user-data are generated once and reused: a re-run renders the same box.
     let bundle = bundle_for(ctx, &settings)?;
     let public_key = dir.ssh_public_key()?;

@@ -40,6 +40,7 @@ const T_UNIT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/template
 const T_USER_DATA: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/user-data.yaml.tera"));
 const T_DATA_DISK: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/data-disk.sh.tera"));
 const SECRETS_SH: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/secrets.sh"));
+const DATA_RELEASE_SH: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/data-release.sh"));
 const SITE_ADMIN_SH: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/cloud-init/site-admin.sh"));
 
 /// Where `up` puts a custom TLS certificate chain and key (never in user-data).
@@ -216,6 +217,9 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     // A launch from the image may size its data volume as it likes: any one non-root disk.
     disk_ctx.insert("size_gib", &if inp.login == Login::Console { 0 } else { s.data_disk_gb });
     disk_ctx.insert("by_id", &data_disk_by_id(s.cloud));
+    disk_ctx.insert("release", &inp.release.version.to_string());
+    disk_ctx.insert("standard_from", &standard_from(inp.release.version).join(" "));
+    disk_ctx.insert("data_release", DATA_RELEASE_SH.trim_end());
     // The data disk first, then the secrets on it: without the disk, neither Docker nor secrets.
     let boot_script = format!("{}{SECRETS_SH}", render_one(&t, "data-disk", &disk_ctx)?);
 
@@ -304,12 +308,22 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
         path: String,
         mode: String,
         b64: String,
+        /// The content as a YAML literal block, indented for the template.
+        text: Option<String>,
     }
     // The boot script travels once, in bootcmd (which runs before write_files, at every boot).
+    // An image's default configuration has its files as text: it reaches the builder inside the
+    // bake's gzipped user-data (EC2's 16 KiB), and text compresses there where base64 of gzip
+    // does not; on the image it is read by people too.
     let wf: Vec<Wf> = files
         .iter()
         .filter(|f| f.path != BOOT_SCRIPT)
-        .map(|f| Wf { path: f.path.clone(), mode: format!("{:04o}", f.mode), b64: gz_b64(&f.content) })
+        .map(|f| Wf {
+            path: f.path.clone(),
+            mode: format!("{:04o}", f.mode),
+            b64: gz_b64(&f.content),
+            text: (inp.login == Login::Console).then(|| literal_block(&f.content, 6)).flatten(),
+        })
         .collect();
     let boot = files.iter().find(|f| f.path == BOOT_SCRIPT).expect("the boot script is rendered");
     let bootcmd = format!(
@@ -337,6 +351,38 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     let user_data = render_one(&t, "user-data", &ud)?;
 
     Ok(Bundle { user_data, files, rendered_sha256 })
+}
+
+/// `content` as the lines of a YAML literal block (`|`) indented by `indent`, when it reads back
+/// byte for byte: one final newline, and no line that YAML would take for the block's end or
+/// indentation (a first line starting with a space or a tab, a line of only blanks, a CR).
+fn literal_block(content: &str, indent: usize) -> Option<String> {
+    let body = content.strip_suffix('\n')?;
+    if body.is_empty() || body.ends_with('\n') || body.starts_with([' ', '\t', '\n']) || body.contains('\r') {
+        return None;
+    }
+    let blank = |l: &str| !l.is_empty() && l.trim_start_matches([' ', '\t']).is_empty();
+    if body.lines().any(blank) || body.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return None;
+    }
+    let pad = " ".repeat(indent);
+    Some(body.lines().map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") }).collect::<Vec<_>>().join("\n"))
+}
+
+/// The releases whose databases `to` may start on at once: itself, and every release of the
+/// catalog from which it is a standard upgrade (its migrator `up` does the rest). A new machine
+/// on a kept data disk of any other release refuses to start (`cloud-init/data-release.sh`).
+pub fn standard_from(to: crate::release::version::Version) -> Vec<String> {
+    use crate::release::planner::{plan, PlanRequest, UpgradeKind};
+    let cat = crate::release::catalog::catalog();
+    cat.all()
+        .map(|r| r.version)
+        .filter(|&from| {
+            plan(cat, PlanRequest { from, to, postgres_major: None, allow_downgrade: false })
+                .is_ok_and(|p| matches!(p.kind, UpgradeKind::None | UpgradeKind::Standard))
+        })
+        .map(|v| v.to_string())
+        .collect()
 }
 
 /// The default configuration a baked machine image carries ([`CONSOLE_CONFIG`]): the box of

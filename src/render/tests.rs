@@ -81,8 +81,16 @@ fn no_default_passwords_and_private_ports() {
 /// Every file the user-data writes, decoded.
 fn user_data_files(ud: &str) -> String {
     let mut all = String::new();
-    for line in ud.lines() {
-        if let Some(b64) = line.trim().strip_prefix("content: ") {
+    let mut lines = ud.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "    content: |" {
+            // A literal block (an image's default configuration): its lines, unindented.
+            let mut block = Vec::new();
+            while let Some(l) = lines.next_if(|l| l.is_empty() || l.starts_with("      ")) {
+                block.push(l.strip_prefix("      ").unwrap_or(""));
+            }
+            all.push_str(&(block.join("\n") + "\n"));
+        } else if let Some(b64) = line.trim().strip_prefix("content: ") {
             let gz = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
             let mut text = String::new();
             std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
@@ -236,6 +244,15 @@ fn one_render_per_cloud_reads_as_reviewed() {
 }
 
 /// The top-level keys of a cloud-config, in order.
+#[test]
+fn a_literal_block_is_used_only_where_it_reads_back_the_same() {
+    assert_eq!(literal_block("a: 1\n\n  b: 2\n", 4).as_deref(), Some("    a: 1\n\n      b: 2"));
+    assert_eq!(literal_block("{\n\tadmin\n}\n", 2).as_deref(), Some("  {\n  \tadmin\n  }"), "tabs after the indentation are content");
+    for bad in ["no newline", "two\n\n", " leading space\n", "\tleading tab\n", "cr\r\n", "blank\n \t \nline\n", "\n", ""] {
+        assert_eq!(literal_block(bad, 4), None, "{bad:?}");
+    }
+}
+
 fn top_keys(yaml: &str) -> Vec<String> {
     yaml.lines().filter(|l| !l.starts_with([' ', '#', '-']) && l.contains(':')).map(|l| l.split(':').next().unwrap_or_default().to_string()).collect()
 }
@@ -259,7 +276,12 @@ fn an_images_default_configuration_is_a_whole_box_that_sgbox_up_replaces_key_by_
         assert!(uk.contains(&"users".to_string()) && !ck.contains(&"users".to_string()), "the launch's key pair goes to the image's default user");
         assert!(!console.contains("ssh_authorized_keys") && !console.contains("ssh-ed25519"), "no key of sgbox's in the image");
         let files = user_data_files(&console);
-        let boot = render(&Inputs { settings: &s, release: s.release(), login: Login::Console }).unwrap().file(BOOT_SCRIPT).unwrap().content.clone();
+        let c = Settings { tls: Tls::None, hostname: None, ..s.clone() };
+        let rendered = render(&Inputs { settings: &c, release: s.release(), login: Login::Console }).unwrap();
+        let expected: String = rendered.files.iter().filter(|f| f.path != BOOT_SCRIPT).map(|f| f.content.as_str()).collect();
+        assert!(files == expected, "every file, written as text, reads back byte for byte: {cloud}");
+        assert!(!console.contains("encoding: gz+b64"), "text compresses in the bake's gzipped user-data: {cloud}");
+        let boot = rendered.file(BOOT_SCRIPT).unwrap().content.clone();
         assert!(boot.contains("\nWANT_GIB=0\n"), "any one data volume (a launch may size it): {cloud}");
         assert!(!files.contains("AllowUsers"), "sshd lets the image's default user in");
         assert!(files.contains(":80 {") && !files.contains("sg.example.com"), "HTTP on port 80: no hostname is known");
@@ -285,4 +307,84 @@ fn an_images_default_configuration_is_a_whole_box_that_sgbox_up_replaces_key_by_
     assert!(!up.file("/etc/systemd/system/sourcegraph.service").unwrap().content.contains(SITE_ADMIN_SCRIPT));
     assert!(up.file("/etc/ssh/sshd_config.d/00-sgbox.conf").unwrap().content.contains("AllowUsers sgbox"));
     assert!(up.file(BOOT_SCRIPT).unwrap().content.contains(&format!("WANT_GIB={}", s.data_disk_gb)));
+}
+
+/// The data disk's release check (`cloud-init/data-release.sh`), run by `sh` as the boot script
+/// runs it, for a 7.5.4453 box: its own record, a kept disk of each kind, another machine's.
+#[test]
+fn a_new_machine_on_a_kept_data_disk_starts_only_its_release_or_a_standard_upgrade_from_it() {
+    let to: crate::release::version::Version = "7.5.4453".parse().unwrap();
+    let from = standard_from(to);
+    assert_eq!(from, ["7.4.0", "7.5.0", "7.5.4453"], "one minor up, a patch within the minor, itself");
+    assert_eq!(standard_from("7.0.0".parse().unwrap()).first().map(String::as_str), Some("6.12.0"), "the next major from the last minor");
+
+    struct Run {
+        ok: bool,
+        log: String,
+        record: String,
+        refused: Option<String>,
+        umounted: bool,
+    }
+    let run = |me: &str, record: Option<&str>| -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("mnt/sgbox")).unwrap();
+        std::fs::write(d.join("machine-id"), format!("{me}\n")).unwrap();
+        if let Some(r) = record {
+            std::fs::write(d.join("mnt/sgbox/data-release"), r).unwrap();
+        }
+        let script = format!(
+            "set -eu\nMNT=\"$1/mnt\"\nRELEASE={to}\nSTANDARD_FROM='{}'\nMACHINE_ID_FILE=\"$1/machine-id\"\nREFUSED=\"$1/run/refused\"\nCONSOLE=/dev/null\nlog() {{ echo \"log: $*\" >&2; }}\numount() {{ : >\"$1.umounted\"; }}\n{DATA_RELEASE_SH}\necho passed >&2\n",
+            from.join(" ")
+        );
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).arg("sh").arg(d).output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.success(), log.contains("passed"), "{log}");
+        Run {
+            ok: out.status.success(),
+            log,
+            record: std::fs::read_to_string(d.join("mnt/sgbox/data-release")).unwrap_or_default(),
+            refused: std::fs::read_to_string(d.join("run/refused")).ok(),
+            umounted: d.join("mnt.umounted").exists(),
+        }
+    };
+
+    // A new disk: this machine and its release.
+    let r = run("aaa", None);
+    assert!(r.ok && r.record == "release=7.5.4453\nmachine=aaa\n" && r.refused.is_none(), "{}", r.log);
+    // This machine's own disk, whatever it says: an upgrade in flight is `sgbox upgrade`'s.
+    let r = run("aaa", Some("release=5.9.0\nmachine=aaa\n"));
+    assert!(r.ok && r.record == "release=5.9.0\nmachine=aaa\n", "{}", r.log);
+    // Another machine's disk of the same release, or of one a standard upgrade away: taken over.
+    let r = run("bbb", Some("release=7.5.4453\nmachine=aaa\n"));
+    assert!(r.ok && r.record == "release=7.5.4453\nmachine=bbb\n" && !r.log.contains("migrator"), "{}", r.log);
+    let r = run("bbb", Some("release=7.4.0\nmachine=aaa\n"));
+    assert!(r.ok && r.record == "release=7.5.4453\nmachine=bbb\n" && r.log.contains("7.4.0's databases") && r.log.contains("migrator"), "{}", r.log);
+    // Anything else is refused, the disk unmounted and its record untouched: a multi-version
+    // jump, a downgrade, a release this box does not know, a record without a release.
+    for was in ["5.9.0", "7.3.2527", "7.6.0", "8.0.0", ""] {
+        let rec = format!("release={was}\nmachine=aaa\n");
+        let r = run("bbb", Some(&rec));
+        assert!(!r.ok, "{was}: {}", r.log);
+        assert_eq!(r.record, rec, "{was}");
+        assert!(r.umounted, "the disk is unmounted: {}", r.log);
+        let msg = r.refused.unwrap_or_else(|| panic!("{was}: no refusal written: {}", r.log));
+        assert!(msg.contains("refusing to start Sourcegraph 7.5.4453") && msg.contains("sgbox upgrade --to 7.5.4453"), "{msg}");
+        if !was.is_empty() {
+            assert!(msg.contains(&format!("Sourcegraph {was}'s")) && msg.contains(&format!("sgbox up --version {was}")), "{msg}");
+        }
+    }
+}
+
+#[test]
+fn the_boot_script_checks_the_disks_release_before_it_is_mounted_for_good() {
+    let s = settings(&[("cloud", "aws"), ("version", "7.5.4453")]);
+    let b = bundle(&s, s.release());
+    let boot = &b.file(BOOT_SCRIPT).unwrap().content;
+    assert!(boot.contains("RELEASE=7.5.4453\nSTANDARD_FROM='7.4.0 7.5.0 7.5.4453'\n"), "{boot}");
+    let check = boot.find("DR=\"$MNT/sgbox/data-release\"").expect("the check is in the boot script");
+    let fstab = boot.find(">> /etc/fstab").expect("the fstab line");
+    let mount = boot.find("mount -t ext4 \"$dev\" \"$MNT\"").expect("the mount");
+    let secrets = boot.find("secrets.env").unwrap();
+    assert!(mount < check && check < fstab && fstab < secrets, "mounted, checked, then in fstab; secrets after");
 }

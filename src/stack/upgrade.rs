@@ -539,7 +539,14 @@ async fn run_step(s: &mut Upgrade, j: &mut Journal, step: &Step, hops: &[Hop]) -
 /// The box's release in /etc/sgbox (history line) and in the state folder's record.
 pub async fn record(s: &mut Upgrade, entry: HistoryEntry, release: Version) -> Result<()> {
     let line = serde_json::to_string(&entry)?;
-    s.on.run(&onbox::append_cmd("/etc/sgbox/history.jsonl", &(line + "\n"))).await?;
+    // The data disk's own record too (cloud-init/data-release.sh): a new machine on it checks it.
+    let marker = format!("{}/sgbox/data-release", crate::render::DATA_MOUNT);
+    s.on.run(&format!(
+        "{} && printf 'release=%s\\nmachine=%s\\n' {release} \"$(cat /etc/machine-id)\" | sudo sh -c 'cat > {marker}.tmp && sync && mv {marker}.tmp {marker}'",
+        onbox::append_cmd("/etc/sgbox/history.jsonl", &(line + "\n"))
+    ))
+    .await?;
+    s.d.machine.record_data_release(release).await?;
     let mut settings = s.d.settings.clone();
     settings.version = release;
     let rec = s.d.record.as_mut().ok_or_else(|| anyhow!("the deployment record vanished"))?;

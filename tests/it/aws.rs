@@ -452,6 +452,24 @@ fn up_after_down_makes_a_new_instance_in_the_kept_volumes_zone() {
     assert!(inventory(&moto, "again")["instances"].as_array().unwrap().is_empty(), "nothing created");
     assert!(inventory(&moto, "again")["sgs"].as_array().unwrap().is_empty(), "nothing created");
 
+    // The kept volume holds 7.5's databases (its tag says so): `up` of another release is
+    // refused before anything is created, with the way there (`up` of its release, `upgrade`).
+    assert_eq!(tag(&data, "sgbox:release").as_deref(), Some("7.5.4453"), "{data:#}");
+    let mut older = up_args("again", &[]);
+    *older.iter_mut().find(|a| **a == "7.5").unwrap() = "7.4";
+    let out = aws(&moto, st, &older);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(data["VolumeId"].as_str().unwrap())
+            && err.contains("holds Sourcegraph 7.5.4453's databases")
+            && err.contains("sgbox up --name again --version 7.5.4453`, then `sgbox upgrade --name again --to 7.4.0 --allow-downgrade`"),
+        "{err}"
+    );
+    let inv = inventory(&moto, "again");
+    assert!(inv["instances"].as_array().unwrap().is_empty() && inv["sgs"].as_array().unwrap().is_empty(), "nothing created: {inv:#}");
+    assert!(!st.join("again").join("deployment.json").exists(), "no deployment recorded");
+
     // Without a zone, the kept volume decides it; the creation has a token of its own (real EC2
     // would hand back the terminated instance, or refuse, for the old one).
     let mut c = sgbox(st);

@@ -1042,6 +1042,12 @@ fn local_box_lifecycle() {
     );
     let on_box = ssh(st, "cat /etc/sgbox/history.jsonl");
     assert_eq!(on_box.lines().count(), 4, "the box keeps its own history: {on_box}");
+    // The data disk's release, on it (a new machine on the disk checks it at boot) and beside it
+    // (`up` after `down` checks it before it creates anything).
+    let rec = ssh(st, "sudo cat /mnt/sgbox-data/sgbox/data-release && cat /etc/machine-id");
+    let rec: Vec<&str> = rec.lines().collect();
+    assert!(rec.len() == 3 && rec[0] == format!("release={MID}") && rec[1] == format!("machine={}", rec[2]), "{rec:?}");
+    assert_eq!(std::fs::read_to_string(st.join(NAME).join("local/data-release")).unwrap_or_default(), format!("{MID}\n"));
     clock.lap("sgbox rollback to 7.4 (data disk swapped back), history");
 
     // 7. A reboot of the VM brings the stack back by itself.
@@ -1128,6 +1134,13 @@ fn local_box_lifecycle() {
     }
     assert!(!overlay.exists(), "overlay left behind");
     assert!(data.exists(), "data disk must be kept");
+    // The kept disk holds 7.4's databases: `up` of 7.5 is refused before anything is made.
+    let args: Vec<String> = up_args().into_iter().map(|a| if a == OLD { NEW.to_string() } else { a }).collect();
+    let out = run(sgbox(st).args(args));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("holds Sourcegraph {MID}'s databases")) && err.contains(&format!("--to {NEW}`")), "{err}");
+    assert!(!overlay.exists() && !st.join(NAME).join("deployment.json").exists(), "nothing made");
 
     let out = run(sgbox(st).args(["down", "--name", NAME, "--cloud", "local", "--delete-data", "--yes"]));
     assert!(out.status.success(), "down --delete-data: {}", text(&out.stderr));

@@ -40,9 +40,11 @@ pub mod image;
 pub mod lookup;
 pub mod policy;
 
-use super::{classify, failed, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, Machine, Resource, Result, Spec};
+use super::{classify, failed, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, KeptDisk, Machine, Resource, Result, Spec};
+use crate::cloud::image_spec::TAG_RELEASE;
 use crate::error::UserError;
 use crate::output;
+use crate::release::version::Version;
 use crate::state::write_atomic;
 
 /// Debian's AWS account, owner of the official AMIs.
@@ -218,7 +220,7 @@ pub(crate) async fn debian_ami(ec2: &aws_sdk_ec2::Client, ssm: &aws_sdk_ssm::Cli
 /// The newest finished image of `release` baked by sgbox in this account and region, holding the
 /// official image references: (id, name).
 async fn baked_image(ec2: &aws_sdk_ec2::Client, release: &str) -> Result<Option<(String, String)>> {
-    use crate::cloud::image_spec::{TAG_COMPLETE, TAG_REFS, TAG_RELEASE};
+    use crate::cloud::image_spec::{TAG_COMPLETE, TAG_REFS};
     let out = ec2
         .describe_images()
         .owners("self")
@@ -295,6 +297,14 @@ impl Aws {
             .tags(Tag::builder().key(TAG_ROLE).value(role).build())
             .tags(Tag::builder().key("Name").value(self.name(role)).build())
             .build()
+    }
+
+    /// The data volume's tags: the deployment's, and the release its databases are at.
+    fn data_volume_tags(&self) -> TagSpecification {
+        let t = self.tags(ResourceType::Volume, "data");
+        let mut tags = t.tags().to_vec();
+        tags.push(Tag::builder().key(TAG_RELEASE).value(self.spec.release.to_string()).build());
+        TagSpecification::builder().resource_type(ResourceType::Volume).set_tags(Some(tags)).build()
     }
 
     fn ours(&self) -> Vec<Filter> {
@@ -616,6 +626,34 @@ impl Machine for Aws {
         self.same_home().await.map(|_| ())
     }
 
+    async fn kept_data_disk(&self) -> Result<Option<KeptDisk>> {
+        if !self.live_instances().await?.is_empty() {
+            return Ok(None);
+        }
+        Ok(self.data_volume().await?.map(|v| KeptDisk {
+            id: v.volume_id().unwrap_or_default().to_string(),
+            release: v.tags().iter().find(|t| t.key() == Some(TAG_RELEASE)).and_then(|t| t.value()).and_then(|r| r.parse().ok()),
+        }))
+    }
+
+    async fn record_data_release(&self, release: Version) -> Result<()> {
+        let id = match self.data_volume().await? {
+            Some(v) => v.volume_id().unwrap_or_default().to_string(),
+            None => match self.record().data_volume {
+                Some(id) => id,
+                None => return Ok(()),
+            },
+        };
+        self.ec2
+            .create_tags()
+            .resources(&id)
+            .tags(Tag::builder().key(TAG_RELEASE).value(release.to_string()).build())
+            .send()
+            .await
+            .map_err(api("CreateTags"))?;
+        Ok(())
+    }
+
     async fn ensure_network(&self) -> Result<()> {
         let ssh = self.ssh_cidr().await?;
         let web = self.spec.web_cidr.map(|c| c.to_string()).unwrap_or_else(|| ssh.clone());
@@ -788,7 +826,7 @@ impl Machine for Aws {
                     .size(self.spec.data_disk_gb as i32)
                     .volume_type(VolumeType::Gp3)
                     .encrypted(true)
-                    .tag_specifications(self.tags(ResourceType::Volume, "data"))
+                    .tag_specifications(self.data_volume_tags())
                     .client_token(token)
                     .send()
                     .await

@@ -22,8 +22,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use self::qemu::{Ports, VmFiles};
-use super::{failed, io_err, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, Machine, Resource, Result, Spec};
+use super::{failed, io_err, BaseImage, CloudError, Endpoint, InstanceSpec, InstanceState, KeptDisk, Machine, Resource, Result, Spec};
 use crate::error::UserError;
+use crate::release::version::Version;
 use crate::settings::Accel;
 use crate::state::write_atomic;
 
@@ -156,6 +157,7 @@ impl Local {
             let tmp = self.dir.join(".data.qcow2");
             qemu_img(&["create", "-q", "-f", "qcow2", &tmp.display().to_string(), &format!("{}G", self.spec.data_disk_gb)])?;
             fs::rename(&tmp, &self.files.data).map_err(io_err("placing the data disk"))?;
+            self.write_data_release(self.spec.release)?;
         }
         if let Some(user_data) = user_data {
             self.write_seed(&instance_id, user_data)?;
@@ -208,6 +210,16 @@ impl Local {
                 Err(qemu::StartError::Failed(msg)) => return Err(failed("starting QEMU", msg)),
             }
         }
+    }
+
+    /// Beside the data disk: the release its databases are at (a cloud would tag the volume).
+    fn data_release_path(&self) -> PathBuf {
+        self.dir.join("data-release")
+    }
+
+    fn write_data_release(&self, release: Version) -> Result<()> {
+        write_atomic(&self.data_release_path(), format!("{release}\n").as_bytes(), 0o600)
+            .map_err(|e| failed("recording the data disk's release", format!("{e:#}")))
     }
 
     fn write_seed(&self, instance_id: &str, user_data: &str) -> Result<()> {
@@ -271,6 +283,21 @@ fn random_suffix() -> String {
 
 #[async_trait]
 impl Machine for Local {
+    async fn kept_data_disk(&self) -> Result<Option<KeptDisk>> {
+        if self.files.overlay.exists() || !self.files.data.exists() {
+            return Ok(None);
+        }
+        let release = fs::read_to_string(self.data_release_path()).ok().and_then(|r| r.trim().parse().ok());
+        Ok(Some(KeptDisk { id: self.files.data.display().to_string(), release }))
+    }
+
+    async fn record_data_release(&self, release: Version) -> Result<()> {
+        if !self.files.data.exists() {
+            return Ok(());
+        }
+        self.write_data_release(release)
+    }
+
     async fn preflight(&self) -> Result<()> {
         if image::which(qemu::QEMU).is_none() || image::which("qemu-img").is_none() {
             return Err(UserError::field("cloud", "QEMU is not installed (the local cloud runs the box as a QEMU VM)")
@@ -533,8 +560,10 @@ impl Machine for Local {
         .expect("stop task");
         if qemu::find_vms(&self.files.overlay).iter().all(|p| !qemu::alive(*p)) {
             let mut doomed: Vec<&Path> = vec![&self.files.overlay, &self.files.seed, &self.files.pidfile, &self.files.qmp, &self.files.console];
+            let release = self.data_release_path();
             if delete_data {
                 doomed.push(&self.files.data);
+                doomed.push(&release);
             }
             for p in doomed {
                 match fs::remove_file(p) {
