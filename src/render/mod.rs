@@ -75,6 +75,9 @@ pub const CONSOLE_CONFIG: &str = "/etc/cloud/cloud.cfg.d/90-sgbox-image-default.
 /// The site admin of a box launched without sgbox (its password root-only, on the data disk).
 pub const SITE_ADMIN_SCRIPT: &str = "/usr/local/sbin/sgbox-site-admin";
 pub const SITE_ADMIN_FILE: &str = "/mnt/sgbox-data/sgbox/site-admin";
+/// The release the data disk's databases are at, and the machine that last ran it
+/// (`cloud-init/data-release.sh` writes it at boot as `$MNT/sgbox/data-release`).
+pub const DATA_RELEASE_FILE: &str = "/mnt/sgbox-data/sgbox/data-release";
 
 /// One file for the box.
 #[derive(Debug, Clone)]
@@ -307,7 +310,8 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     struct Wf {
         path: String,
         mode: String,
-        b64: String,
+        /// The content gzipped in base64, where it is not written as text.
+        b64: Option<String>,
         /// The content as a YAML literal block, indented for the template.
         text: Option<String>,
     }
@@ -318,11 +322,10 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     let wf: Vec<Wf> = files
         .iter()
         .filter(|f| f.path != BOOT_SCRIPT)
-        .map(|f| Wf {
-            path: f.path.clone(),
-            mode: format!("{:04o}", f.mode),
-            b64: gz_b64(&f.content),
-            text: (inp.login == Login::Console).then(|| literal_block(&f.content, 6)).flatten(),
+        .map(|f| {
+            let text = (inp.login == Login::Console).then(|| literal_block(&f.content, 6)).flatten();
+            let b64 = text.is_none().then(|| gz_b64(&f.content));
+            Wf { path: f.path.clone(), mode: format!("{:04o}", f.mode), b64, text }
         })
         .collect();
     let boot = files.iter().find(|f| f.path == BOOT_SCRIPT).expect("the boot script is rendered");

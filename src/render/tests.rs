@@ -243,7 +243,6 @@ fn one_render_per_cloud_reads_as_reviewed() {
     }
 }
 
-/// The top-level keys of a cloud-config, in order.
 #[test]
 fn a_literal_block_is_used_only_where_it_reads_back_the_same() {
     assert_eq!(literal_block("a: 1\n\n  b: 2\n", 4).as_deref(), Some("    a: 1\n\n      b: 2"));
@@ -253,6 +252,7 @@ fn a_literal_block_is_used_only_where_it_reads_back_the_same() {
     }
 }
 
+/// The top-level keys of a cloud-config, in order.
 fn top_keys(yaml: &str) -> Vec<String> {
     yaml.lines().filter(|l| !l.starts_with([' ', '#', '-']) && l.contains(':')).map(|l| l.split(':').next().unwrap_or_default().to_string()).collect()
 }
@@ -387,4 +387,5 @@ fn the_boot_script_checks_the_disks_release_before_it_is_mounted_for_good() {
     let mount = boot.find("mount -t ext4 \"$dev\" \"$MNT\"").expect("the mount");
     let secrets = boot.find("secrets.env").unwrap();
     assert!(mount < check && check < fstab && fstab < secrets, "mounted, checked, then in fstab; secrets after");
+    assert_eq!(DATA_RELEASE_FILE, format!("{DATA_MOUNT}/sgbox/data-release"), "the file the check reads is the one upgrades write");
 }

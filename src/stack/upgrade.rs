@@ -540,7 +540,7 @@ async fn run_step(s: &mut Upgrade, j: &mut Journal, step: &Step, hops: &[Hop]) -
 pub async fn record(s: &mut Upgrade, entry: HistoryEntry, release: Version) -> Result<()> {
     let line = serde_json::to_string(&entry)?;
     // The data disk's own record too (cloud-init/data-release.sh): a new machine on it checks it.
-    let marker = format!("{}/sgbox/data-release", crate::render::DATA_MOUNT);
+    let marker = crate::render::DATA_RELEASE_FILE;
     s.on.run(&format!(
         "{} && printf 'release=%s\\nmachine=%s\\n' {release} \"$(cat /etc/machine-id)\" | sudo sh -c 'cat > {marker}.tmp && sync && mv {marker}.tmp {marker}'",
         onbox::append_cmd("/etc/sgbox/history.jsonl", &(line + "\n"))
