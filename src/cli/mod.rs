@@ -177,6 +177,10 @@ pub struct DeploymentArgs {
     /// run out of memory.
     #[arg(long)]
     pub allow_undersized: bool,
+    /// Your docker-compose.override.yaml for a new box: merged over the release's compose file
+    /// from the first start on, and yours on the box from then on (sgbox never overwrites it).
+    #[arg(long, value_name = "FILE")]
+    pub compose_override: Option<String>,
     /// AWS: boot this AMI instead of Debian's newest Debian 13 (it must run cloud-init).
     #[arg(long, value_name = "AMI")]
     pub image_id: Option<String>,
@@ -486,7 +490,7 @@ mod tests {
         let pairs = DeploymentArgs::default().pairs();
         let cmd = Cli::command();
         let render = cmd.find_subcommand("render").unwrap();
-        assert_eq!(pairs.len(), 27);
+        assert_eq!(pairs.len(), 28);
         // Every flag is a key of the settings table (from_flags panics on an unknown one).
         crate::settings::Layer::from_flags(pairs.iter().map(|(k, _)| (k.as_str(), Some("x".to_string()))));
         for (key, _) in pairs {

@@ -86,6 +86,28 @@ async fn up(ctx: &Context, settings: crate::settings::Settings, args: UpArgs, ti
 
     // Secrets, key and user-data are generated once and reused: a re-run renders the same box.
     let bundle = bundle_for(ctx, &settings)?;
+    if let Some(p) = &settings.compose_override {
+        if existing.is_some() {
+            output::warn(format!(
+                "--compose-override {} is for a new box: \"{}\" exists, and the docker-compose.override.yaml on it is yours (edit it there: `sgbox ssh --name {} -- sudoedit /opt/sgbox/docker-compose.override.yaml`)",
+                p.display(),
+                settings.name,
+                settings.name
+            ));
+        } else if settings.cloud == crate::settings::Cloud::Aws && bundle.user_data.len() > crate::render::AWS_USER_DATA_LIMIT {
+            return Err(UserError::field(
+                "compose-override",
+                format!(
+                    "with {} the user-data comes to {} bytes; EC2 accepts {}",
+                    p.display(),
+                    bundle.user_data.len(),
+                    crate::render::AWS_USER_DATA_LIMIT
+                ),
+            )
+            .hint("shorten the override, or put it on the box after `up` (sgbox ssh -- sudo tee /opt/sgbox/docker-compose.override.yaml)")
+            .into());
+        }
+    }
     let public_key = dir.ssh_public_key()?;
     let mut record = existing.unwrap_or_else(|| Record {
         format: 1,

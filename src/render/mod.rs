@@ -229,7 +229,10 @@ pub fn render(inp: &Inputs) -> Result<Bundle> {
     let f = |path: &str, mode: u32, content: String| BoxFile { path: path.to_string(), mode, content, create_only: false };
     let mut files = vec![
         f(&format!("{BOX_DIR}/docker-compose.yaml"), 0o644, compose),
-        BoxFile { create_only: true, ..f(&format!("{BOX_DIR}/docker-compose.override.yaml"), 0o644, T_OVERRIDE.to_string()) },
+        BoxFile {
+            create_only: true,
+            ..f(&format!("{BOX_DIR}/docker-compose.override.yaml"), 0o644, s.compose_override_text.clone().unwrap_or_else(|| T_OVERRIDE.to_string()))
+        },
         f(&format!("{BOX_DIR}/Caddyfile"), 0o644, caddyfile),
         f(BOOT_SCRIPT, 0o755, format!("#!/bin/sh\n{boot_script}")),
     ];

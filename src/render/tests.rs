@@ -389,3 +389,37 @@ fn the_boot_script_checks_the_disks_release_before_it_is_mounted_for_good() {
     assert!(mount < check && check < fstab && fstab < secrets, "mounted, checked, then in fstab; secrets after");
     assert_eq!(DATA_RELEASE_FILE, format!("{DATA_MOUNT}/sgbox/data-release"), "the file the check reads is the one upgrades write");
 }
+
+#[test]
+fn the_users_compose_override_is_the_new_boxs_and_leaves_sgboxs_files_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("override.yaml");
+    // About the size of a real one: resource limits and health-check intervals for ten services.
+    let mut text = String::from("services:\n");
+    for s in [
+        "gitserver-0",
+        "pgsql",
+        "codeintel-db",
+        "codeinsights-db",
+        "searcher-0",
+        "zoekt-webserver-0",
+        "sourcegraph-frontend-0",
+        "blobstore",
+        "syntect-server",
+        "precise-code-intel-worker",
+    ] {
+        text.push_str(&format!("  {s}:\n    mem_limit: '8g'\n    healthcheck:\n      interval: 60s\n      start_interval: 2s\n"));
+    }
+    std::fs::write(&p, &text).unwrap();
+    let plain = settings(&[("cloud", "aws"), ("version", "7.5")]);
+    let with = settings(&[("cloud", "aws"), ("version", "7.5"), ("compose-override", &p.display().to_string())]);
+    let (a, b) = (bundle(&plain, plain.release()), bundle(&with, with.release()));
+    let path = format!("{BOX_DIR}/docker-compose.override.yaml");
+    assert_eq!(a.file(&path).unwrap().content, T_OVERRIDE);
+    let f = b.file(&path).unwrap();
+    assert!(f.create_only && f.content == text, "the user's file, created once");
+    assert!(user_data_files(&b.user_data).contains(&text), "in the user-data, byte for byte");
+    // sgbox's own files are the same: the override is the user's, outside the rendered hash.
+    assert_eq!(a.rendered_sha256, b.rendered_sha256);
+    assert!(b.user_data.len() < AWS_USER_DATA_LIMIT, "a real-sized override fits EC2's 16 KiB: {} bytes", b.user_data.len());
+}

@@ -367,3 +367,73 @@ pub(super) fn validate_instance_type(cloud: Cloud, v: &Value) -> Result<String, 
     }
     Ok(t)
 }
+
+/// The largest override `up` takes: it travels in the user-data, and EC2 accepts 16 KiB of that
+/// in all, most of it sgbox's own files.
+pub(crate) const COMPOSE_OVERRIDE_MAX: usize = 8 * 1024;
+
+/// `compose-override`: the user's docker-compose.override.yaml for a new box, checked before
+/// anything is created. Compose merges it over the release's file at every start, upgrade and
+/// rollback, so it may name only the release's services (or add a service of its own, with its
+/// image), and never the project's `name`, which sgbox's commands address the stack by.
+pub(super) fn resolve_compose_override(layer: &Layer, release: &crate::release::catalog::Release) -> Result<Option<(PathBuf, String)>, UserError> {
+    use yaml_rust2::{Yaml, YamlLoader};
+    const KEY: &str = "compose-override";
+    let Some(v) = layer.get(KEY) else { return Ok(None) };
+    let path = PathBuf::from(v.text.trim());
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| bad(KEY, v, format!("cannot read {}: {e}", path.display())).hint("give the path of a readable docker-compose.override.yaml"))?;
+    if text.len() > COMPOSE_OVERRIDE_MAX {
+        return Err(bad(KEY, v, format!("{} is {} bytes; a new box takes at most {COMPOSE_OVERRIDE_MAX}", path.display(), text.len())).hint(
+            "keep only the changes in it; larger ones can go onto the box after `up` (sgbox ssh -- sudo tee /opt/sgbox/docker-compose.override.yaml)",
+        ));
+    }
+    let fix = "write a Compose override: a mapping with `services:` (and `volumes:`/`networks:` if needed), as in the file sgbox creates";
+    let docs = YamlLoader::load_from_str(&text)
+        .map_err(|e| bad(KEY, v, format!("{} is not YAML: {e}", path.display())).hint("fix the YAML at that position"))?;
+    let doc = match docs.as_slice() {
+        [d] => d,
+        [] => return Err(bad(KEY, v, format!("{} is empty", path.display())).hint(fix)),
+        _ => return Err(bad(KEY, v, format!("{} holds {} YAML documents; Compose reads one", path.display(), docs.len())).hint(fix)),
+    };
+    let Yaml::Hash(top) = doc else {
+        return Err(bad(KEY, v, format!("{} is not a mapping of Compose keys", path.display())).hint(fix));
+    };
+    for (k, val) in top {
+        let key = k.as_str().unwrap_or_default();
+        match key {
+            "services" => {
+                match val {
+                    Yaml::Hash(services) => {
+                        for (name, body) in services {
+                            let name = name.as_str().unwrap_or_default().to_string();
+                            let own_image = matches!(body, Yaml::Hash(b) if b.contains_key(&Yaml::String("image".into())));
+                            if !release.services.contains_key(&name) && !own_image {
+                                let near = strsim_nearest(&name, release.services.keys());
+                                return Err(bad(KEY, v, format!("service \"{name}\" is not one of Sourcegraph {}'s, and has no image of its own", release.version))
+                                .hint(match near {
+                                    Some(n) => format!("did you mean \"{n}\"? (`sgbox render` writes the release's docker-compose.yaml)"),
+                                    None => "name a service of the release's docker-compose.yaml (`sgbox render` writes it), or give a new service its image".into(),
+                                }));
+                            }
+                        }
+                    }
+                    Yaml::Null => {}
+                    _ => return Err(bad(KEY, v, format!("`services` in {} is not a mapping", path.display())).hint(fix)),
+                }
+            }
+            "volumes" | "networks" | "configs" | "secrets" => {}
+            k if k.starts_with("x-") => {}
+            "name" => {
+                return Err(bad(KEY, v, format!("{} sets the Compose project's name, which sgbox's commands address the stack by", path.display()))
+                    .hint("remove the top-level `name:`"))
+            }
+            other => return Err(bad(KEY, v, format!("`{other}` in {} is not a key of a Compose override", path.display())).hint(fix)),
+        }
+    }
+    Ok(Some((std::fs::canonicalize(&path).unwrap_or(path), text)))
+}
+
+fn strsim_nearest<'a>(name: &str, among: impl Iterator<Item = &'a String>) -> Option<&'a String> {
+    among.map(|c| (strsim::jaro_winkler(name, c), c)).filter(|(d, _)| *d > 0.85).max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, c)| c)
+}

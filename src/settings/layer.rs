@@ -43,6 +43,7 @@ pub(crate) const KEYS: &[Key] = &[
     Key { name: "web-cidr", kind: Kind::Str },
     Key { name: "allow-plain-http-from-anywhere", kind: Kind::Bool },
     Key { name: "allow-undersized", kind: Kind::Bool },
+    Key { name: "compose-override", kind: Kind::Str },
     Key { name: "image-id", kind: Kind::Str },
     Key { name: "subnet-id", kind: Kind::Str },
     Key { name: "base-image", kind: Kind::Str },
@@ -159,6 +160,12 @@ impl Layer {
 
     pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key)
+    }
+
+    /// This layer without `key`.
+    pub fn without(mut self, key: &str) -> Layer {
+        self.0.remove(key);
+        self
     }
 
     /// A layer of one value.

@@ -143,6 +143,11 @@ pub struct Settings {
     pub web_cidr: Option<IpNet>,
     pub allow_plain_http_from_anywhere: bool,
     pub allow_undersized: bool,
+    /// The user's docker-compose.override.yaml for a new box (the file as `up` read it). Only a
+    /// new box gets it: from then on the box's copy is the user's.
+    pub compose_override: Option<PathBuf>,
+    #[serde(skip)]
+    pub compose_override_text: Option<String>,
     /// Only for the local cloud.
     pub local: LocalSettings,
     /// Only for AWS.
@@ -339,6 +344,8 @@ impl Settings {
 
         let local = resolve_local(layer, cloud)?;
         let aws = resolve_aws(layer, cloud)?;
+        let (compose_override, compose_override_text) =
+            resolve_compose_override(layer, catalog().get(version).expect("resolved above"))?.map_or((None, None), |(p, t)| (Some(p), Some(t)));
 
         Ok(Settings {
             local,
@@ -360,6 +367,8 @@ impl Settings {
             web_cidr,
             allow_plain_http_from_anywhere,
             allow_undersized,
+            compose_override,
+            compose_override_text,
         })
     }
 
@@ -486,6 +495,9 @@ impl Settings {
         if self.allow_undersized {
             put("allow-undersized", toml::Value::Boolean(true));
         }
+        if let Some(p) = &self.compose_override {
+            put("compose-override", st(&p.display().to_string()));
+        }
         if let Some(i) = &self.aws.image_id {
             put("image-id", st(i));
         }
@@ -512,12 +524,14 @@ impl Settings {
     /// naming the recorded value; an SGBOX_* variable or a file key that does is ignored, and
     /// said so in the returned warnings (the same sgbox.toml is often passed to every command).
     pub fn recorded(record: &str, record_path: &Path, given: &Layer) -> Result<(Settings, Vec<String>), UserError> {
-        let recorded = Layer::parse_toml(record, record_path)?;
+        // The override went onto the box when it was made, and is the user's there since: the
+        // file it came from is neither read again nor needed.
+        let recorded = Layer::parse_toml(record, record_path)?.without("compose-override");
         let kept = Settings::resolve(&recorded)?;
         let kept_table = kept.table();
         let mut warnings = Vec::new();
         for (key, v) in given.entries() {
-            if key == "name" {
+            if key == "name" || key == "compose-override" {
                 continue;
             }
             // The value as this run would have resolved it, next to the recorded ones.
@@ -658,6 +672,57 @@ mod tests {
         }
         assert!(resolve(&[("cloud", "aws"), ("ssh-cidr", "0.0.0.0/0"), ("allow-ssh-from-anywhere", "true")]).is_ok());
         assert_eq!(resolve(&[("cloud", "aws"), ("ssh-cidr", "198.51.100.4")]).unwrap().ssh_cidr.unwrap().to_string(), "198.51.100.4/32");
+    }
+
+    #[test]
+    fn a_compose_override_is_checked_before_a_box_is_made_and_only_then() {
+        let dir = std::env::temp_dir().join(format!("sgbox-override-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| -> String {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let good = "services:\n  gitserver-0:\n    mem_limit: '16g'\n  my-exporter:\n    image: prom/node-exporter:v1.8.2\nx-note: mine\n";
+        let ok = file("ok.yaml", good);
+        let s = resolve(&[("cloud", "local"), ("version", "5.9"), ("compose-override", &ok)]).unwrap();
+        assert_eq!(s.compose_override_text.as_deref(), Some(good));
+        assert_eq!(s.compose_override.as_deref(), Some(std::fs::canonicalize(&ok).unwrap().as_path()));
+        // An empty `services:` (the file sgbox itself writes) is an override too.
+        assert!(resolve(&[("cloud", "local"), ("compose-override", &file("empty.yaml", "services: {}\n"))]).is_ok());
+
+        #[allow(clippy::type_complexity)]
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("typo.yaml", "services:\n  gitserver:\n    mem_limit: 1g\n", "service \"gitserver\" is not one of Sourcegraph", "gitserver-0"),
+            // syntactic-code-intel-worker came with 6.x: 5.9's compose file has no such service.
+            ("newer.yaml", "services:\n  syntactic-code-intel-worker:\n    mem_limit: 1g\n", "is not one of Sourcegraph 5.9", "docker-compose.yaml"),
+            ("bad.yaml", "services:\n  gitserver-0: [\n", "is not YAML", "fix the YAML"),
+            ("list.yaml", "- services\n", "is not a mapping of Compose keys", "services:"),
+            ("name.yaml", "name: other\nservices: {}\n", "project's name", "remove the top-level `name:`"),
+            ("key.yaml", "service:\n  gitserver-0: {}\n", "`service` in", "services:"),
+            ("two.yaml", "services: {}\n---\nservices: {}\n", "2 YAML documents", "services:"),
+            ("blank.yaml", "", "is empty", "services:"),
+        ];
+        for (name, text, msg, hint) in cases {
+            let p = file(name, text);
+            let e = resolve(&[("cloud", "local"), ("version", "5.9"), ("compose-override", &p)]).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("--compose-override"), "{name}: {e}");
+            assert!(e.message.contains(msg) && e.hint.as_deref().unwrap_or("").contains(hint), "{name}: {e:?}");
+        }
+        let e = resolve(&[("cloud", "local"), ("compose-override", &dir.join("missing.yaml").display().to_string())]).unwrap_err();
+        assert!(e.field.as_deref() == Some("--compose-override") && e.message.contains("cannot read"), "{e:?}");
+        let e =
+            resolve(&[("cloud", "local"), ("compose-override", &file("big.yaml", &format!("services: {{}}\n#{}\n", "x".repeat(9000))))]).unwrap_err();
+        assert!(e.message.contains("at most 8192"), "{e:?}");
+
+        // The record keeps where the override came from; commands on the box never read it again.
+        let text = s.to_toml();
+        assert!(text.contains(&format!("compose-override = \"{}\"", s.compose_override.as_ref().unwrap().display())), "{text}");
+        std::fs::remove_file(&ok).unwrap();
+        let given = Layer::parse_toml(&format!("compose-override = \"{ok}\"\n"), Path::new("sgbox.toml")).unwrap();
+        let (kept, warnings) = Settings::recorded(&text, Path::new("deployment.json"), &given).unwrap();
+        assert!(kept.compose_override.is_none() && warnings.is_empty(), "{warnings:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -266,6 +266,30 @@ fn bad_input_exits_2_and_creates_nothing() {
         assert!(inv[list].as_array().unwrap().is_empty(), "{list} created: {inv:#}");
     }
     assert!(!st.join("bad").exists(), "no state written");
+
+    // An override that would take the user-data past EC2's 16 KiB: refused before anything is
+    // made (random text, which gzip cannot shrink much; 7,800 bytes is under the file's own limit).
+    let big = st.join("big-override.yaml");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: String = (0..7800)
+        .map(|_| {
+            // xorshift64: noise gzip cannot shrink below 6 bits a character.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[(x >> 58) as usize])
+        })
+        .collect();
+    std::fs::write(&big, format!("services: {{}}\n# {noise}\n")).unwrap();
+    let out = aws(&moto, st, &up_args("big", &["--compose-override", big.to_str().unwrap()]));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("compose-override") && err.contains("EC2 accepts 16384") && err.contains("fix:"), "{err}");
+    let inv = inventory(&moto, "big");
+    for list in ["instances", "volumes", "sgs", "keys", "eips"] {
+        assert!(inv[list].as_array().unwrap().is_empty(), "{list} created: {inv:#}");
+    }
+    assert!(!st.join("big").join("deployment.json").exists(), "no record written");
 }
 
 fn one_of_each(moto: &Moto, name: &str) {

@@ -584,6 +584,28 @@ fn journal(st: &Path) -> Value {
     serde_json::from_str(&t).unwrap_or(Value::Null)
 }
 
+/// Each step of an upgrade's journal with the time it ended (or failed), for the log: where a
+/// slow machine spends an upgrade's minutes.
+fn print_steps(what: &str, j: &Value) {
+    let steps: Vec<String> = j["steps"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .map(|e| {
+                    format!(
+                        "{}{} {} {}",
+                        e["step"].as_str().unwrap_or("?"),
+                        e["to"].as_str().map(|t| format!("→{t}")).unwrap_or_default(),
+                        e["status"].as_str().unwrap_or("?"),
+                        e["at"].as_str().unwrap_or("-")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("e2e: {what}: started {} | {}", j["started_at"].as_str().unwrap_or("?"), steps.join(" | "));
+}
+
 fn snapshots(st: &Path) -> String {
     let data = st.join(NAME).join("local/data.qcow2");
     let out = std::process::Command::new("qemu-img").args(["snapshot", "-l", "-U"]).arg(&data).output().unwrap();
@@ -687,6 +709,14 @@ fn local_box_lifecycle() {
     let certs = tempfile::tempdir().unwrap();
     let (ca, chain, key) = test_certificates(certs.path());
     CA.set(ca).unwrap();
+    // The user's docker-compose.override.yaml, given to `up` (`--compose-override`), so that it
+    // applies from the first start on: health checks once a minute after a service is healthy.
+    // Under emulation a health check is a container exec costing a good part of a second of the
+    // box's CPU; Sourcegraph's 5-10 s intervals held the idle box at half its two vCPUs (QEMU at
+    // 110-140 % of this machine's CPU, 30-50 % with this). Starting services are still checked
+    // every few seconds (`start_interval`), so nothing waits longer for a healthy service.
+    let user_override = certs.path().join("docker-compose.override.yaml");
+    std::fs::write(&user_override, checks_override("")).unwrap();
     let up_args = || -> Vec<String> {
         let mut a: Vec<String> = ["up", "--cloud", "local", "--name", NAME, "--version", OLD, "--hostname", HOST, "--tls", "custom"]
             .iter()
@@ -702,6 +732,8 @@ fn local_box_lifecycle() {
         a.push(mirror.clone());
         a.extend(["--mirror-mode", "tags-only", "--base-image"].iter().map(|s| s.to_string()));
         a.push(image.display().to_string());
+        a.push("--compose-override".to_string());
+        a.push(user_override.display().to_string());
         a.extend(["--yes", "--output", "json", "--timeout", "25m"].iter().map(|s| s.to_string()));
         a
     };
@@ -848,13 +880,10 @@ fn local_box_lifecycle() {
     let identity = "cat /etc/machine-id; ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub";
     let ours = ssh(st, identity);
 
-    // The user's override from here on (every upgrade and rollback applies it, the hand-over's
-    // copies included): health checks once a minute after a service is healthy. Under emulation a
-    // health check is a container exec costing a good part of a second of the box's CPU;
-    // Sourcegraph's 5-10 s intervals held the idle box at half its two vCPUs (QEMU at 110-140 %
-    // of this machine's CPU, 30-50 % with this). Starting services are still checked every 2 s
-    // (`start_interval`), so nothing waits longer for a healthy service.
-    put_override(st, &checks_override(""));
+    // The user's override, given to `up`, is the box's from the first start on (every upgrade
+    // and rollback applies it, the hand-over's copies included).
+    let o = ssh(st, "cat /opt/sgbox/docker-compose.override.yaml; sudo docker inspect -f '{{.Config.Healthcheck.Interval}}' pgsql");
+    assert_eq!(o, format!("{}60000000000\n", checks_override("")), "the override of `up` is on the box and applied");
 
     // User data in the database, which every upgrade and rollback must keep.
     let put = db(st, "PUT repo github.com/sourcegraph/sourcegraph\nPUT saved-search lang:rust sgbox\n");
@@ -916,6 +945,7 @@ fn local_box_lifecycle() {
     assert!(info1.contains("pg_major=16") && info1.contains(&format!("schema={MID}")), "converted to Postgres 16 and migrated: {info1}");
     assert!(ssh(st, "cat /etc/sgbox/deployment.json").contains(MID));
     assert!(!snapshots(st).trim().is_empty(), "a snapshot was taken first");
+    print_steps("multi-version upgrade's journal", &j);
     clock.lap("multi-version upgrade 5.9 -> 7.4, killed and resumed");
 
     // 4. The 7.5 migrator fails half-way (dirty schema): automatic rollback to 7.4 and its data.
@@ -933,7 +963,9 @@ fn local_box_lifecycle() {
     let (sum2, info2) = db_state(st);
     assert_eq!(sum2, sum0, "data intact after the rollback");
     assert!(info2.contains(&format!("schema={MID}")) && !info2.contains("dirty"), "the dirty schema was undone by the snapshot: {info2}");
-    assert_eq!(journal(st)["outcome"], "rolled-back");
+    let j = journal(st);
+    print_steps("failed upgrade's journal", &j);
+    assert_eq!(j["outcome"], "rolled-back");
     assert_eq!(
         ssh(st, "cat /proc/sys/kernel/random/boot_id"),
         boot_before,
@@ -1007,6 +1039,7 @@ fn local_box_lifecycle() {
     let (sum3, info3) = db_state(st);
     assert_eq!(sum3, sum0);
     assert!(info3.contains(&format!("schema={NEW}")), "{info3}");
+    print_steps("standard upgrade's journal", &journal(st));
     clock.lap("standard upgrade 7.4 -> 7.5 under a 100 ms poller");
 
     // 6. `sgbox rollback`: back to 7.4 and the data of before the upgrade. First, another
@@ -1090,6 +1123,7 @@ fn local_box_lifecycle() {
     let out = run(sgbox(st).args(args));
     assert!(out.status.success(), "up mounts the disk again: {}", text(&out.stderr));
     assert!(text(&out.stderr).contains("running the boot script again"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--compose-override") && text(&out.stderr).contains("is for a new box"), "{}", text(&out.stderr));
     assert_eq!(ssh(st, "findmnt -n -o TARGET /mnt/sgbox-data").trim(), "/mnt/sgbox-data");
     assert_eq!(version(&url).as_deref(), Some(MID));
     let (sum5, _) = db_state(st);
