@@ -84,7 +84,7 @@ pub(super) fn resolve_local(layer: &Layer, cloud: Cloud) -> Result<LocalSettings
     Ok(LocalSettings { base_image, accel, ssh_port, http_port, https_port })
 }
 
-pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, UserError> {
+pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>, files: super::UserFiles) -> Result<Tls, UserError> {
     let mode = layer.get("tls");
     let email = layer.get("tls-email");
     let cert = layer.get("tls-cert");
@@ -137,6 +137,9 @@ pub(super) fn resolve_tls(layer: &Layer, hostname: Option<&str>) -> Result<Tls, 
                     return Err(UserError::field(k, format!("custom TLS needs the {what}")).hint(format!("pass --{k} PATH to a PEM file")));
                 };
                 let p = PathBuf::from(v.text.trim());
+                if files == super::UserFiles::Recorded {
+                    return Ok(p);
+                }
                 let text = std::fs::read_to_string(&p)
                     .map_err(|e| bad(k, v, format!("cannot read {}: {e}", p.display())).hint("give the path of a readable PEM file"))?;
                 if !text.contains("-----BEGIN ") {

@@ -162,12 +162,6 @@ impl Layer {
         self.0.get(key)
     }
 
-    /// This layer without `key`.
-    pub fn without(mut self, key: &str) -> Layer {
-        self.0.remove(key);
-        self
-    }
-
     /// A layer of one value.
     pub fn single(key: &'static str, v: Value) -> Layer {
         let mut l = Layer::default();

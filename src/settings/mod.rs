@@ -192,6 +192,13 @@ impl fmt::Display for Accel {
     }
 }
 
+/// Whether resolving reads the files that settings name (see [`Settings::recorded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum UserFiles {
+    Read,
+    Recorded,
+}
+
 pub const DEFAULT_NAME: &str = "sourcegraph";
 pub const DEFAULT_CLOUD_DISK_GB: u32 = 250;
 pub const DEFAULT_LOCAL_DISK_GB: u32 = 20;
@@ -199,6 +206,13 @@ pub const DEFAULT_LOCAL_DISK_GB: u32 = 20;
 impl Settings {
     /// Validate a merged layer. Every value is checked; the first problem is reported.
     pub fn resolve(layer: &Layer) -> Result<Settings, UserError> {
+        Settings::resolve_with(layer, UserFiles::Read)
+    }
+
+    /// `resolve`, reading the user's files (TLS, compose override) or, for a deployment's record,
+    /// taking their recorded paths as they are: they were read when the box was made, and a
+    /// command on the box (`down` included) must not fail because a file moved since.
+    fn resolve_with(layer: &Layer, files: UserFiles) -> Result<Settings, UserError> {
         let s = |k: &str| layer.get(k);
 
         let name = match s("name") {
@@ -305,7 +319,7 @@ impl Settings {
             None => None,
         };
 
-        let tls = resolve_tls(layer, hostname.as_deref())?;
+        let tls = resolve_tls(layer, hostname.as_deref(), files)?;
 
         let flag = |key: &str| -> Result<bool, UserError> {
             match s(key) {
@@ -344,8 +358,12 @@ impl Settings {
 
         let local = resolve_local(layer, cloud)?;
         let aws = resolve_aws(layer, cloud)?;
-        let (compose_override, compose_override_text) =
-            resolve_compose_override(layer, catalog().get(version).expect("resolved above"))?.map_or((None, None), |(p, t)| (Some(p), Some(t)));
+        let (compose_override, compose_override_text) = match (files, s("compose-override")) {
+            (UserFiles::Read, _) => {
+                resolve_compose_override(layer, catalog().get(version).expect("resolved above"))?.map_or((None, None), |(p, t)| (Some(p), Some(t)))
+            }
+            (UserFiles::Recorded, v) => (v.map(|v| PathBuf::from(v.text.trim())), None),
+        };
 
         Ok(Settings {
             local,
@@ -524,10 +542,10 @@ impl Settings {
     /// naming the recorded value; an SGBOX_* variable or a file key that does is ignored, and
     /// said so in the returned warnings (the same sgbox.toml is often passed to every command).
     pub fn recorded(record: &str, record_path: &Path, given: &Layer) -> Result<(Settings, Vec<String>), UserError> {
-        // The override went onto the box when it was made, and is the user's there since: the
-        // file it came from is neither read again nor needed.
-        let recorded = Layer::parse_toml(record, record_path)?.without("compose-override");
-        let kept = Settings::resolve(&recorded)?;
+        // The user's files were read when the box was made (the override went onto it, and is
+        // the user's there since): they are neither read again nor needed.
+        let recorded = Layer::parse_toml(record, record_path)?;
+        let kept = Settings::resolve_with(&recorded, UserFiles::Recorded)?;
         let kept_table = kept.table();
         let mut warnings = Vec::new();
         for (key, v) in given.entries() {
@@ -536,7 +554,7 @@ impl Settings {
             }
             // The value as this run would have resolved it, next to the recorded ones.
             let one = Layer::single(key, v.clone()).over(recorded.clone());
-            let same = match Settings::resolve(&one) {
+            let same = match Settings::resolve_with(&one, UserFiles::Recorded) {
                 Ok(s) => s.table().get(key) == kept_table.get(key),
                 Err(_) => false,
             };
@@ -715,13 +733,30 @@ mod tests {
             resolve(&[("cloud", "local"), ("compose-override", &file("big.yaml", &format!("services: {{}}\n#{}\n", "x".repeat(9000))))]).unwrap_err();
         assert!(e.message.contains("at most 8192"), "{e:?}");
 
-        // The record keeps where the override came from; commands on the box never read it again.
+        // The record keeps where the user's files came from; commands on the box (`down` too)
+        // never read them again, so a file moved since changes nothing.
+        let (cert, key) = (file("c.pem", "-----BEGIN CERTIFICATE-----\n"), file("k.pem", "-----BEGIN PRIVATE KEY-----\n"));
+        let s = resolve(&[
+            ("cloud", "local"),
+            ("version", "5.9"),
+            ("compose-override", &ok),
+            ("hostname", "sg.example.com"),
+            ("tls", "custom"),
+            ("tls-cert", &cert),
+            ("tls-key", &key),
+        ])
+        .unwrap();
         let text = s.to_toml();
         assert!(text.contains(&format!("compose-override = \"{}\"", s.compose_override.as_ref().unwrap().display())), "{text}");
-        std::fs::remove_file(&ok).unwrap();
+        for f in [&ok, &cert, &key] {
+            std::fs::remove_file(f).unwrap();
+        }
+        assert!(resolve(&[("cloud", "local"), ("compose-override", &ok)]).is_err(), "a new box needs the file");
         let given = Layer::parse_toml(&format!("compose-override = \"{ok}\"\n"), Path::new("sgbox.toml")).unwrap();
         let (kept, warnings) = Settings::recorded(&text, Path::new("deployment.json"), &given).unwrap();
-        assert!(kept.compose_override.is_none() && warnings.is_empty(), "{warnings:?}");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(kept.to_toml(), text, "the record as it was, without its files");
+        assert!(kept.compose_override_text.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -606,6 +606,12 @@ fn print_steps(what: &str, j: &Value) {
     eprintln!("e2e: {what}: started {} | {}", j["started_at"].as_str().unwrap_or("?"), steps.join(" | "));
 }
 
+/// The phases sgbox reported done (or failed), with their durations, for the log.
+fn print_phases(what: &str, out: &std::process::Output) {
+    let done: Vec<String> = text(&out.stderr).lines().filter(|l| l.starts_with(['✓', '✗'])).map(|l| l.chars().take(90).collect()).collect();
+    eprintln!("e2e: {what}: {}", done.join(" | "));
+}
+
 fn snapshots(st: &Path) -> String {
     let data = st.join(NAME).join("local/data.qcow2");
     let out = std::process::Command::new("qemu-img").args(["snapshot", "-l", "-U"]).arg(&data).output().unwrap();
@@ -883,7 +889,7 @@ fn local_box_lifecycle() {
     // The user's override, given to `up`, is the box's from the first start on (every upgrade
     // and rollback applies it, the hand-over's copies included).
     let o = ssh(st, "cat /opt/sgbox/docker-compose.override.yaml; sudo docker inspect -f '{{.Config.Healthcheck.Interval}}' pgsql");
-    assert_eq!(o, format!("{}60000000000\n", checks_override("")), "the override of `up` is on the box and applied");
+    assert_eq!(o, format!("{}1m0s\n", checks_override("")), "the override of `up` is on the box and applied");
 
     // User data in the database, which every upgrade and rollback must keep.
     let put = db(st, "PUT repo github.com/sourcegraph/sourcegraph\nPUT saved-search lang:rust sgbox\n");
@@ -932,6 +938,7 @@ fn local_box_lifecycle() {
     let killed_at = killed_at.unwrap_or_else(|| panic!("sgbox was killed during a migrator hop: {j:#}"));
     eprintln!("e2e: killed sgbox during hop {} -> {}", killed_at["from"], killed_at["to"]);
     let out = upgrade(st, &["--output", "json"]);
+    print_phases("multi-version upgrade, resumed", &out);
     assert!(out.status.success(), "the re-run must complete the upgrade: {}", text(&out.stderr));
     assert!(text(&out.stderr).contains("resuming"), "{}", text(&out.stderr));
     let done = json_of(&out);
@@ -955,6 +962,7 @@ fn local_box_lifecycle() {
     let fail = checks_override_with(SINCE_MID, "  migrator:\n    environment:\n      - SGBOX_STANDIN_FAIL=migrator-dirty@7.5.4453\n");
     put_override(st, &fail);
     let out = upgrade(st, &["--to", NEW]);
+    print_phases("failed upgrade", &out);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "a failed migrator fails the upgrade: {err}");
     assert!(err.contains("rolled back") && err.contains("migrator"), "{err}");
@@ -1001,6 +1009,7 @@ fn local_box_lifecycle() {
     w.until_unit(st, "sgbox-step-*");
     let _ = ssh_out(st, "sudo pkill -f 'sgbox@notty'");
     let out = w.wait();
+    print_phases("standard upgrade", &out);
     stop.store(true, Ordering::Relaxed);
     for p in pollers {
         p.join().unwrap();
@@ -1053,6 +1062,7 @@ fn local_box_lifecycle() {
     assert!(err.contains("bob@desk") && err.contains("--break-lock"), "{err}");
     assert_eq!(journal(st)["outcome"], "done", "nothing changed");
     let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--output", "json", "--timeout", "20m", "--break-lock"]));
+    print_phases("rollback", &out);
     assert!(out.status.success(), "rollback: {}", text(&out.stderr));
     assert!(text(&out.stderr).contains("--break-lock"), "said loudly: {}", text(&out.stderr));
     assert!(ssh_out(st, "test -e /var/lib/sgbox/upgrade.lease").status.code() == Some(1), "the lease is given back");
