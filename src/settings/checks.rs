@@ -280,8 +280,8 @@ pub const GCP_REGIONS: &[&str] = &[
     "africa-south1",
 ];
 
-pub(super) fn closest<'a>(s: &str, known: &[&'a str]) -> Option<&'a str> {
-    known.iter().map(|k| (strsim::jaro_winkler(s, k), *k)).filter(|(sc, _)| *sc > 0.85).max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, k)| k)
+pub(super) fn closest<'a>(s: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known.into_iter().map(|k| (strsim::jaro_winkler(s, k), k)).filter(|(sc, _)| *sc > 0.85).max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, k)| k)
 }
 
 pub(super) fn validate_region(cloud: Cloud, v: &Value) -> Result<String, UserError> {
@@ -296,7 +296,7 @@ pub(super) fn validate_region(cloud: Cloud, v: &Value) -> Result<String, UserErr
     if known.contains(&r.as_str()) {
         return Ok(r);
     }
-    let hint = match closest(&r, known) {
+    let hint = match closest(&r, known.iter().copied()) {
         Some(c) => format!("did you mean {c}?"),
         None => format!("use a {cloud} region such as {}", known[0]),
     };
@@ -373,7 +373,7 @@ pub(super) fn validate_instance_type(cloud: Cloud, v: &Value) -> Result<String, 
 
 /// The largest override `up` takes: it travels in the user-data, and EC2 accepts 16 KiB of that
 /// in all, most of it sgbox's own files.
-pub(crate) const COMPOSE_OVERRIDE_MAX: usize = 8 * 1024;
+const COMPOSE_OVERRIDE_MAX: usize = 8 * 1024;
 
 /// `compose-override`: the user's docker-compose.override.yaml for a new box, checked before
 /// anything is created. Compose merges it over the release's file at every start, upgrade and
@@ -412,7 +412,7 @@ pub(super) fn resolve_compose_override(layer: &Layer, release: &crate::release::
                             let name = name.as_str().unwrap_or_default().to_string();
                             let own_image = matches!(body, Yaml::Hash(b) if b.contains_key(&Yaml::String("image".into())));
                             if !release.services.contains_key(&name) && !own_image {
-                                let near = strsim_nearest(&name, release.services.keys());
+                                let near = closest(&name, release.services.keys().map(String::as_str));
                                 return Err(bad(KEY, v, format!("service \"{name}\" is not one of Sourcegraph {}'s, and has no image of its own", release.version))
                                 .hint(match near {
                                     Some(n) => format!("did you mean \"{n}\"? (`sgbox render` writes the release's docker-compose.yaml)"),
@@ -435,8 +435,4 @@ pub(super) fn resolve_compose_override(layer: &Layer, release: &crate::release::
         }
     }
     Ok(Some((std::fs::canonicalize(&path).unwrap_or(path), text)))
-}
-
-fn strsim_nearest<'a>(name: &str, among: impl Iterator<Item = &'a String>) -> Option<&'a String> {
-    among.map(|c| (strsim::jaro_winkler(name, c), c)).filter(|(d, _)| *d > 0.85).max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, c)| c)
 }
