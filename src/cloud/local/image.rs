@@ -234,13 +234,49 @@ pub fn host_mirror() -> String {
 /// changed is built again).
 const IDENTITY: &str = "no host keys; /etc/machine-id empty; /var/lib/dbus/machine-id linked to it";
 
+/// What the image does with AppArmor's naming-only profiles (in the recipe, as IDENTITY is).
+const APPARMOR: &str = "profiles with flags=(unconfined) disabled by links in /etc/apparmor.d/disable";
+
 fn recipe_sha256() -> String {
     let mut h = Sha256::new();
-    for part in [SUITE, &PACKAGES.join(","), CLOUD_CFG, NETWORK, FSTAB, KERNEL_CMDLINE, IDENTITY] {
+    for part in [SUITE, &PACKAGES.join(","), CLOUD_CFG, NETWORK, FSTAB, KERNEL_CMDLINE, IDENTITY, APPARMOR] {
         h.update(part.as_bytes());
         h.update([0]);
     }
     hex(&h.finalize())
+}
+
+/// Disables, the documented way (a link in `disable/`), every AppArmor profile of `dir` that
+/// confines nothing: Debian 13's `apparmor` ships 76 such profiles (`flags=(unconfined)`, which
+/// "only exist to give the application a name instead of the label unconfined") for desktop
+/// programs, crun and runc among them, so that Ubuntu's user-namespace restriction lets them
+/// through. Debian's kernel has no such restriction, so they change nothing on a box, but
+/// `apparmor.service` compiles or loads each one at every boot: 16–18 s of an emulated boot.
+/// The profiles that do confine are kept, and Docker loads its own (`docker-default`).
+fn disable_unconfined_profiles(dir: &Path) -> Result<usize> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(0) };
+    let disable = dir.join("disable");
+    let mut n = 0;
+    for e in entries {
+        let e = e?;
+        if !e.file_type()?.is_file() {
+            continue;
+        }
+        let text = fs::read_to_string(e.path()).unwrap_or_default();
+        // Every profile of the file unconfined (a file with a confining one as well is kept).
+        let heads: Vec<&str> = text.lines().map(str::trim_start).filter(|l| l.starts_with("profile ")).collect();
+        if heads.is_empty() || !heads.iter().all(|l| l.contains("flags=(unconfined)")) {
+            continue;
+        }
+        fs::create_dir_all(&disable)?;
+        let link = disable.join(e.file_name());
+        if fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("/etc/apparmor.d").join(e.file_name()), &link)
+                .with_context(|| format!("disabling AppArmor profile {}", e.path().display()))?;
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 pub fn check_build_tools() -> Result<(), UserError> {
@@ -327,6 +363,8 @@ fn build_in(work: &Path, opts: &BuildOptions, recipe: &str, started: std::time::
     run(Command::new("chroot").arg(&root).args(["apt-get", "clean"]), "apt-get clean", &log)?;
     let _ = fs::remove_dir_all(root.join("var/lib/apt/lists"));
     fs::create_dir_all(root.join("var/lib/apt/lists/partial"))?;
+    let n = disable_unconfined_profiles(&root.join("etc/apparmor.d"))?;
+    note(&format!("{n} AppArmor profiles that only name a program (unconfined) disabled"));
     // Per-instance identity: cloud-init makes host keys on first boot, systemd a machine id.
     for e in fs::read_dir(root.join("etc/ssh"))? {
         let e = e?;
@@ -380,6 +418,26 @@ fn build_in(work: &Path, opts: &BuildOptions, recipe: &str, started: std::time::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_apparmor_profiles_that_confine_nothing_are_disabled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        // Debian 13's crun profile, as shipped (its comment says "profile" too).
+        let crun = "# This profile allows everything and only exists to give the\n# application a name instead of having the label \"unconfined\"\n\nabi <abi/4.0>,\ninclude <tunables/global>\n\nprofile crun /usr/bin/crun flags=(unconfined) {\n  userns,\n\n  include if exists <local/crun>\n}\n";
+        fs::write(d.join("crun"), crun).unwrap();
+        fs::write(d.join("lsb_release"), "profile lsb_release /usr/bin/lsb_release {\n  /usr/bin/lsb_release r,\n}\n").unwrap();
+        fs::write(d.join("mixed"), "profile a /a flags=(unconfined) {\n}\nprofile b /b {\n  /b r,\n}\n").unwrap();
+        fs::create_dir_all(d.join("abstractions")).unwrap();
+        fs::write(d.join("abstractions/base"), "profile x flags=(unconfined) {}\n").unwrap();
+        assert_eq!(disable_unconfined_profiles(d).unwrap(), 1);
+        assert_eq!(fs::read_link(d.join("disable/crun")).unwrap(), Path::new("/etc/apparmor.d/crun"));
+        let disabled: Vec<_> = fs::read_dir(d.join("disable")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(disabled, ["crun"], "the confining and mixed profiles stay");
+        // Again: the link is there already, nothing else changes.
+        assert_eq!(disable_unconfined_profiles(d).unwrap(), 1);
+        assert_eq!(disable_unconfined_profiles(&d.join("none")).unwrap(), 0);
+    }
 
     #[test]
     fn opens_folders_and_disks_and_refuses_the_rest() {
