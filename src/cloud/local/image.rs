@@ -232,7 +232,7 @@ pub fn host_mirror() -> String {
 
 /// What the image holds of a machine's identity (in the recipe: an image built before this
 /// changed is built again).
-const IDENTITY: &str = "no host keys; /etc/machine-id empty; /var/lib/dbus/machine-id linked to it";
+const IDENTITY: &str = "no host keys (cloud-init makes them; sshd-keygen.service masked); /etc/machine-id empty; /var/lib/dbus/machine-id linked to it";
 
 /// What the image does with AppArmor's naming-only profiles (in the recipe, as IDENTITY is).
 const APPARMOR: &str = "profiles with flags=(unconfined) disabled by links in /etc/apparmor.d/disable";
@@ -359,6 +359,11 @@ fn build_in(work: &Path, opts: &BuildOptions, recipe: &str, started: std::time::
     let gen = fs::read_to_string(root.join("etc/locale.gen")).unwrap_or_default();
     w("etc/locale.gen", &format!("{gen}\nen_US.UTF-8 UTF-8\n"))?;
     run(Command::new("chroot").arg(&root).args(["systemctl", "enable", "systemd-networkd", "systemd-resolved"]), "enabling networkd", &log)?;
+    // Host keys are cloud-init's (ed25519 and ecdsa: `ssh_genkeytypes` above). Debian 13's
+    // sshd-keygen.service runs `ssh-keygen -A` at a first boot after cloud-init's ssh module, so
+    // every box also got a 3072-bit RSA key, which the recipe never asked for and which takes
+    // seconds of an emulated CPU to make. ssh.service only wants it.
+    run(Command::new("chroot").arg(&root).args(["systemctl", "mask", "sshd-keygen.service"]), "masking sshd-keygen", &log)?;
     run(Command::new("chroot").arg(&root).arg("locale-gen"), "locale-gen", &log)?;
     run(Command::new("chroot").arg(&root).args(["apt-get", "clean"]), "apt-get clean", &log)?;
     let _ = fs::remove_dir_all(root.join("var/lib/apt/lists"));

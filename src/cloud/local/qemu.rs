@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sha2::Digest;
 
 use rustix::process::{Pid, Signal};
 
@@ -241,12 +242,7 @@ pub fn choose_accel(wanted: Accel, image: &BootImage, cache: &Path) -> Result<(A
         }
         Accel::Auto => {}
     }
-    let key = format!(
-        "{}|{}|{}",
-        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        qemu_version(),
-        image.kernel.as_ref().map(|k| k.vmlinuz.display().to_string()).unwrap_or_else(|| image.disk.display().to_string())
-    );
+    let key = probe_key(image);
     let cache_file = cache.join("kvm-probe.json");
     let cached = fs::read_to_string(&cache_file).ok().and_then(|t| serde_json::from_str::<ProbeCache>(&t).ok()).filter(|c| c.key == key);
     let result = match cached {
@@ -269,6 +265,18 @@ pub fn choose_accel(wanted: Accel, image: &BootImage, cache: &Path) -> Result<(A
     }
 }
 
+/// What the KVM probe's answer depends on: the host's kernel, QEMU, and the guest kernel by its
+/// content (a baked image, wherever it was put, boots its base image's kernel: one probe for both).
+fn probe_key(image: &BootImage) -> String {
+    let kernel = match &image.kernel {
+        Some(k) => fs::read(&k.vmlinuz)
+            .map(|b| format!("sha256:{}", crate::cloud::hex(&sha2::Sha256::digest(&b))))
+            .unwrap_or_else(|_| k.vmlinuz.display().to_string()),
+        None => image.disk.display().to_string(),
+    };
+    format!("{}|{}|{kernel}", fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(), qemu_version())
+}
+
 fn qemu_version() -> String {
     Command::new(QEMU)
         .arg("--version")
@@ -283,8 +291,12 @@ fn qemu_version() -> String {
 /// "cannot mount root" panic in a second or two; a broken one prints nothing or dies.
 fn probe_kvm(image: &BootImage, scratch: &Path) -> (bool, String) {
     let log = scratch.join(format!("kvm-probe-{}.log", std::process::id()));
+    let err_log = scratch.join(format!("kvm-probe-{}.err", std::process::id()));
     let _ = fs::create_dir_all(scratch);
     let _ = fs::remove_file(&log);
+    let Ok(err_file) = fs::File::create(&err_log) else {
+        return (false, format!("cannot write {}", err_log.display()));
+    };
     let mut cmd = Command::new(QEMU);
     cmd.args(["-accel", "kvm", "-cpu", "host", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"]);
     cmd.arg("-serial").arg(format!("file:{}", log.display()));
@@ -298,7 +310,8 @@ fn probe_kvm(image: &BootImage, scratch: &Path) -> (bool, String) {
             &["Welcome to", "login:"]
         }
     };
-    let Ok(mut child) = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn() else {
+    let Ok(mut child) = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file).spawn() else {
+        let _ = fs::remove_file(&err_log);
         return (false, "qemu could not start".into());
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -307,18 +320,22 @@ fn probe_kvm(image: &BootImage, scratch: &Path) -> (bool, String) {
         if markers.iter().any(|m| text.contains(m)) {
             break true;
         }
-        if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+        // QEMU reports a KVM that cannot run the guest ("KVM internal error") and then pauses
+        // it rather than exiting: the answer is known at once, not after the deadline.
+        let failed = fs::read_to_string(&err_log).is_ok_and(|e| e.contains("KVM internal error"));
+        if failed || child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
             break markers.iter().any(|m| fs::read_to_string(&log).unwrap_or_default().contains(m));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let _ = child.kill();
-    let out = child.wait_with_output().ok();
+    let _ = child.wait();
+    let err = fs::read_to_string(&err_log).unwrap_or_default().lines().next().unwrap_or("").to_string();
     let _ = fs::remove_file(&log);
+    let _ = fs::remove_file(&err_log);
     if seen {
         (true, "probe boot reached the kernel".into())
     } else {
-        let err = out.map(|o| String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("").to_string()).unwrap_or_default();
         (false, if err.is_empty() { "probe boot printed nothing in 20 s".into() } else { err })
     }
 }
@@ -327,6 +344,27 @@ fn probe_kvm(image: &BootImage, scratch: &Path) -> (bool, String) {
 mod tests {
     use super::*;
     use crate::cloud::local::image::KernelBoot;
+
+    #[test]
+    fn the_kvm_probe_is_keyed_by_the_kernels_content_not_its_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = |dir: &str, kernel: &[u8]| {
+            let d = tmp.path().join(dir);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("vmlinuz"), kernel).unwrap();
+            BootImage {
+                source: d.clone(),
+                disk: d.join("base.qcow2"),
+                format: "qcow2".into(),
+                kernel: Some(KernelBoot { vmlinuz: d.join("vmlinuz"), initrd: d.join("initrd.img"), cmdline: String::new() }),
+                description: String::new(),
+            }
+        };
+        let base = probe_key(&image("base", b"kernel 1"));
+        assert_eq!(probe_key(&image("baked-elsewhere", b"kernel 1")), base, "a copy of the kernel is the same kernel");
+        assert_ne!(probe_key(&image("other", b"kernel 2")), base);
+        assert!(base.contains("|sha256:"), "{base}");
+    }
 
     #[test]
     fn command_line_pins_devices_ports_and_console() {
