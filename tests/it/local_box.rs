@@ -638,8 +638,9 @@ struct Clock {
     laps: Vec<(String, f64, f64)>,
 }
 
-/// Milliseconds of one fixed piece of work on one of this machine's CPUs (about 200 ms on an
-/// idle 2.0 GHz Xeon of the kind CI runs on): a figure to compare runs by, not a test.
+/// Milliseconds of one fixed piece of work on one of this machine's CPUs (in this debug build,
+/// 220–410 ms on the 2.0 GHz Xeon of the kind CI runs on, as the host's load varied): a figure
+/// to compare runs by, not a test.
 fn cpu_probe_ms() -> f64 {
     let start = Instant::now();
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -1145,7 +1146,8 @@ fn local_box_lifecycle() {
     assert_eq!(after["data_disk_mounted"], true, "{after:#}");
     let o = ssh(st, "cat /proc/sys/kernel/random/boot_id; findmnt -n -o TARGET /mnt/sgbox-data; grep -c '^LABEL=sgbox-data ' /etc/fstab");
     let mut lines = o.lines();
-    assert_ne!(lines.next(), Some(boot_id.as_str()), "the guest really rebooted: {o}");
+    let boot_id2 = lines.next().unwrap_or_default();
+    assert!(boot_id2.len() == 36 && boot_id2 != boot_id, "the guest really rebooted: {o}");
     assert_eq!(lines.next(), Some("/mnt/sgbox-data"), "the boot script mounted the disk: {o}");
     assert_eq!(lines.next(), Some("1"), "and wrote its fstab line back: {o}");
     assert_eq!(version(&url).as_deref(), Some(MID));

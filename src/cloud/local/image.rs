@@ -232,7 +232,8 @@ pub fn host_mirror() -> String {
 
 /// What the image holds of a machine's identity (in the recipe: an image built before this
 /// changed is built again).
-const IDENTITY: &str = "no host keys (cloud-init makes them; sshd-keygen.service masked); /etc/machine-id empty; /var/lib/dbus/machine-id linked to it";
+const IDENTITY: &str =
+    "no host keys (cloud-init makes them; sshd-keygen.service masked); /etc/machine-id empty; /var/lib/dbus/machine-id linked to it";
 
 /// What the image does with AppArmor's naming-only profiles (in the recipe, as IDENTITY is).
 const APPARMOR: &str = "profiles with flags=(unconfined) disabled by links in /etc/apparmor.d/disable";
