@@ -770,16 +770,34 @@ mod tests {
             std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
             std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         };
-        // docker inspect: the state named by the container's name; `logs` prints a line.
-        fake(
-            "docker",
-            r#"case "$1" in inspect) case "$4" in *healthy-one) echo running healthy ;; *sick) echo running unhealthy ;; *plain) echo running none ;; *ended) echo exited none ;; *) exit 1 ;; esac ;; logs) echo "last log line" ;; esac"#,
-        );
-        // Caddy's upstreams: one request still in flight to :3080 on the first call, none after.
+        // docker: `logs` prints a line (the states come from the API, below).
+        fake("docker", r#"case "$1" in logs) echo "last log line" ;; esac"#);
+        // curl: on Docker's socket, a container's JSON as the API gives it (compact), by the
+        // container's name; otherwise Caddy's upstreams: one request still in flight to :3080 on
+        // the first call, none after.
+        let health = |h: &str| format!(r#","Health":{{"Status":"{h}","FailingStreak":0,"Log":[{{"ExitCode":0,"Output":"{{\"Status\":\"x\"}}"}}]}}"#);
+        let container = |status: &str, health: &str| {
+            format!(
+                r#"{{"Id":"c0ffee","State":{{"Status":"{status}","Running":true,"Pid":42{health}}},"Config":{{"Healthcheck":{{"Test":["CMD-SHELL","true"]}}}}}}"#
+            )
+        };
         fake(
             "curl",
             &format!(
-                r#"n=$(cat {d}/calls 2>/dev/null || echo 0); echo $((n+1)) > {d}/calls; if [ "$n" = 0 ]; then echo '[{{"address":"127.0.0.1:3080","num_requests":1,"fails":0}},{{"address":"127.0.0.1:3081","num_requests":7,"fails":0}}]'; else echo '[{{"address":"127.0.0.1:3081","num_requests":7,"fails":0}}]'; fi"#,
+                r#"case "$*" in
+*/run/docker.sock*healthy-one/json) echo '{healthy}' ;;
+*/run/docker.sock*sick/json) echo '{sick}' ;;
+*/run/docker.sock*plain/json) echo '{plain}' ;;
+*/run/docker.sock*ended/json) echo '{ended}' ;;
+*/run/docker.sock*starting/json) echo '{starting}' ;;
+*/run/docker.sock*) echo '{{"message":"No such container: x-gone"}}' ;;
+*) n=$(cat {d}/calls 2>/dev/null || echo 0); echo $((n+1)) > {d}/calls; if [ "$n" = 0 ]; then echo '[{{"address":"127.0.0.1:3080","num_requests":1,"fails":0}},{{"address":"127.0.0.1:3081","num_requests":7,"fails":0}}]'; else echo '[{{"address":"127.0.0.1:3081","num_requests":7,"fails":0}}]'; fi ;;
+esac"#,
+                healthy = container("running", &health("healthy")),
+                sick = container("running", &health("unhealthy")),
+                plain = container("running", ""),
+                ended = container("exited", ""),
+                starting = container("running", &health("starting")),
                 d = dir.display()
             ),
         );
@@ -803,6 +821,9 @@ mod tests {
         let (rc, out) = sh("ready x-gone 1");
         assert_eq!(rc, Some(1));
         assert!(out.contains("x-gone is missing"), "{out}");
+        let (rc, out) = sh("ready x-starting 1");
+        assert_eq!(rc, Some(1), "still starting when the seconds are up");
+        assert!(out.contains("x-starting is not ready after 1 s (running starting)"), "{out}");
         assert_eq!(sh("within 1 true").0, Some(0));
         let start = std::time::Instant::now();
         assert_eq!(sh("within 1 false").0, Some(1), "gives up");

@@ -117,15 +117,25 @@ fn curl_to(url: &str) -> Vec<String> {
     a
 }
 
-/// The pollers' client of the box's site (`https://HOST:port`): every request on a new connection,
-/// so a listener that stops taking connections shows; the certificate checked against the test
-/// CA; HTTP/1.0 (the server closes after the answer, no chunks); 10 s timeouts, like `get`. In
-/// this process, TLS sessions resumed: spawning curl 20 times a second took a good part of this
-/// machine's two cores, which the emulated box runs on.
+/// The pollers' client of the box's site (`https://HOST:port`): the certificate checked against the
+/// test CA; 10 s timeouts, like `get`. In this process, TLS sessions resumed: spawning curl 20
+/// times a second took a good part of this machine's two cores, which the emulated box runs on.
 struct Site {
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
 }
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A kept-alive connection of a poller, and how many requests it carried.
+struct Kept {
+    s: std::io::BufReader<Tls>,
+    used: u32,
+}
+
+/// A kept-alive poller opens a new connection after this many requests: a browser's pattern,
+/// a new connection a second at 100 ms, each of them a TLS handshake the box's CPU pays for.
+const REQUESTS_PER_CONNECTION: u32 = 10;
 
 impl Site {
     fn new(url: &str) -> Site {
@@ -143,10 +153,7 @@ impl Site {
         Site { addr: ([127, 0, 0, 1], port).into(), tls: Arc::new(tls) }
     }
 
-    /// GET `path`: the body of a 2xx answer; None for any other answer, a refused or cut
-    /// connection, a bad certificate or a timeout.
-    fn get(&self, path: &str) -> Option<String> {
-        use std::io::{Read, Write};
+    fn connect(&self) -> Option<Tls> {
         let limit = Duration::from_secs(10);
         let tcp = std::net::TcpStream::connect_timeout(&self.addr, limit).ok()?;
         tcp.set_read_timeout(Some(limit)).ok()?;
@@ -155,7 +162,15 @@ impl Site {
         // delayed acknowledgement, 40 ms).
         tcp.set_nodelay(true).ok()?;
         let name = rustls::pki_types::ServerName::try_from(HOST).ok()?;
-        let mut s = rustls::StreamOwned::new(rustls::ClientConnection::new(self.tls.clone(), name).ok()?, tcp);
+        Some(rustls::StreamOwned::new(rustls::ClientConnection::new(self.tls.clone(), name).ok()?, tcp))
+    }
+
+    /// GET `path` on a new connection (HTTP/1.0: the server closes after the answer), so a
+    /// listener that stops taking connections shows: the body of a 2xx answer; None for any
+    /// other answer, a refused or cut connection, a bad certificate or a timeout.
+    fn get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = self.connect()?;
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {HOST}\r\nUser-Agent: sgbox-e2e\r\n\r\n").as_bytes()).ok()?;
         let mut buf = Vec::new();
         match s.read_to_end(&mut buf) {
@@ -174,6 +189,100 @@ impl Site {
         let whole = length.is_none_or(|n| body.len() == n);
         ((200..300).contains(&code) && whole).then(|| body.to_string())
     }
+
+    /// GET `path` as a browser does: HTTP/1.1 on a kept-alive connection, a new one after
+    /// [`REQUESTS_PER_CONNECTION`]. A kept connection the server closed while it was idle (a
+    /// drained Caddy closes its idle connections) is retried once on a new one, as RFC 9110
+    /// §9.2.2 allows for a GET and every browser does, but only when not a byte of an answer
+    /// came back: `retried` counts those. Anything else fails as in [`Site::get`].
+    fn get_kept(&self, kept: &mut Option<Kept>, path: &str, retried: &mut u32) -> Option<String> {
+        let reused = kept.as_ref().is_some_and(|k| k.used > 0);
+        match self.exchange(kept, path) {
+            Ok(body) => Some(body),
+            Err(answered) => {
+                *kept = None;
+                if reused && !answered {
+                    *retried += 1;
+                    self.exchange(kept, path).ok()
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// One request on `kept` (opened if None; dropped after its last request or a `close`). Err
+    /// tells whether any byte of an answer had come.
+    fn exchange(&self, kept: &mut Option<Kept>, path: &str) -> Result<String, bool> {
+        use std::io::{BufRead, Read, Write};
+        if kept.is_none() {
+            *kept = Some(Kept { s: std::io::BufReader::new(self.connect().ok_or(false)?), used: 0 });
+        }
+        let k = kept.as_mut().unwrap();
+        k.used += 1;
+        let last = k.used >= REQUESTS_PER_CONNECTION;
+        let close = if last { "Connection: close\r\n" } else { "" };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: sgbox-e2e\r\n{close}\r\n");
+        k.s.get_mut().write_all(req.as_bytes()).map_err(|_| false)?;
+        k.s.get_mut().flush().map_err(|_| false)?;
+        let mut status = String::new();
+        if k.s.read_line(&mut status).map_err(|_| false)? == 0 {
+            return Err(false);
+        }
+        let code: u16 = status.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or(true)?;
+        let (mut length, mut chunked, mut closes) = (None, false, last);
+        loop {
+            let mut line = String::new();
+            if k.s.read_line(&mut line).map_err(|_| true)? == 0 {
+                return Err(true);
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let Some((name, value)) = line.split_once(':') else { return Err(true) };
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = Some(value.parse::<usize>().map_err(|_| true)?),
+                "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+                "connection" => closes |= value.eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                let mut size = String::new();
+                k.s.read_line(&mut size).map_err(|_| true)?;
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16).map_err(|_| true)?;
+                let mut chunk = vec![0; n + 2];
+                k.s.read_exact(&mut chunk).map_err(|_| true)?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(n) = length {
+            body.resize(n, 0);
+            k.s.read_exact(&mut body).map_err(|_| true)?;
+        } else {
+            // Neither: the body ends with the connection.
+            closes = true;
+            match k.s.read_to_end(&mut body) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                Err(_) => return Err(true),
+            }
+        }
+        if closes {
+            *kept = None;
+        }
+        if (200..300).contains(&code) {
+            Ok(String::from_utf8_lossy(&body).to_string())
+        } else {
+            Err(true)
+        }
+    }
 }
 
 fn get(url: &str) -> Option<String> {
@@ -182,14 +291,18 @@ fn get(url: &str) -> Option<String> {
 }
 
 /// The e2e's docker-compose.override.yaml: `more` (services' YAML, none of those below: Compose
-/// refuses a service named twice) and a health-check interval of a minute for the services that
-/// have one in every release the test runs.
+/// refuses a service named twice) and a health-check interval of five minutes for the services
+/// that have one in every release the test runs. Each check is a container exec, most of a second
+/// of the emulated box's CPU: at Sourcegraph's intervals (5-10 s) they kept the box busy, and at
+/// one a minute they still took a seventh of a host core while the box idled. Until a container
+/// is first healthy (at most five minutes after its start) it is checked every 2 s, so a start is
+/// seen healthy as soon as it is, whatever start period a service has of its own.
 fn checks_override(more: &str) -> String {
     checks_override_with(&[], more)
 }
 
 /// `checks_override`, with the health checks of `also` (services of every release from here on:
-/// Compose refuses an override of a service its release does not have) once a minute too.
+/// Compose refuses an override of a service its release does not have) at that rate too.
 fn checks_override_with(also: &[&str], more: &str) -> String {
     let checked = [
         "blobstore",
@@ -203,15 +316,9 @@ fn checks_override_with(also: &[&str], more: &str) -> String {
         "syntect-server",
         "zoekt-webserver-0",
     ];
-    // Sourcegraph gives these two no start period: their first check would come after the
-    // interval, so starting them would wait a minute.
-    let no_start_period = ["searcher-0", "zoekt-webserver-0"];
     let mut y = format!("services:\n{more}");
     for &s in checked.iter().chain(also) {
-        y.push_str(&format!("  {s}:\n    healthcheck:\n      interval: 60s\n"));
-        if no_start_period.contains(&s) {
-            y.push_str("      start_period: 60s\n      start_interval: 2s\n");
-        }
+        y.push_str(&format!("  {s}:\n    healthcheck:\n      interval: 300s\n      start_period: 300s\n      start_interval: 2s\n"));
     }
     y
 }
@@ -911,7 +1018,7 @@ fn local_box_lifecycle() {
     // The user's override, given to `up`, is the box's from the first start on (every upgrade
     // and rollback applies it, the hand-over's copies included).
     let o = ssh(st, "cat /opt/sgbox/docker-compose.override.yaml; sudo docker inspect -f '{{.Config.Healthcheck.Interval}}' pgsql");
-    assert_eq!(o, format!("{}1m0s\n", checks_override("")), "the override of `up` is on the box and applied");
+    assert_eq!(o, format!("{}5m0s\n", checks_override("")), "the override of `up` is on the box and applied");
 
     // User data in the database, which every upgrade and rollback must keep.
     let put = db(st, "PUT repo github.com/sourcegraph/sourcegraph\nPUT saved-search lang:rust sgbox\n");
@@ -1011,19 +1118,24 @@ fn local_box_lifecycle() {
     let searched: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
     let site = Arc::new(Site::new(&url));
     assert_eq!(site.get("/__version").map(|v| v.trim().to_string()).as_deref(), Some(MID), "the pollers' client reads what curl reads");
-    let poll = |seen: &Arc<Mutex<Vec<Option<String>>>>, path: &'static str| {
-        let (stop, seen, site) = (stop.clone(), seen.clone(), site.clone());
+    // `/__version` on a new connection per request (a listener that stops taking connections
+    // for 100 ms shows); the search page as a browser asks, on a kept-alive connection.
+    let retries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let poll = |seen: &Arc<Mutex<Vec<Option<String>>>>, path: &'static str, keep_alive: bool| {
+        let (stop, seen, site, retries) = (stop.clone(), seen.clone(), site.clone(), retries.clone());
         std::thread::spawn(move || {
+            let (mut kept, mut retried) = (None, 0);
             while !stop.load(Ordering::Relaxed) {
-                let v = site.get(path).map(|s| s.trim().to_string());
-                seen.lock().unwrap().push(v);
+                let v = if keep_alive { site.get_kept(&mut kept, path, &mut retried) } else { site.get(path) };
+                seen.lock().unwrap().push(v.map(|s| s.trim().to_string()));
                 std::thread::sleep(Duration::from_millis(100));
             }
+            retries.fetch_add(retried, Ordering::Relaxed);
         })
     };
     let caddy_image = |st: &Path| ssh(st, "sudo docker inspect -f '{{.Config.Image}}' caddy").trim().to_string();
     let caddy_before = caddy_image(st);
-    let pollers = [poll(&seen, "/__version"), poll(&searched, "/search?q=sgbox")];
+    let pollers = [poll(&seen, "/__version", false), poll(&searched, "/search?q=sgbox", true)];
     // Half-way, while the switch runs on the box, every SSH connection of sgbox's is cut from
     // the box's side: sgbox reconnects and re-attaches to the running step.
     let mut w = Watched::start(st, &["--to", NEW, "--output", "json"]);
@@ -1051,9 +1163,10 @@ fn local_box_lifecycle() {
     let searched = searched.lock().unwrap().clone();
     let search_failed = searched.iter().filter(|v| v.is_none()).count();
     eprintln!(
-        "e2e: standard upgrade {MID} -> {NEW}: /__version {} requests every 100 ms, {failed} failed; /search {} requests, {search_failed} failed",
+        "e2e: standard upgrade {MID} -> {NEW}: /__version {} requests every 100 ms (a new connection each), {failed} failed; /search {} requests (kept-alive connections, {} retried on a new one after the server closed an idle one), {search_failed} failed",
         seen.len(),
-        searched.len()
+        searched.len(),
+        retries.load(Ordering::Relaxed)
     );
     // Zero, through a Caddy change (every release pair of the catalog has one): the frontend and
     // Caddy are each handed over while they serve.

@@ -43,7 +43,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, U
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::exit;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -56,7 +56,25 @@ extern "C" {
     fn _exit(code: i32) -> !;
     fn write(fd: i32, buf: *const u8, count: usize) -> isize;
     fn shutdown(fd: i32, how: i32) -> i32;
+    fn pipe(fds: *mut i32) -> i32;
+    fn poll(fds: *mut PollFd, nfds: u64, timeout_ms: i32) -> i32;
 }
+
+/// `struct pollfd`.
+#[repr(C)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
+}
+const POLLIN: i16 = 1;
+
+/// The read end of a pipe the signal handler writes a byte to (and nobody reads): it stays
+/// readable from the first SIGTERM on, so any thread can sleep in poll() until then. Sleeping
+/// wakes nothing; a loop that looked at TERM every 50 ms woke each of the box's 26 containers 20
+/// times a second, which under emulation cost the idle box a tenth of a CPU.
+static TERM_R: AtomicI32 = AtomicI32::new(-1);
+static TERM_W: AtomicI32 = AtomicI32::new(-1);
 
 /// Set for the HTTP roles: SIGTERM starts a graceful stop instead of exiting at once.
 static GRACEFUL: AtomicBool = AtomicBool::new(false);
@@ -71,6 +89,9 @@ extern "C" fn on_signal(_sig: i32) {
     // Only async-signal-safe calls here.
     if GRACEFUL.load(Ordering::SeqCst) {
         TERM.store(true, Ordering::SeqCst);
+        unsafe {
+            write(TERM_W.load(Ordering::SeqCst), b"t".as_ptr(), 1);
+        }
         return;
     }
     let msg = b"standin: received SIGTERM/SIGINT, exiting\n";
@@ -81,6 +102,13 @@ extern "C" fn on_signal(_sig: i32) {
 }
 
 fn install_signal_handlers() {
+    let mut fds = [-1i32; 2];
+    if unsafe { pipe(fds.as_mut_ptr()) } != 0 {
+        eprintln!("standin: FATAL: pipe: {}", io::Error::last_os_error());
+        exit(1);
+    }
+    TERM_R.store(fds[0], Ordering::SeqCst);
+    TERM_W.store(fds[1], Ordering::SeqCst);
     let h = on_signal as extern "C" fn(i32) as usize;
     unsafe {
         signal(15, h); // SIGTERM
@@ -94,7 +122,7 @@ fn install_signal_handlers() {
 /// then exit. Runs on the main thread once the service is up.
 fn serve_until_term(image: &str) -> ! {
     while !TERM.load(Ordering::SeqCst) {
-        thread::sleep(Duration::from_millis(50));
+        wait_readable(None, None);
     }
     let limit = env::var("SRC_GRACEFUL_SHUTDOWN_TIMEOUT").ok().and_then(|v| parse_duration(&v)).unwrap_or(Duration::from_secs(10));
     for fd in LISTENERS.lock().map(|l| l.clone()).unwrap_or_default() {
@@ -635,6 +663,17 @@ fn listen(image: &str, ports: &[u16], on_conn: ConnHandler) {
     }
 }
 
+/// Sleep until SIGTERM came, `fd` is readable (or closed), or `limit` passed; true when `fd` is.
+fn wait_readable(fd: Option<i32>, limit: Option<Duration>) -> bool {
+    let mut fds = vec![PollFd { fd: TERM_R.load(Ordering::SeqCst), events: POLLIN, revents: 0 }];
+    if let Some(fd) = fd {
+        fds.push(PollFd { fd, events: POLLIN, revents: 0 });
+    }
+    let ms = limit.map_or(-1, |d| d.as_millis().clamp(1, i32::MAX as u128) as i32);
+    let n = unsafe { poll(fds.as_mut_ptr(), fds.len() as u64, ms) };
+    n > 0 && fds.len() > 1 && fds[1].revents != 0
+}
+
 /// How long an idle kept-alive connection stays open (a Go `http.Server`'s `IdleTimeout`; Caddy's
 /// upstream pool keeps its idle connections for 2 minutes, so the server's side closes first).
 const IDLE_KEEP: Duration = Duration::from_secs(60);
@@ -645,19 +684,16 @@ const IDLE_KEEP: Duration = Duration::from_secs(60);
 /// that meets a closed idle connection on a new one, as Go's and Caddy's transports do).
 fn next_request(s: &TcpStream) -> bool {
     let end = Instant::now() + IDLE_KEEP;
-    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-    let more = loop {
-        if TERM.load(Ordering::SeqCst) || Instant::now() >= end {
-            break false;
+    loop {
+        let now = Instant::now();
+        if TERM.load(Ordering::SeqCst) || now >= end {
+            return false;
         }
-        match s.peek(&mut [0u8; 1]) {
-            Ok(n) => break n > 0,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
-            Err(_) => break false,
+        if wait_readable(Some(s.as_raw_fd()), Some(end - now)) && !TERM.load(Ordering::SeqCst) {
+            // Readable: a request's first byte, or the client closed (0) or reset (an error).
+            return matches!(s.peek(&mut [0u8; 1]), Ok(n) if n > 0);
         }
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    more
+    }
 }
 
 /// HTTP/1.1 with keep-alive, as Sourcegraph's Go services serve it: a proxy in front (Caddy)
@@ -1673,6 +1709,26 @@ mod tests {
         let (h3, _) = answer(&mut c, "GET /three HTTP/1.0\r\n\r\n");
         assert!(h3.contains("Connection: close"), "{h3}");
         assert_eq!(c.read(&mut [0u8; 16]).unwrap(), 0);
+    }
+
+    #[test]
+    fn an_idle_connection_sleeps_until_its_client_writes_or_the_time_is_up() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let start = Instant::now();
+        assert!(!wait_readable(Some(s.as_raw_fd()), Some(Duration::from_millis(300))), "nothing came");
+        assert!(start.elapsed() >= Duration::from_millis(250), "slept the time given: {:?}", start.elapsed());
+        let writer = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(100));
+            c.write_all(b"G").unwrap();
+            c
+        });
+        let start = Instant::now();
+        assert!(wait_readable(Some(s.as_raw_fd()), Some(Duration::from_secs(10))), "the client's byte");
+        assert!(start.elapsed() < Duration::from_secs(5), "woken by it, not by the limit");
+        drop(writer.join().unwrap());
+        assert!(wait_readable(Some(s.as_raw_fd()), Some(Duration::from_secs(10))), "a closed connection is readable too");
     }
 
     #[test]
