@@ -2,8 +2,8 @@
 //! with debootstrap, real cloud-init, sshd, Docker and Compose v2), which pulls stand-in
 //! Sourcegraph images of four releases from a real registry on this machine. Under emulation a
 //! boot and a stack start take minutes, so ONE box goes through every scenario, in the order that
-//! needs the fewest restarts (the snapshot restores swap the data disk while the VM runs; the
-//! reboot is a scenario of its own):
+//! needs the fewest restarts (the automatic rollback swaps the data disk while the VM runs; the
+//! one reboot is `sgbox rollback`'s restore of a disk that went from under the box):
 //!
 //!  0. 5.9 baked into the base image by a VM (`image build --cloud local --version`), the scrub
 //!     checked on the baked disk (no host key, machine id, login user, cloud-init state, Docker
@@ -19,11 +19,12 @@
 //!     serving again, the database's data checksum and schema as before, and the box not
 //!     restarted for it (the data disk is swapped back while the VM runs);
 //!  5. the standard upgrade 7.4 → 7.5 with `/__version` polled every 100 ms and failures counted;
-//!  6. `sgbox rollback` to 7.4 and its snapshot; `sgbox history` shows all of it;
-//!  7. the data disk unmounted (what a first boot whose disk came late leaves): Docker refuses
-//!     the root disk and `status` says why; a reboot of the VM mounts it again and brings the
-//!     stack back by itself;
-//!  8. (folded into 7: one boot and one stack start less);
+//!  6. the data disk unmounted and without its fstab line (what a first boot whose disk came late
+//!     leaves): Docker refuses the root disk and `status` says why; then `sgbox rollback` to 7.4
+//!     and its snapshot, which cannot swap a disk that is not mounted and restores it with a
+//!     restart: the boot script mounts it again, the boot's unit brings the stack back;
+//!     `sgbox history` shows all of it;
+//!  7. and 8. (folded into 6: the reboot and the late disk, one boot and one stack start less);
 //!  9. a changed host key is refused;
 //! 10. `down` leaves no process and no overlay but keeps the data disk; `--delete-data` removes it;
 //! 11. a second VM launched from the same image WITHOUT sgbox (meta-data with a key, no user-data,
@@ -1186,10 +1187,29 @@ fn local_box_lifecycle() {
     print_steps("standard upgrade's journal", &journal(st));
     clock.lap("standard upgrade 7.4 -> 7.5 under a 100 ms poller");
 
-    // 6. `sgbox rollback`: back to 7.4 and the data of before the upgrade. First, another
-    //    laptop's sgbox holds the box's lease (fresh heartbeat): refused, naming it, nothing
-    //    changed; --break-lock takes over.
-    let boot_before = ssh(st, "cat /proc/sys/kernel/random/boot_id");
+    // 6. `sgbox rollback` of a box whose data disk went from under it: back to 7.4 and the data
+    //    of before the upgrade. The disk is unmounted and its fstab line gone (what a first boot
+    //    whose disk came late leaves): Docker refuses to start on the root disk and `status` says
+    //    why. Another laptop's sgbox holds the box's lease (fresh heartbeat): refused, naming it,
+    //    nothing changed; --break-lock takes over. A disk that is not mounted cannot be swapped
+    //    while the box runs (scenario 4 swapped one), so sgbox restores it with a restart: the
+    //    boot script mounts it again and writes its fstab line back, and the boot's
+    //    sourcegraph.service brings the stack back, which the rollback waits for rather than
+    //    racing it. (One boot and one stack start for the rollback and the reboot: under
+    //    emulation each costs minutes. `up`'s own repair of the disk, which runs the same boot
+    //    script over SSH, is not booted here.)
+    ssh(
+        st,
+        "sudo systemctl stop sourcegraph.service docker.service docker.socket && sudo umount /mnt/sgbox-data && sudo sed -i '/^LABEL=sgbox-data /d' /etc/fstab && sudo systemctl daemon-reload",
+    );
+    let o = ssh(st, "sudo systemctl start docker.service >/dev/null 2>&1; systemctl is-active docker.service; sudo ls -A /mnt/sgbox-data | wc -l");
+    assert!(!o.starts_with("active") && o.trim_end().ends_with('0'), "Docker did not start on the root disk: {o}");
+    let out = run(sgbox(st).args(["status", "--name", NAME]));
+    assert!(text(&out.stderr).contains("the data disk is not mounted"), "status says why: {}{}", text(&out.stdout), text(&out.stderr));
+    let v = json_of(&run(sgbox(st).args(["status", "--name", NAME, "--output", "json"])));
+    assert!(v["data_disk_mounted"] == false && v["healthy"] == false, "{v:#}");
+    let boot_id = ssh(st, "cat /proc/sys/kernel/random/boot_id").trim().to_string();
+    assert_eq!(boot_id.len(), 36, "{boot_id}");
     ssh(st, "printf 'id=99-other\\nowner=bob@desk\\nhost=desk\\npid=99\\ncommand=upgrade\\nstarted=2026-12-01T10:00:00Z\\nheartbeat=%s\\n' $(date +%s) | sudo tee /var/lib/sgbox/upgrade.lease >/dev/null");
     let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--timeout", "20m"]));
     assert_eq!(out.status.code(), Some(2), "a held lease refuses: {}", text(&out.stderr));
@@ -1199,14 +1219,28 @@ fn local_box_lifecycle() {
     let out = run(sgbox(st).args(["rollback", "--name", NAME, "--yes", "--output", "json", "--timeout", "20m", "--break-lock"]));
     print_phases("rollback", &out);
     assert!(out.status.success(), "rollback: {}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("--break-lock"), "said loudly: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("--break-lock"), "said loudly: {err}");
+    assert!(err.contains("restoring it with a restart instead"), "the swap could not unmount the disk; said so: {err}");
     assert!(ssh_out(st, "test -e /var/lib/sgbox/upgrade.lease").status.code() == Some(1), "the lease is given back");
     assert_eq!(json_of(&out)["release"], MID);
     assert_eq!(version(&url).as_deref(), Some(MID));
     let (sum4, info4) = db_state(st);
-    assert_eq!(sum4, sum0);
+    assert_eq!(sum4, sum0, "the data is the snapshot's");
     assert!(info4.contains(&format!("schema={MID}")), "{info4}");
-    assert_eq!(ssh(st, "cat /proc/sys/kernel/random/boot_id"), boot_before, "the snapshot was swapped in without a restart");
+    let o = ssh(
+        st,
+        "cat /proc/sys/kernel/random/boot_id; findmnt -n -o TARGET /mnt/sgbox-data; grep -c '^LABEL=sgbox-data ' /etc/fstab; systemctl is-enabled sourcegraph.service; systemctl is-active sourcegraph.service",
+    );
+    let mut lines = o.lines();
+    let boot_id2 = lines.next().unwrap_or_default();
+    assert!(boot_id2.len() == 36 && boot_id2 != boot_id, "the box restarted: {o}");
+    assert_eq!(lines.next(), Some("/mnt/sgbox-data"), "the boot script mounted the disk: {o}");
+    assert_eq!(lines.next(), Some("1"), "and wrote its fstab line back: {o}");
+    assert_eq!((lines.next(), lines.next()), (Some("enabled"), Some("active")), "the stack is the unit's, started at every boot: {o}");
+    let after = wait_healthy(st, Duration::from_secs(300));
+    assert_eq!(after["release"], MID);
+    assert_eq!(after["data_disk_mounted"], true, "{after:#}");
 
     let out = run(sgbox(st).args(["history", "--name", NAME, "--output", "json"]));
     let h = json_of(&out);
@@ -1226,47 +1260,7 @@ fn local_box_lifecycle() {
     let rec: Vec<&str> = rec.lines().collect();
     assert!(rec.len() == 3 && rec[0] == format!("release={MID}") && rec[1] == format!("machine={}", rec[2]), "{rec:?}");
     assert_eq!(std::fs::read_to_string(st.join(NAME).join("local/data-release")).unwrap_or_default(), format!("{MID}\n"));
-    clock.lap("sgbox rollback to 7.4 (data disk swapped back), history");
-
-    // 7. The data disk unmounted and without its fstab line (what a first boot whose disk came
-    //    late leaves): Docker refuses to start on the root disk and `status` says why. Then a
-    //    reboot of the VM: the boot script mounts the disk again and the stack comes back by
-    //    itself. (One boot and one stack start for both: under emulation each costs minutes.
-    //    `up`'s own repair, which runs the same boot script over SSH, is not booted here.)
-    ssh(
-        st,
-        "sudo systemctl stop sourcegraph.service docker.service docker.socket && sudo umount /mnt/sgbox-data && sudo sed -i '/^LABEL=sgbox-data /d' /etc/fstab && sudo systemctl daemon-reload",
-    );
-    let o = ssh(st, "sudo systemctl start docker.service >/dev/null 2>&1; systemctl is-active docker.service; sudo ls -A /mnt/sgbox-data | wc -l");
-    assert!(!o.starts_with("active") && o.trim_end().ends_with('0'), "Docker did not start on the root disk: {o}");
-    let out = run(sgbox(st).args(["status", "--name", NAME]));
-    assert!(text(&out.stderr).contains("the data disk is not mounted"), "status says why: {}{}", text(&out.stdout), text(&out.stderr));
-    let v = json_of(&run(sgbox(st).args(["status", "--name", NAME, "--output", "json"])));
-    assert!(v["data_disk_mounted"] == false && v["healthy"] == false, "{v:#}");
-    let boot_id = ssh(st, "cat /proc/sys/kernel/random/boot_id").trim().to_string();
-    assert_eq!(boot_id.len(), 36, "{boot_id}");
-    let _ = ssh_out(st, "sudo systemd-run --on-active=1 systemctl reboot");
-    // Nothing answers now (the stack is down), so an answer is the stack back after the reboot
-    // (the boot id, below, proves the reboot). Waited for from this side (curl on the host):
-    // `status` opens an SSH session each time, which costs the emulated CPU the stack starts on.
-    let until = Instant::now() + Duration::from_secs(900);
-    while version(&url).as_deref() != Some(MID) {
-        assert!(Instant::now() < until, "the stack did not come back by itself:\n{}", console_tail(st));
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    let after = wait_healthy(st, Duration::from_secs(300));
-    assert_eq!(after["release"], MID);
-    assert_eq!(after["data_disk_mounted"], true, "{after:#}");
-    let o = ssh(st, "cat /proc/sys/kernel/random/boot_id; findmnt -n -o TARGET /mnt/sgbox-data; grep -c '^LABEL=sgbox-data ' /etc/fstab");
-    let mut lines = o.lines();
-    let boot_id2 = lines.next().unwrap_or_default();
-    assert!(boot_id2.len() == 36 && boot_id2 != boot_id, "the guest really rebooted: {o}");
-    assert_eq!(lines.next(), Some("/mnt/sgbox-data"), "the boot script mounted the disk: {o}");
-    assert_eq!(lines.next(), Some("1"), "and wrote its fstab line back: {o}");
-    assert_eq!(version(&url).as_deref(), Some(MID));
-    let (sum5, _) = db_state(st);
-    assert_eq!(sum5, sum0, "the data is the data disk's");
-    clock.lap("data disk unmounted: Docker refuses, status says so; a reboot mounts it and the stack comes back by itself");
+    clock.lap("data disk lost, then sgbox rollback to 7.4: restored with a restart, disk mounted by the boot, history");
 
     // The fingerprints survive a console that scrolls: the first complete block read is kept in
     // the state folder, and the box printed its fingerprints again after its stack started.
