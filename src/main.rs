@@ -14,6 +14,8 @@ mod render;
 mod settings;
 mod stack;
 mod state;
+#[cfg(test)]
+mod testkit;
 
 use std::process::ExitCode;
 

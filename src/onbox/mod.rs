@@ -302,14 +302,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         // The box runs it through sudo; here a shim that just runs the command.
-        let shim = dir.path().join("sudo");
-        std::fs::write(&shim, "#!/bin/sh\nexec \"$@\"\n").unwrap();
-        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::testkit::fake_tool(dir.path(), "sudo", "exec \"$@\"");
         let target = dir.path().join("a b.env").display().to_string();
         let content = "PGSQL_PASSWORD='x y'\n$HOME `id`\n";
-        let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
-        let st = std::process::Command::new("sh").arg("-c").arg(put_cmd(&target, content, 0o600)).env("PATH", path).status().unwrap();
-        assert!(st.success());
+        let out = crate::testkit::sh_on_path(dir.path(), &put_cmd(&target, content, 0o600));
+        assert!(out.status.success());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), content, "bytes arrive unchanged, nothing expanded");
         assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!std::path::Path::new(&format!("{target}.sgbox-tmp")).exists(), "no temporary file left");

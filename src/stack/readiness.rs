@@ -311,16 +311,13 @@ mod tests {
         std::fs::create_dir(&bin).unwrap();
         let log = dir.path().join("curl.log");
         let fake_curl = format!(
-            "#!/bin/sh\nfor a; do url=$a; done\necho \"$url\" >> {log}\ncase $url in\n  *_ping) exit 0 ;;\n  *containers/json*) echo '[{{\"State\":\"running\"}}]' ;;\n  *events*) echo e1; sleep 0.2; echo e2; sleep 60 ;;\nesac\n",
+            "for a; do url=$a; done\necho \"$url\" >> {log}\ncase $url in\n  *_ping) exit 0 ;;\n  *containers/json*) echo '[{{\"State\":\"running\"}}]' ;;\n  *events*) echo e1; sleep 0.2; echo e2; sleep 60 ;;\nesac",
             log = log.display()
         );
-        for (name, body) in [("curl", fake_curl.as_str()), ("sudo", "#!/bin/sh\nexec \"$@\"\n")] {
-            std::fs::write(bin.join(name), body).unwrap();
-            std::fs::set_permissions(bin.join(name), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        }
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        crate::testkit::fake_tool(&bin, "curl", &fake_curl);
+        crate::testkit::fake_tool(&bin, "sudo", "exec \"$@\"");
         let started = Instant::now();
-        let out = std::process::Command::new("sh").arg("-c").arg(watch_services_cmd(2)).env("PATH", path).output().unwrap();
+        let out = crate::testkit::sh_on_path(&bin, &watch_services_cmd(2));
         let took = started.elapsed();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let lists = stdout.lines().filter(|l| l.starts_with('[')).count();

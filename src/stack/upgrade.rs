@@ -779,11 +779,7 @@ mod tests {
     fn the_switch_functions_read_docker_and_caddy_as_they_answer() {
         let dir = std::env::temp_dir().join(format!("sgbox-switch-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let fake = |name: &str, body: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        };
+        let fake = |name: &str, body: &str| crate::testkit::fake_tool(&dir, name, body);
         // docker: `logs` prints a line (the states come from the API, below).
         fake("docker", r#"case "$1" in logs) echo "last log line" ;; esac"#);
         // curl: on Docker's socket, a container's JSON as the API gives it (compact), by the
@@ -816,9 +812,7 @@ esac"#,
             ),
         );
         let sh = |body: &str| {
-            let script = format!("{}{body}", switch_prelude("true"));
-            let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
-            let out = std::process::Command::new("sh").args(["-c", &script]).env("PATH", path).output().unwrap();
+            let out = crate::testkit::sh_on_path(&dir, &format!("{}{body}", switch_prelude("true")));
             (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
         };
         let (rc, out) = sh("say hello world");
@@ -858,20 +852,17 @@ esac"#,
         let dir = std::env::temp_dir().join(format!("sgbox-start-previous-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let run = |active: &str, job: &str| {
-            let p = dir.join("systemctl");
-            std::fs::write(
-                &p,
-                format!("#!/bin/sh\ncase \"$1\" in\n  is-active) echo {active}; [ {active} = active ] ;;\n  show) echo '{job}' ;;\n  *) echo \"systemctl $*\" >> {log} ;;\nesac\n", log = dir.join("log").display()),
-            )
-            .unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-            let _ = std::fs::remove_file(dir.join("log"));
-            let c = format!("echo compose >> {}; true", dir.join("log").display());
-            let script = format!("say() {{ :; }}\n{}", start_previous(&c));
-            let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
-            let out = std::process::Command::new("sh").args(["-c", &script]).env("PATH", path).output().unwrap();
+            let log = dir.join("log");
+            crate::testkit::fake_tool(
+                &dir,
+                "systemctl",
+                &format!("case \"$1\" in\n  is-active) echo {active}; [ {active} = active ] ;;\n  show) echo '{job}' ;;\n  *) echo \"systemctl $*\" >> {} ;;\nesac", log.display()),
+            );
+            let _ = std::fs::remove_file(&log);
+            let c = format!("echo compose >> {}; true", log.display());
+            let out = crate::testkit::sh_on_path(&dir, &format!("say() {{ :; }}\n{}", start_previous(&c)));
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+            std::fs::read_to_string(&log).unwrap_or_default()
         };
         assert_eq!(run("active", ""), "compose\n", "running on the files: brought to them with `up`");
         assert_eq!(run("activating", ""), "systemctl start sourcegraph.service\n", "the boot's start, joined");
