@@ -17,7 +17,8 @@ bench_cleanup() {
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# start_registry RELEASE...: sets REG (its port).
+# start_registry RELEASE...: sets REG (its port). With PAD_MB set, every stand-in also carries a
+# layer of that many MB that does not compress (standins.py --pad-mb), as real images weigh.
 start_registry() {
   REG=$(free_port)
   mkdir -p "$WORK/registry"
@@ -27,7 +28,7 @@ start_registry() {
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$REG/v2/" >/dev/null && break; sleep 0.1; done
   local args=()
   for r in "$@"; do args+=(--release "$r"); done
-  python3 tests/harness/standins.py push --build --registry "127.0.0.1:$REG" --catalog data/sourcegraph-compose-releases.json "${args[@]}" >&2
+  python3 tests/harness/standins.py push --build --registry "127.0.0.1:$REG" --catalog data/sourcegraph-compose-releases.json --pad-mb "${PAD_MB:-0}" "${args[@]}" >&2
 }
 
 now() { date +%s.%N; }

@@ -8,6 +8,9 @@
 #
 #   bash bench/local-baked.sh [RUNS]      (default 1 pair; each pair: plain, then baked)
 #   SGBOX=target/debug/sgbox bash bench/local-baked.sh   (a built sgbox: it only waits on the VMs)
+#   PAD_MB=60 bash bench/local-baked.sh   (each stand-in image 60 MB heavier, in bytes that do not
+#     compress: the stand-ins weigh about 16 MB a release in all, where pulling is nearly free
+#     and the comparison says little about real images; the size of a release is printed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
@@ -22,6 +25,7 @@ bench_box bench-baked
 
 IMAGE=$(local_base_image)
 start_registry "$RELEASE"
+du -sb "$WORK/registry" | awk -v pad="${PAD_MB:-0}" '{printf "release %s in the registry: %.0f MB (padding %s MB an image)\n", "'"$RELEASE"'", $1/1e6, pad}'
 MIRROR=(--registry-mirror "http://10.0.2.2:$REG" --mirror-mode tags-only)
 "$SGBOX" image build --cloud local --version "$RELEASE" "${MIRROR[@]}" --out "$WORK/baked" --output json >"$WORK/bake.json"
 python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["image"]; b=m["build_seconds"]; d=m["disk_bytes"]; print(f"bake (once per release): {b:.0f} s, disk {d/1e6:.0f} MB")' "$WORK/bake.json"

@@ -5,12 +5,16 @@
 # Prints both times and the ratio. Needs what the local-box test needs (bash .ci/setup, root).
 #
 #   bash bench/local-up.sh [RUNS]      (default 1 pair; pairs alternate floor → sgbox)
+#   SGBOX=target/debug/sgbox bash bench/local-up.sh   (a built sgbox: it only waits on the VMs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
 RELEASE=7.5.4453
-cargo build -q --release --locked
-SGBOX=$PWD/target/release/sgbox
+if [ -z "${SGBOX:-}" ]; then
+  cargo build -q --release --locked
+  SGBOX=$PWD/target/release/sgbox
+fi
+SGBOX=$(realpath "$SGBOX")
 source bench/lib.sh
 bench_box bench-sgbox
 

@@ -7,12 +7,16 @@
 # back to 7.4.0 and its data. Needs what the local-box test needs (bash .ci/setup, root).
 #
 #   bash bench/local-upgrade.sh
+#   SGBOX=target/debug/sgbox bash bench/local-upgrade.sh   (a built sgbox: it only waits on the box)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FROM=7.4.0
 TO=7.5.4453
-cargo build -q --release --locked
-SGBOX=$PWD/target/release/sgbox
+if [ -z "${SGBOX:-}" ]; then
+  cargo build -q --release --locked
+  SGBOX=$PWD/target/release/sgbox
+fi
+SGBOX=$(realpath "$SGBOX")
 source bench/lib.sh
 bench_box bench-upg
 

@@ -657,9 +657,22 @@ pub async fn undo_steps(s: &mut Upgrade, undo: &[Undo]) -> Result<()> {
 /// its start is the same `up`, so the unit is started, or waited for, instead of racing it with a
 /// second `up` (under emulation an `up` of 26 running services alone costs about 10 s). Otherwise
 /// (no restore, the unit active) the stack is brought to the files with `up`.
+/// Each branch says which it took (the step's log, and the e2e test's proof that after a restart
+/// the boot started the stack, not sgbox).
 fn start_previous(c: &str) -> String {
     format!(
-        "if [ \"$(systemctl is-active sourcegraph.service)\" = active ] && [ -z \"$(systemctl show -p Job --value sourcegraph.service)\" ]; then\n  {c} up -d --remove-orphans\nelse\n  say 'sourcegraph.service starts the stack (started by the boot, or now)'\n  systemctl start sourcegraph.service\nfi"
+        "unit=$(systemctl is-active sourcegraph.service || true)\n\
+         job=$(systemctl show -p Job --value sourcegraph.service || true)\n\
+         if [ \"$unit\" = active ] && [ -z \"$job\" ]; then\n  \
+           say 'sourcegraph.service is active: up brings the stack to the files'\n  \
+           {c} up -d --remove-orphans\n\
+         elif [ \"$unit\" = activating ] || [ -n \"$job\" ]; then\n  \
+           say 'sourcegraph.service is being started (by the boot): waiting for that start'\n  \
+           systemctl start sourcegraph.service\n\
+         else\n  \
+           say \"sourcegraph.service is $unit: starting it\"\n  \
+           systemctl start sourcegraph.service\n\
+         fi"
     )
 }
 
@@ -860,15 +873,25 @@ esac"#,
             );
             let _ = std::fs::remove_file(&log);
             let c = format!("echo compose >> {}; true", log.display());
-            let out = crate::testkit::sh_on_path(&dir, &format!("say() {{ :; }}\n{}", start_previous(&c)));
+            let out =
+                crate::testkit::sh_on_path(&dir, &format!("set -eu\nsay() {{ echo \"said: $*\" >> {}; }}\n{}", log.display(), start_previous(&c)));
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             std::fs::read_to_string(&log).unwrap_or_default()
         };
-        assert_eq!(run("active", ""), "compose\n", "running on the files: brought to them with `up`");
-        assert_eq!(run("activating", ""), "systemctl start sourcegraph.service\n", "the boot's start, joined");
-        assert_eq!(run("inactive", "17"), "systemctl start sourcegraph.service\n", "queued at boot, joined");
-        assert_eq!(run("inactive", ""), "systemctl start sourcegraph.service\n", "stopped by a swap: started");
-        assert_eq!(run("failed", ""), "systemctl start sourcegraph.service\n");
+        assert_eq!(
+            run("active", ""),
+            "said: sourcegraph.service is active: up brings the stack to the files\ncompose\n",
+            "running on the files: brought to them with `up`"
+        );
+        let joined = "said: sourcegraph.service is being started (by the boot): waiting for that start\nsystemctl start sourcegraph.service\n";
+        assert_eq!(run("activating", ""), joined, "the boot's start, joined");
+        assert_eq!(run("inactive", "17"), joined, "queued at boot, joined");
+        assert_eq!(
+            run("inactive", ""),
+            "said: sourcegraph.service is inactive: starting it\nsystemctl start sourcegraph.service\n",
+            "stopped by a swap: started"
+        );
+        assert_eq!(run("failed", ""), "said: sourcegraph.service is failed: starting it\nsystemctl start sourcegraph.service\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

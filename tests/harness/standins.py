@@ -22,6 +22,8 @@ proxying and the admin API are Caddy's own.
   python3 tests/harness/standins.py build-binary
   python3 tests/harness/standins.py push --registry 127.0.0.1:5000 --catalog data/sourcegraph-compose-releases.json \\
       --release 7.5.4453 --release 5.9.17785 [--binary PATH] [--busybox /bin/busybox] [--prefix sg/] [--build]
+  python3 tests/harness/standins.py push ... --pad-mb 60   (benchmarks: each image also gets a layer of
+      60 MB that does not compress, its own bytes, so pulls cost what real images of that size do)
   python3 tests/harness/standins.py verify --registry 127.0.0.1:5000 --catalog ... --release ...   (pull back, check all digests)
 
 Importable too: images_for(), push(), verify(), build_binary().
@@ -218,7 +220,19 @@ def build_layer(standin: bytes, busybox: bytes, entries=None) -> tuple[bytes, by
     return raw, gzip.compress(raw, compresslevel=9, mtime=0)
 
 
-def image_config(short: str, tag: str, diff_id: str, caddy_diff_id: str | None = None) -> bytes:
+def pad_layer(repo: str, tag: str, mb: int) -> tuple[bytes, bytes]:
+    """A layer of `mb` MB that does not compress (/pad/blob): a benchmark's stand-in for the weight
+    of a real image. Its bytes are its own per image (seeded by repo and tag: real images share
+    little beyond a base layer) and the same on every push (a re-push uploads nothing)."""
+    seed = hashlib.sha256(f"{repo}:{tag}".encode()).digest()
+    # SHAKE-256 as a deterministic stream: hundreds of MB a second, where a seeded `random` is far slower.
+    blob = hashlib.shake_256(seed).digest(mb * 1_000_000)
+    raw, _ = build_layer(b"", b"", [("pad", "dir", 0o755, b""), ("pad/blob", "file", 0o644, blob)])
+    # Level 0 (stored): the bytes do not compress at any level, and compressing them would take minutes.
+    return raw, gzip.compress(raw, compresslevel=0, mtime=0)
+
+
+def image_config(short: str, tag: str, diff_id: str, caddy_diff_id: str | None = None, *extra_diff_ids: str) -> bytes:
     """The stand-in program's config; with `caddy_diff_id`, Debian's caddy on a second layer runs
     as the official image does."""
     config = {
@@ -236,6 +250,9 @@ def image_config(short: str, tag: str, diff_id: str, caddy_diff_id: str | None =
         config["Labels"]["org.sgbox.standin"] = "debian-caddy"
         diff_ids.append(caddy_diff_id)
         history.append({"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (Debian's caddy)"})
+    for d in extra_diff_ids:
+        diff_ids.append(d)
+        history.append({"created": EPOCH, "created_by": "sgbox tests/harness/standins.py (padding, benchmarks only)"})
     return canonical_json({
         "architecture": "amd64",
         "os": "linux",
@@ -390,8 +407,10 @@ def _read_inputs(binary: Path, busybox: Path) -> tuple[bytes, bytes]:
 
 
 def push(registry: str, catalog: Path | str, releases: list[str], binary: Path | str = BINARY,
-         busybox: Path | str = "/bin/busybox", prefix: str = "", log=print, caddy: Path | str = CADDY) -> dict:
-    """Builds and pushes all stand-in images; returns a summary dict. Raises Fail on any problem."""
+         busybox: Path | str = "/bin/busybox", prefix: str = "", log=print, caddy: Path | str = CADDY,
+         pad_mb: int = 0) -> dict:
+    """Builds and pushes all stand-in images (each with a `pad_layer` of `pad_mb` MB on top, if
+    not 0); returns a summary dict. Raises Fail on any problem."""
     t0 = time.monotonic()
     images = images_for(catalog, releases, prefix)
     standin, bb = _read_inputs(Path(binary), Path(busybox))
@@ -412,8 +431,14 @@ def push(registry: str, catalog: Path | str, releases: list[str], binary: Path |
             if is_caddy:
                 uploaded += reg.push_blob(repo, caddy_digest, cgz, caddy_from)
                 caddy_from = caddy_from or repo
+            layers = [gz, cgz] if is_caddy else [gz]
+            if pad_mb:
+                praw, pgz = pad_layer(repo, tag, pad_mb)
+                uploaded += reg.push_blob(repo, sha256(pgz), pgz, None)
+                layers.append(pgz)
+                config = image_config(short, tag, diff_id, caddy_diff_id if is_caddy else None, sha256(praw))
             uploaded += reg.push_blob(repo, sha256(config), config, None)
-            manifest = image_manifest(config, gz, cgz) if is_caddy else image_manifest(config, gz)
+            manifest = image_manifest(config, *layers)
             pushed[(repo, tag)] = reg.put_manifest(repo, tag, manifest)
         # Read every manifest back: the registry must serve exactly what was pushed.
         for (repo, tag), want in pushed.items():
@@ -498,13 +523,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--busybox", default="/bin/busybox", help="static busybox (Debian busybox-static)")
             p.add_argument("--build", action="store_true", help="build the binary first")
             p.add_argument("--caddy", default=str(CADDY), help=f"Debian's caddy binary (default {CADDY})")
+            p.add_argument("--pad-mb", type=int, default=0, help="benchmarks: a layer of this many MB per image that does not compress")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build-binary":
             print(build_binary())
         elif args.cmd == "push":
             binary = build_binary() if args.build else Path(args.binary)
-            push(args.registry, args.catalog, args.release, binary, args.busybox, args.prefix, caddy=args.caddy)
+            push(args.registry, args.catalog, args.release, binary, args.busybox, args.prefix, caddy=args.caddy, pad_mb=args.pad_mb)
         else:
             verify(args.registry, args.catalog, args.release, args.prefix)
     except Fail as e:

@@ -534,6 +534,12 @@ fn post_json(url: &str, body: &str) -> u16 {
     text(&o.stdout).trim().parse().unwrap_or(0)
 }
 
+/// What the last run of the rollback's start step said of `sourcegraph.service` (its log keeps
+/// every run, each after a `=== ` line).
+fn start_said(st: &Path) -> String {
+    ssh(st, "sudo awk '/^=== /{run=\"\"} /^== .*sourcegraph.service is/{run=run $0 \"\\n\"} END{printf \"%s\", run}' /var/lib/sgbox/steps/rollback-start.log")
+}
+
 fn json_of(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", text(&out.stdout), text(&out.stderr)))
 }
@@ -1109,6 +1115,8 @@ fn local_box_lifecycle() {
         boot_before,
         "the data disk was swapped back while the box ran, without a restart: {err}"
     );
+    let said = start_said(st);
+    assert!(said.contains("sourcegraph.service is inactive: starting it"), "the swap stopped the stack's unit; the rollback started it: {said}");
     put_override(st, &checks_override_with(SINCE_MID, ""));
     clock.lap("failed migrator: automatic rollback (data disk swapped back)");
 
@@ -1238,6 +1246,12 @@ fn local_box_lifecycle() {
     assert_eq!(lines.next(), Some("/mnt/sgbox-data"), "the boot script mounted the disk: {o}");
     assert_eq!(lines.next(), Some("1"), "and wrote its fstab line back: {o}");
     assert_eq!((lines.next(), lines.next()), (Some("enabled"), Some("active")), "the stack is the unit's, started at every boot: {o}");
+    // Started by the boot, not by sgbox: the rollback found the unit active or being started.
+    let said = start_said(st);
+    assert!(
+        (said.contains("is being started (by the boot)") || said.contains("is active: up brings")) && !said.contains(": starting it"),
+        "the rollback waited for the boot's start of the stack: {said}"
+    );
     let after = wait_healthy(st, Duration::from_secs(300));
     assert_eq!(after["release"], MID);
     assert_eq!(after["data_disk_mounted"], true, "{after:#}");
