@@ -68,6 +68,16 @@ for t, v in ((float(r[0]), r[1]) for r in rows):
 print(len(rows), failed, f"{outage:.1f}", f"{longest:.1f}")
 PY
 }
+# failures LOG: the UTC time of each failed request (the switch's progress lines carry the same
+# clock: the box's is the host's).
+failures() {
+  python3 - "$1" <<'PY'
+import sys, time
+for t, v in (l.split() for l in open(sys.argv[1])):
+    if v == "FAIL":
+        print(time.strftime("%H:%M:%S", time.gmtime(float(t))) + f".{int(float(t) * 10) % 10}", end=" ")
+PY
+}
 
 read -r n1 f1 o1 l1 sn1 sf1 so1 sl1 < <(measure sgbox "$SGBOX" "${S[@]}" upgrade --name bench-upg --to "$TO" --yes)
 "$SGBOX" "${S[@]}" rollback --name bench-upg --yes >/dev/null
@@ -85,3 +95,9 @@ row "" /search "$sn2" "$sf2" "$so2" "$sl2"
 row "sgbox upgrade" /__version "$n1" "$f1" "$o1" "$l1"
 row "" /search "$sn1" "$sf1" "$so1" "$sl1"
 python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'  outage ratio sgbox/naive: {a/b:.2f}' if b else '  naive had no outage')" "$o1" "$o2"
+# Where sgbox's failures fell, if any: the switch's progress lines (its step log on the box).
+if [ "$f1" != 0 ] || [ "$sf1" != 0 ]; then
+  echo "sgbox upgrade's failed requests (UTC): /__version: $(failures "$WORK/sgbox.log")| /search: $(failures "$WORK/sgbox-search.log")"
+  echo "the switch's progress (the apply step's log on the box):"
+  "$SGBOX" "${S[@]}" ssh --name bench-upg -- "sudo grep -h '^==' /var/lib/sgbox/steps/apply.log" | sed 's/^/  /'
+fi
