@@ -1,6 +1,16 @@
 # Shared by the local benchmarks (sourced): a scratch folder that is cleaned up with the box, a
 # free port, and a docker-registry on 127.0.0.1 holding the stand-in images of the given releases.
 
+# use_sgbox: SGBOX, the sgbox the benchmark runs: the one given (a built binary: a benchmark only
+# waits on its VMs), else a release build of this checkout.
+use_sgbox() {
+  if [ -z "${SGBOX:-}" ]; then
+    cargo build -q --release --locked
+    SGBOX=$PWD/target/release/sgbox
+  fi
+  SGBOX=$(realpath "$SGBOX")
+}
+
 # bench_box NAME: $WORK (scratch), S (sgbox's --state-dir in it) and the pids array; on exit the
 # processes in pids are stopped, the box NAME deleted with its data, and $WORK removed. Needs $SGBOX.
 bench_box() {

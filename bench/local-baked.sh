@@ -15,12 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
 RELEASE=7.5.4453
-if [ -z "${SGBOX:-}" ]; then
-  cargo build -q --release --locked
-  SGBOX=$PWD/target/release/sgbox
-fi
-SGBOX=$(realpath "$SGBOX")
 source bench/lib.sh
+use_sgbox
 bench_box bench-baked
 
 IMAGE=$(local_base_image)

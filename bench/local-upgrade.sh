@@ -12,12 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FROM=7.4.0
 TO=7.5.4453
-if [ -z "${SGBOX:-}" ]; then
-  cargo build -q --release --locked
-  SGBOX=$PWD/target/release/sgbox
-fi
-SGBOX=$(realpath "$SGBOX")
 source bench/lib.sh
+use_sgbox
 bench_box bench-upg
 
 IMAGE=$(local_base_image)

@@ -424,19 +424,19 @@ def push(registry: str, catalog: Path | str, releases: list[str], binary: Path |
         caddy_from = None
         for repo, short, tag in images:
             is_caddy = short == "caddy"
-            config = image_config(short, tag, diff_id, caddy_diff_id if is_caddy else None)
             n = reg.push_blob(repo, layer_digest, gz, mounted_from)
             uploaded += n
             mounted_from = mounted_from or repo
             if is_caddy:
                 uploaded += reg.push_blob(repo, caddy_digest, cgz, caddy_from)
                 caddy_from = caddy_from or repo
-            layers = [gz, cgz] if is_caddy else [gz]
+            layers, pad_diff_ids = ([gz, cgz] if is_caddy else [gz]), []
             if pad_mb:
                 praw, pgz = pad_layer(repo, tag, pad_mb)
                 uploaded += reg.push_blob(repo, sha256(pgz), pgz, None)
                 layers.append(pgz)
-                config = image_config(short, tag, diff_id, caddy_diff_id if is_caddy else None, sha256(praw))
+                pad_diff_ids.append(sha256(praw))
+            config = image_config(short, tag, diff_id, caddy_diff_id if is_caddy else None, *pad_diff_ids)
             uploaded += reg.push_blob(repo, sha256(config), config, None)
             manifest = image_manifest(config, *layers)
             pushed[(repo, tag)] = reg.put_manifest(repo, tag, manifest)
