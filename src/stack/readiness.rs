@@ -162,12 +162,20 @@ pub async fn data_disk(ssh: &Session) -> Result<()> {
 /// poll costs the emulated CPU that the services are starting on. (The e2e's verifies after a
 /// restore waited about 30 s, the old period, in some runs and 1 s in others, all healthy in the
 /// end: a change that came without an event costs at most the period, and one list is one curl.)
+///
+/// It ends as soon as sgbox stops reading. sgbox never writes to its stdin, so the end of stdin
+/// is sgbox closing the channel, and the watch (in a session of its own, so that all of it goes,
+/// the event stream's curl included) is stopped then. Otherwise it ran on until its next write
+/// failed, up to 11 s, and sgbox waited for it: closing a channel waits for the box's side to
+/// close (libssh2), so every `up`, verify and rollback took 11-12 s longer than the services did.
 pub fn watch_services_cmd(secs: u64) -> String {
     let list = containers_url();
     // Docker matches `health_status` as a prefix of `health_status: healthy` (moby#25798).
     let events =
         url_encode(&serde_json::json!({ "type": ["container"], "label": [project_label()], "event": ["start", "die", "health_status"] }).to_string());
-    let script = format!(
+    // `--foreground`: timeout would otherwise put curl in a process group of its own, out of
+    // reach of the stop below.
+    let watch = format!(
         "end=$(( $(date +%s) + {secs} ))
 list() {{ curl -sS --unix-socket /run/docker.sock '{list}'; echo; }}
 while [ \"$(date +%s)\" -lt \"$end\" ]; do
@@ -175,9 +183,20 @@ while [ \"$(date +%s)\" -lt \"$end\" ]; do
   since=$(date +%s)
   list
   left=$(( end - since )); [ \"$left\" -gt 10 ] && left=10; [ \"$left\" -lt 1 ] && left=1
-  timeout \"$left\" curl -sSN --unix-socket /run/docker.sock \"http://docker/events?since=$since&filters={events}\" | while read -r _; do list; done
+  timeout --foreground \"$left\" curl -sSN --unix-socket /run/docker.sock \"http://docker/events?since=$since&filters={events}\" | while read -r _; do list; done
   sleep 1
 done"
+    );
+    let script = format!(
+        "exec 3<&0
+setsid sh -c {} </dev/null 3<&- &
+w=$!
+{{ cat <&3; kill -TERM -$w; }} >/dev/null 2>&1 &
+wait $w
+rc=$?
+kill -TERM -$w 2>/dev/null
+exit $rc",
+        crate::onbox::quote(&watch)
     );
     format!("sudo sh -c {}", crate::onbox::quote(&script))
 }
@@ -301,25 +320,53 @@ pub async fn diagnostics(ssh: &Session, failing: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
-    /// The watch under a real shell, with Docker's API played by a `curl` on PATH: the list comes
-    /// at once, again at each event, and the watch ends by itself at its bound.
-    #[test]
-    fn the_services_watch_lists_at_start_and_at_each_event_and_ends_on_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let log = dir.path().join("curl.log");
+    /// The watch under a real shell, with Docker's API played by a `curl` on PATH (its event
+    /// stream: two events, then silence, its pid in `curl.pid`), and stdin held open as sgbox's
+    /// channel holds it; closed once `close_after` lists have come. Its stdout, and how long
+    /// it ran on after stdin closed (or in all).
+    fn run_watch(dir: &Path, secs: u64, close_after: Option<usize>) -> (String, Duration) {
+        use std::io::{BufRead, BufReader};
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
         let fake_curl = format!(
-            "for a; do url=$a; done\necho \"$url\" >> {log}\ncase $url in\n  *_ping) exit 0 ;;\n  *containers/json*) echo '[{{\"State\":\"running\"}}]' ;;\n  *events*) echo e1; sleep 0.2; echo e2; sleep 60 ;;\nesac",
-            log = log.display()
+            "for a; do url=$a; done\necho \"$url\" >> {d}/curl.log\ncase $url in\n  *_ping) exit 0 ;;\n  *containers/json*) echo '[{{\"State\":\"running\"}}]' ;;\n  *events*) echo $$ > {d}/curl.pid; echo e1; sleep 0.2; echo e2; exec sleep 60 ;;\nesac",
+            d = dir.display()
         );
         crate::testkit::fake_tool(&bin, "curl", &fake_curl);
         crate::testkit::fake_tool(&bin, "sudo", "exec \"$@\"");
-        let started = Instant::now();
-        let out = crate::testkit::sh_on_path(&bin, &watch_services_cmd(2));
-        let took = started.elapsed();
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &watch_services_cmd(secs)])
+            .env("PATH", path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take();
+        let (mut out, mut lists, mut since) = (String::new(), 0, Instant::now());
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            lists += usize::from(line.starts_with('['));
+            out.push_str(&line);
+            out.push('\n');
+            if close_after.is_some_and(|n| lists >= n) && stdin.is_some() {
+                drop(stdin.take());
+                since = Instant::now();
+            }
+        }
+        let took = since.elapsed();
+        child.wait().unwrap();
+        (out, took)
+    }
+
+    /// The list comes at once, again at each event, and the watch ends by itself at its bound.
+    #[test]
+    fn the_services_watch_lists_at_start_and_at_each_event_and_ends_on_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("curl.log");
+        let (stdout, took) = run_watch(dir.path(), 2, None);
         let lists = stdout.lines().filter(|l| l.starts_with('[')).count();
         assert!(lists >= 3, "a list at start and one per event: {stdout}");
         assert!(took < Duration::from_secs(10), "the watch ended by its bound: {took:?}");
@@ -345,6 +392,26 @@ mod tests {
         let f: Value = serde_json::from_str(&decoded).unwrap();
         assert_eq!(f["event"], serde_json::json!(["start", "die", "health_status"]), "{decoded}");
         assert_eq!(f["label"][0], format!("com.docker.compose.project={PROJECT}"));
+    }
+
+    /// sgbox stops reading once every service is ok, and closing its channel closes the watch's
+    /// stdin: the watch, its event stream included, stops then, not at its next write (the
+    /// channel's close waited for that: 11-12 s of every `up` and verify).
+    #[test]
+    fn the_services_watch_stops_when_its_reader_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stdout, took) = run_watch(dir.path(), 60, Some(3));
+        assert!(stdout.lines().filter(|l| l.starts_with('[')).count() >= 3, "{stdout}");
+        assert!(took < Duration::from_secs(3), "the watch ended {took:?} after its stdin closed, with 50 s to go and its event stream silent");
+        let pid = std::fs::read_to_string(dir.path().join("curl.pid")).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let gone = (0..40).any(|_| {
+            let state =
+                std::fs::read_to_string(&stat).ok().and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).map(str::to_string));
+            std::thread::sleep(Duration::from_millis(50));
+            state.is_none_or(|st| st == "Z")
+        });
+        assert!(gone, "the event stream's curl was stopped with the watch");
     }
 
     #[test]
