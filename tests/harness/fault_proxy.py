@@ -2,7 +2,11 @@
 """Fault-injecting HTTP proxy in front of moto, for sgbox's AWS tests (Python stdlib only).
 
   python3 tests/harness/fault_proxy.py --port PORT --upstream http://127.0.0.1:MOTO [--throttle 0.3] [--seed 1]
-                                       [--hang-after ACTION] [--log FILE]
+                                       [--hang-after ACTION] [--log FILE] [--port-file FILE]
+
+- --port 0 --port-file FILE: listen on a port the kernel picks and write it to FILE once listening.
+  A port picked by the caller and bound later can be taken in between by another test's server,
+  and the caller would then talk to that one.
 
 - --throttle P: answer a fraction P of calls with EC2's throttling error (HTTP 503,
   RequestLimitExceeded; SSM: ThrottlingException) without forwarding them.
@@ -29,6 +33,7 @@ The action is the EC2 Query API's `Action=` form field, or the X-Amz-Target head
 import argparse
 import base64
 import json
+import os
 import random
 import re
 import sys
@@ -59,9 +64,17 @@ LAGGED_READS = {
 }
 
 
+def write_port(path, port):
+    """The port, all at once: a reader never sees half a number."""
+    with open(path + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(path + ".tmp", path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port-file", default="")
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--throttle", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=1)
@@ -224,7 +237,10 @@ def main():
 
     srv = ThreadingHTTPServer(("127.0.0.1", a.port), H)
     srv.daemon_threads = True
-    print(f"fault_proxy: 127.0.0.1:{a.port} -> {a.upstream}", file=sys.stderr, flush=True)
+    port = srv.server_address[1]
+    if a.port_file:
+        write_port(a.port_file, port)
+    print(f"fault_proxy: 127.0.0.1:{port} -> {a.upstream}", file=sys.stderr, flush=True)
     srv.serve_forever()
 
 

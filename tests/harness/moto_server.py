@@ -20,7 +20,14 @@ own; a copy carries them all; and a launch creates every volume its image maps, 
 the request maps itself (`NoDevice` leaves it out). moto's images map only a root of their own,
 and moto launches only what the request maps: an image's extra volume (a baked image's blank data
 volume) would be invisible, and so would a launch that forgot to leave it out.
+
+4. `--port-file FILE` (with `-p 0`): listen on a port the kernel picks and write it to FILE once
+listening. A port the caller picks and moto binds a second later can be taken in between by another
+test's server, and the caller would talk to that one (seen in CI: one test's key pair in another's
+moto).
 """
+import os
+import signal
 import sys
 
 from moto.core import request as moto_request
@@ -144,5 +151,28 @@ InstanceBackend.run_instances = _run_instances_with_the_images_volumes
 
 from moto.server import main  # noqa: E402  (after the patch: the server's request class)
 
+
+def serve_reporting_port(argv):
+    """moto.server.main's server (threaded, moto's request handler) on the port the kernel picks."""
+    from werkzeug.serving import make_server
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+
+    port_file = argv[argv.index("--port-file") + 1]
+    host = argv[argv.index("-H") + 1] if "-H" in argv else "127.0.0.1"
+    app = DomainDispatcherApplication(create_backend_app)
+    srv = make_server(host, 0, app, threaded=True, request_handler=MotoRequestHandler)
+    port = srv.server_address[1]
+    # As moto.server.main sets it: the port moto puts in URLs it returns.
+    os.environ["MOTO_PORT"] = str(port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(port_file + ".tmp", port_file)
+    srv.serve_forever()
+
+
 if __name__ == "__main__":
+    if "--port-file" in sys.argv:
+        sys.exit(serve_reporting_port(sys.argv[1:]))
     sys.exit(main())

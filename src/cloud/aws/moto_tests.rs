@@ -1,4 +1,4 @@
-//! The AWS machine against a real moto server (the venv's `moto_server`, as in `tests/it`), one
+//! The AWS machine against a real moto server (`tests/harness/moto_server.py`, as in `tests/it`), one
 //! level below the CLI, for what the CLI reaches only through SSH to a real box: the data
 //! snapshot and restore path (also interrupted half-way and re-run), and the IAM policy sgbox
 //! ships. moto enforces IAM actions once its free requests are spent
@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ec2::config::Credentials;
 use serde_json::Value;
@@ -30,9 +30,9 @@ fn venv_bin(name: &str) -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
-}
+#[path = "../../../tests/it/common/own_port.rs"]
+mod own_port;
+use own_port::spawn_on_own_port;
 
 struct Moto {
     child: Child,
@@ -53,22 +53,18 @@ impl Moto {
             "creation_date": "2026-11-10T10:00:00.000Z"
         }]);
         std::fs::write(&amis, ami.to_string()).unwrap();
-        let port = free_port();
         let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
-        let mut cmd = Command::new(venv_bin("moto_server"));
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut cmd = Command::new(venv_bin("python"));
+        cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/moto_server.py"))
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .env("MOTO_AMIS_PATH", &amis)
             .env("MOTO_ENABLE_AMI_VALIDATION", "true")
             .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true");
         if let Some(n) = auth {
             cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
         }
-        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("moto_server starts");
-        let until = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "moto did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let (child, port) = spawn_on_own_port(&mut cmd, &dir.path().join("port"), "moto (tests/harness/moto_server.py)");
         Moto { child, port, _dir: dir }
     }
 
@@ -179,23 +175,19 @@ fn volumes(moto: &Moto, keys: (&str, &str), name: &str) -> Vec<(String, String, 
 
 /// tests/harness/fault_proxy.py in front of moto: (process, port, its call log).
 fn fault_proxy(moto: &Moto, args: &[&str]) -> (Child, u16, PathBuf) {
-    let port = free_port();
-    let log = moto._dir.path().join(format!("proxy-{port}.jsonl"));
-    let child = Command::new("python3")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/fault_proxy.py"))
-        .args(["--port", &port.to_string(), "--upstream", &moto.url(), "--log"])
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = moto._dir.path().join(format!("proxy-{n}.jsonl"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/fault_proxy.py"))
+        .args(["--port", "0", "--upstream", &moto.url(), "--log"])
         .arg(&log)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "fault proxy did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .stderr(Stdio::null());
+    let (child, port) =
+        spawn_on_own_port(&mut cmd, &moto._dir.path().join(format!("proxy-{n}.port")), "the fault proxy (tests/harness/fault_proxy.py)");
     (child, port, log)
 }
 

@@ -51,16 +51,22 @@ impl Registry {
     pub fn start() -> Registry {
         require_tools();
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let cfg = dir.path().join("config.yml");
+        let mut r = Registry { child: None, port: 0, dir };
+        // Port 0 first (the kernel's pick, reported in the log: a port picked here could be taken
+        // by another test's server before the registry binds it), then that port for `resume`.
+        r.configure(0);
+        r.resume();
+        r.configure(r.port);
+        r
+    }
+
+    fn configure(&self, port: u16) {
+        let data = self.dir.path().join("data");
         std::fs::write(
-            &cfg,
-            format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n", dir.path().join("data").display()),
+            self.dir.path().join("config.yml"),
+            format!("version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n", data.display()),
         )
         .unwrap();
-        let mut r = Registry { child: None, port, dir };
-        r.resume();
-        r
     }
 
     /// Stop serving (the port refuses connections); the pushed images stay for `resume`.
@@ -72,10 +78,19 @@ impl Registry {
         assert!(std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err(), "nothing answers on the registry's port now");
     }
 
-    /// Serve again, on the same port, with what was pushed.
+    /// Serve again, on the same port, with what was pushed. Done when this registry's log says
+    /// it listens, not when something answers on the port.
     pub fn resume(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
+        let log_path = self.dir.path().join("registry.log");
+        let listening = |log: &str| {
+            log.lines()
+                .filter_map(|l| l.split("msg=\"listening on 127.0.0.1:").nth(1))
+                .filter_map(|p| p.split('"').next()?.parse::<u16>().ok())
+                .collect::<Vec<_>>()
+        };
+        let before = listening(&std::fs::read_to_string(&log_path).unwrap_or_default()).len();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
             .stdin(Stdio::null())
@@ -83,11 +98,24 @@ impl Registry {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start docker-registry ({e}): {INSTALL_HINT}"));
-        self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < until, "docker-registry did not listen on 127.0.0.1:{}", self.port);
+        let port = loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(p) = listening(&log).get(before) {
+                break *p;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("docker-registry exited ({status}) before listening:\n{log}");
+            }
+            assert!(Instant::now() < until, "docker-registry did not listen within 20 s:\n{log}");
             std::thread::sleep(Duration::from_millis(100));
+        };
+        self.child = Some(child);
+        self.port = port;
+        // "listening on" is logged just before the accept loop starts.
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "docker-registry did not answer on 127.0.0.1:{port}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

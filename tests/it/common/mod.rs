@@ -5,6 +5,9 @@
 
 pub mod localbox;
 pub mod moto;
+pub mod own_port;
+
+pub use own_port::spawn_on_own_port;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -4,10 +4,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use super::localbox::free_port;
-use super::text;
+use super::{spawn_on_own_port, text};
 
 pub const DEBIAN_AMI: &str = "ami-0d3b1e5a9c13debe1";
 pub const OLD_DEBIAN_AMI: &str = "ami-0aa0d3b1e5a9c1312";
@@ -76,7 +74,6 @@ impl Moto {
             ami("ami-0b0bdeb12000000a1", "debian-12-amd64-20261110-2289", "2026-11-10T11:00:00.000Z"),
         ]);
         std::fs::write(&amis, list.to_string()).unwrap();
-        let port = free_port();
         let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
         // tests/harness/moto_server.py: moto_server checking signatures on the bytes signed.
         let mut cmd = Command::new(venv_bin("python"));
@@ -84,24 +81,16 @@ impl Moto {
         if let Some(n) = free_requests {
             cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
         }
-        let child = cmd
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        cmd.args(["-H", "127.0.0.1", "-p", "0"])
             .env("MOTO_AMIS_PATH", &amis)
             .env("MOTO_ENABLE_AMI_VALIDATION", "true")
             .env("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
             .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("moto_server starts");
-        let m = Moto { child, port, dir, admin: ("testing".into(), "testing".into()) };
-        let until = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "moto did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        m
+            .stderr(log);
+        let (child, port) = spawn_on_own_port(&mut cmd, &dir.path().join("port"), "moto (tests/harness/moto_server.py)");
+        Moto { child, port, dir, admin: ("testing".into(), "testing".into()) }
     }
 
     pub fn url(&self) -> String {
@@ -160,23 +149,17 @@ impl Proxy {
     /// With more of fault_proxy.py's options, e.g. `--lag` or `--stale address`.
     pub fn with_args(moto: &Moto, throttle: f64, hang_after: Option<&str>, extra: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let log = dir.path().join("calls.jsonl");
         let mut cmd = Command::new("python3");
         cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/harness/fault_proxy.py"))
-            .args(["--port", &port.to_string(), "--upstream", &moto.url(), "--throttle", &throttle.to_string()])
+            .args(["--port", "0", "--upstream", &moto.url(), "--throttle", &throttle.to_string()])
             .arg("--log")
             .arg(&log);
         if let Some(a) = hang_after {
             cmd.args(["--hang-after", a]);
         }
-        cmd.args(extra);
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("python3 runs the fault proxy");
-        let until = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "fault proxy did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let (child, port) = spawn_on_own_port(&mut cmd, &dir.path().join("port"), "the fault proxy (tests/harness/fault_proxy.py)");
         Proxy { child, port, log, _dir: dir }
     }
 
