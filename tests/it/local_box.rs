@@ -412,53 +412,67 @@ impl ConsoleBox {
             .arg(d.join("overlay.qcow2"))
             .arg("16G"));
         cmd(std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(d.join("data.qcow2")).arg("20G"));
-        let (ssh_port, http_port) = (free_port(), free_port());
         let p = |n: &str| d.join(n).display().to_string();
-        cmd(std::process::Command::new("qemu-system-x86_64").args([
-            "-name",
-            "sgbox-e2e-console",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16",
-            "-smp",
-            "2",
-            "-m",
-            "4096",
-            "-display",
-            "none",
-            "-daemonize",
-            "-pidfile",
-            &p("qemu.pid"),
-            "-serial",
-            &format!("file:{}", p("console.log")),
-            "-monitor",
-            "none",
-            "-kernel",
-            &image.join("vmlinuz").display().to_string(),
-            "-initrd",
-            &image.join("initrd.img").display().to_string(),
-            "-append",
-            "root=LABEL=rootfs rw console=ttyS0 net.ifnames=0 panic=-1",
-            "-drive",
-            &format!("file={},if=none,id=root,format=qcow2", p("overlay.qcow2")),
-            "-device",
-            "virtio-blk-pci,drive=root",
-            "-drive",
-            &format!("file={},if=none,id=data,format=qcow2", p("data.qcow2")),
-            "-device",
-            "virtio-blk-pci,drive=data,serial=sgbox-data",
-            "-drive",
-            &format!("file={},if=none,id=seed,format=raw,readonly=on", p("seed.iso")),
-            "-device",
-            "virtio-blk-pci,drive=seed",
-            "-netdev",
-            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,hostfwd=tcp:127.0.0.1:{http_port}-:80"),
-            "-device",
-            "virtio-net-pci,netdev=n0,romfile=",
-            "-device",
-            "virtio-rng-pci",
-        ]));
+        // Ports picked here and bound by QEMU a moment later can be taken in between by another
+        // test's server: QEMU then refuses to start, and other ports are tried (as sgbox does).
+        let mut attempts = 0;
+        let (ssh_port, http_port) = loop {
+            attempts += 1;
+            let (ssh_port, http_port) = (free_port(), free_port());
+            let o = std::process::Command::new("qemu-system-x86_64")
+                .args([
+                    "-name",
+                    "sgbox-e2e-console",
+                    "-accel",
+                    "tcg",
+                    "-cpu",
+                    "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16",
+                    "-smp",
+                    "2",
+                    "-m",
+                    "4096",
+                    "-display",
+                    "none",
+                    "-daemonize",
+                    "-pidfile",
+                    &p("qemu.pid"),
+                    "-serial",
+                    &format!("file:{}", p("console.log")),
+                    "-monitor",
+                    "none",
+                    "-kernel",
+                    &image.join("vmlinuz").display().to_string(),
+                    "-initrd",
+                    &image.join("initrd.img").display().to_string(),
+                    "-append",
+                    "root=LABEL=rootfs rw console=ttyS0 net.ifnames=0 panic=-1",
+                    "-drive",
+                    &format!("file={},if=none,id=root,format=qcow2", p("overlay.qcow2")),
+                    "-device",
+                    "virtio-blk-pci,drive=root",
+                    "-drive",
+                    &format!("file={},if=none,id=data,format=qcow2", p("data.qcow2")),
+                    "-device",
+                    "virtio-blk-pci,drive=data,serial=sgbox-data",
+                    "-drive",
+                    &format!("file={},if=none,id=seed,format=raw,readonly=on", p("seed.iso")),
+                    "-device",
+                    "virtio-blk-pci,drive=seed",
+                    "-netdev",
+                    &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,hostfwd=tcp:127.0.0.1:{http_port}-:80"),
+                    "-device",
+                    "virtio-net-pci,netdev=n0,romfile=",
+                    "-device",
+                    "virtio-rng-pci",
+                ])
+                .output()
+                .unwrap();
+            if o.status.success() {
+                break (ssh_port, http_port);
+            }
+            let err = text(&o.stderr);
+            assert!(err.contains("host forwarding rule") && attempts < 4, "qemu-system-x86_64 did not start: {err}");
+        };
         let pid = std::fs::read_to_string(d.join("qemu.pid")).unwrap().trim().parse().unwrap();
         ConsoleBox { dir, pid, ssh_port, http_port }
     }
