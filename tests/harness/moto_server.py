@@ -156,6 +156,7 @@ def serve_reporting_port(argv):
     """moto.server.main's server (threaded, moto's request handler) on the port the kernel picks."""
     from werkzeug.serving import make_server
 
+    from fault_proxy import write_port  # beside this file: the port file written the same way
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 
     port_file = argv[argv.index("--port-file") + 1]
@@ -166,9 +167,7 @@ def serve_reporting_port(argv):
     # As moto.server.main sets it: the port moto puts in URLs it returns.
     os.environ["MOTO_PORT"] = str(port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with open(port_file + ".tmp", "w") as f:
-        f.write(str(port))
-    os.replace(port_file + ".tmp", port_file)
+    write_port(port_file, port)
     srv.serve_forever()
 
 
